@@ -1,0 +1,245 @@
+"""The one config schema (frozen dataclasses), YAML loading and dotted command-line overrides.
+
+    cfg = load_config("configs/tiny.yaml", overrides=["--mesh.fsdp=4", "--model.dtype=bfloat16"])
+
+A YAML file may name a `base:` file (relative to itself) whose values it overrides. Unknown keys,
+wrong types and impossible values raise `ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+from davir_jax.models.arch import ArchConfig, RopeScaling
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or impossible; the message names the key and file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which model, in which precision.
+
+    `source`: a `load_model` source (registered name, GGUF file, HF or davir-jax directory).
+    `arch`: an explicit architecture instead of a source (random init; shape planning).
+    """
+
+    source: str | None = "smollm2-135m"
+    arch: ArchConfig | None = None
+    dtype: str = "float32"  # parameter dtype (master weights)
+    compute_dtype: str | None = None  # None: same as dtype
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "compute_dtype"):
+            v = getattr(self, name)
+            if v is not None and v not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name}: {v!r} is not float32, bfloat16 or float16")
+        if self.source is None and self.arch is None:
+            raise ValueError("source: one of model.source or model.arch must be set")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 (filled from the device count)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError("fsdp: at most one mesh axis may be -1, got " + str(sizes))
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ValueError(f"{k}: must be a positive size or -1, got {v}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole run. Sections for data, optimizer, training, scoring and DPO join here."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    seed: int = 0
+
+
+# -- building typed dataclasses from plain data ---------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (recursing into dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise error
+            return _coerce(value, options[0], key)
+        for a in options:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Instantiate dataclass `cls` from a dict; unknown keys and bad values name the key."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} (known in {prefix or 'the top level'}: "
+            f"{', '.join(fields)})"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        # Validation in __post_init__ starts its message with the field name.
+        msg = str(e)
+        field = msg.split(":", 1)[0] if ":" in msg else ""
+        key = f"{prefix}.{field}" if prefix and field in fields else (prefix or field)
+        raise ConfigError(
+            f"{key}: {msg.split(':', 1)[1].strip() if field in fields else msg}"
+        ) from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain data (for manifests and YAML dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+# -- files and overrides ----------------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping with its `base:` chain resolved (safe_load only)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: base: cycle through {[str(p) for p in _seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(read_yaml(path.parent / base, _seen + (path,)), data)
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`--a.b=v` / `a.b=v` strings into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override {item!r}: expected --key.path=value")
+        key, raw = text.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type[T] = Config
+) -> T:
+    """Load a YAML config (or the defaults) and apply dotted overrides; errors name the file."""
+    data = read_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "<defaults>"
+    try:
+        if overrides:
+            data = _deep_merge(data, parse_overrides(overrides))
+            where += " + command-line overrides"
+        return build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+__all__ = [
+    "ArchConfig",
+    "Config",
+    "ConfigError",
+    "MeshConfig",
+    "ModelConfig",
+    "RopeScaling",
+    "build",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+    "to_dict",
+]

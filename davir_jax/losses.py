@@ -1,0 +1,59 @@
+"""Token log-probs and per-example losses: small pure functions shared by scoring and training.
+
+`token_logprobs` never builds the whole `[batch, seq, vocab]` float32 log-softmax: it applies the
+LM head to one chunk of the sequence at a time (`jax.lax.map`), so peak memory is
+`batch * chunk * vocab` floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    hidden_btd: jax.Array,
+    targets_bt: jax.Array,
+    chunk: int = 128,
+) -> jax.Array:
+    """log p(target_t | prefix) `[B, T]` float32, from final hidden states `[B, T, D]`.
+
+    `logits_fn` maps `[..., D]` hidden states to float32 logits `[..., V]` (the model's head).
+    `targets_bt[:, t]` is the token predicted at position t (i.e. input_ids shifted left).
+    """
+    b, t, d = hidden_btd.shape
+    chunk = min(chunk, t)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    h = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets_bt, ((0, 0), (0, pad)))
+    h = h.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, c, D]
+    y = y.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, c]
+
+    def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+        hc, yc = args
+        logits = logits_fn(hc).astype(jnp.float32)  # [B, c, V]
+        picked = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    lp = jax.lax.map(one, (h, y))  # [n, B, c]
+    return lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def shift_targets(input_ids_bt: jax.Array, loss_mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next-token targets and their mask: position t predicts token t+1.
+
+    `loss_mask_bt[:, t]` marks token t as a response token; its prediction happens at t-1.
+    """
+    targets = jnp.pad(input_ids_bt[:, 1:], ((0, 0), (0, 1)))
+    mask = jnp.pad(loss_mask_bt[:, 1:], ((0, 0), (0, 1)))
+    return targets, mask.astype(jnp.float32)
+
+
+def masked_nll(logprobs_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row summed NLL over masked positions and the token count: `([B], [B])`."""
+    mask = mask_bt.astype(jnp.float32)
+    return -(logprobs_bt * mask).sum(-1), mask.sum(-1)

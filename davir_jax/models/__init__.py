@@ -1,0 +1,47 @@
+"""Decoder families, weight import/export (HF safetensors, GGUF, our checkpoints), tokenizers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from davir_jax.models.arch import ArchConfig, RopeScaling, UnsupportedConfigError
+from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.models.loading import load_arch, load_model, save_model
+from davir_jax.models.safetensors_io import WeightFileError
+from davir_jax.models.tokenizer import load_tokenizer, tokenizer_fingerprint
+from davir_jax.models.weights import export_hf
+
+
+def random_model(
+    arch: ArchConfig,
+    dtype: str = "float32",
+    mesh: Any = None,
+    *,
+    compute_dtype: str | None = None,
+    remat: bool = False,
+    seed: int = 0,
+) -> Decoder:
+    """A randomly initialised decoder, every parameter born in its sharding."""
+    from flax import nnx
+
+    from davir_jax.sharding import Sharder, create_sharded
+
+    run = RunConfig(dtype, compute_dtype or dtype, remat, Sharder(mesh))
+    return create_sharded(lambda: Decoder(arch, run, rngs=nnx.Rngs(seed)), mesh)
+
+
+__all__ = [
+    "ArchConfig",
+    "Decoder",
+    "RopeScaling",
+    "RunConfig",
+    "UnsupportedConfigError",
+    "WeightFileError",
+    "export_hf",
+    "load_arch",
+    "load_model",
+    "load_tokenizer",
+    "random_model",
+    "save_model",
+    "tokenizer_fingerprint",
+]

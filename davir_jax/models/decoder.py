@@ -1,0 +1,301 @@
+"""One decoder-only transformer, configured per family (Llama, Mistral, Qwen2, Gemma, Gemma2).
+
+Parameters carry logical axis names only (`out_sharding` metadata); `davir_jax.sharding` maps them
+to the mesh. Kernels are stored input-major (`x @ W`): q `[embed, heads, head_dim]`, o
+`[heads, head_dim, embed]`, MLP `[embed, mlp]` / `[mlp, embed]`, embedding `[vocab, embed]`,
+untied LM head `[embed, vocab]`.
+
+Attention takes optional `segment_ids` and `positions` so that a packed row (several examples in
+one row, segment ids 1, 2, ...; 0 = padding) computes exactly what separate rows would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from davir_jax.models.arch import ArchConfig, llama3_inv_freq_scale
+from davir_jax.sharding import Sharder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name: str | Any) -> Any:
+    if isinstance(name, str):
+        if name not in DTYPES:
+            raise ValueError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+        return DTYPES[name]
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How the decoder runs, as opposed to what it is (`ArchConfig`)."""
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False
+    sharder: Sharder = dataclasses.field(default_factory=Sharder)
+
+
+def _param(
+    rngs: nnx.Rngs | None,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    dtype: Any,
+    init: str = "normal",
+) -> nnx.Param:
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype=jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = jnp.ones(shape, jnp.float32)
+    # Our own metadata key: flax acts eagerly on `out_sharding`; we map names in sharding.py.
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm in float32. Gemma stores `w` with the unit offset removed: y = x_hat * (1 + w)."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool, dtype: Any, rngs: nnx.Rngs):
+        self.eps = eps
+        self.plus_one = plus_one
+        self.scale = _param(rngs, (dim,), ("embed",), dtype, "zeros" if plus_one else "ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        w = self.scale.get_value().astype(jnp.float32)
+        if self.plus_one:
+            return (xf * (1.0 + w)).astype(x.dtype)
+        # Llama casts back to the activation dtype before the weight multiply (HF parity).
+        return (w * xf.astype(x.dtype)).astype(x.dtype)
+
+
+def rope_inv_freq(arch: ArchConfig) -> np.ndarray:
+    """RoPE inverse frequencies `[head_dim // 2]`, float32, with the configured scaling."""
+    dim = arch.resolved_head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv = (1.0 / (np.float32(arch.rope_theta) ** exponent)).astype(np.float32)
+    rs = arch.rope_scaling
+    if rs.rope_type == "linear":
+        inv = inv / np.float32(rs.factor)
+    elif rs.rope_type == "llama3":
+        inv = llama3_inv_freq_scale(inv, rs)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (the HF / Llama layout: first and second halves of head_dim pair up)."""
+    freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = jnp.cos(emb)[:, :, None, :].astype(x_bthd.dtype)
+    sin = jnp.sin(emb)[:, :, None, :].astype(x_bthd.dtype)
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    return x_bthd * cos + rotated * sin
+
+
+def attention_mask(
+    segment_ids_bt: jax.Array, positions_bt: jax.Array, window: int | None
+) -> jax.Array:
+    """`[B, T, T]` boolean: causal within a segment, optionally limited to a sliding window."""
+    t = segment_ids_bt.shape[1]
+    idx = jnp.arange(t)
+    mask = (idx[None, :] <= idx[:, None])[None]
+    mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    if window is not None:
+        dist = positions_bt[:, :, None] - positions_bt[:, None, :]
+        mask = mask & (dist < window)
+    return mask
+
+
+class Attention(nnx.Module):
+    def __init__(self, arch: ArchConfig, run: RunConfig, layer: int, rngs: nnx.Rngs):
+        d, h, k, hd = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim
+        pd = to_dtype(run.param_dtype)
+        self.arch, self.run, self.window = arch, run, arch.layer_window(layer)
+        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        if arch.qkv_bias:
+            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, "zeros")
+            self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pd, "zeros")
+            self.v_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pd, "zeros")
+        if arch.o_bias:
+            self.o_bias = _param(rngs, (d,), ("embed",), pd, "zeros")
+
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        segment_ids_bt: jax.Array,
+        positions_bt: jax.Array,
+        inv_freq: np.ndarray,
+    ) -> jax.Array:
+        arch, cd = self.arch, to_dtype(self.run.compute_dtype)
+
+        def proj(w: nnx.Param, bias_name: str) -> jax.Array:
+            y = jnp.einsum("btd,dhk->bthk", x_btd, w.get_value().astype(cd))
+            if hasattr(self, bias_name):
+                y = y + getattr(self, bias_name).get_value().astype(cd)
+            return y
+
+        q = apply_rope(proj(self.q_proj, "q_bias"), positions_bt, inv_freq)
+        k = apply_rope(proj(self.k_proj, "k_bias"), positions_bt, inv_freq)
+        v = proj(self.v_proj, "v_bias")
+        b, t, h, hd = q.shape
+        kv = arch.num_kv_heads
+        # Grouped-query attention: query head h reads kv head h // (H / KV), as HF's repeat_kv.
+        q = q.reshape(b, t, kv, h // kv, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(arch.attention_scale, cd)
+        if arch.attn_logit_softcap is not None:
+            cap = arch.attn_logit_softcap
+            scores = jnp.tanh(scores / cap) * cap
+        mask = attention_mask(segment_ids_bt, positions_bt, self.window)[:, None, None]
+        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.get_value().astype(cd))
+        if arch.o_bias:
+            y = y + self.o_bias.get_value().astype(cd)
+        return y
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.gelu(x, approximate=False)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU for Llama-likes, GeGLU for Gemma."""
+
+    def __init__(self, arch: ArchConfig, run: RunConfig, rngs: nnx.Rngs):
+        d, f, pd = arch.hidden_size, arch.intermediate_size, to_dtype(run.param_dtype)
+        self.arch, self.run = arch, run
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        if arch.mlp_bias:
+            self.gate_bias = _param(rngs, (f,), ("mlp",), pd, "zeros")
+            self.up_bias = _param(rngs, (f,), ("mlp",), pd, "zeros")
+            self.down_bias = _param(rngs, (d,), ("embed",), pd, "zeros")
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        cd = to_dtype(self.run.compute_dtype)
+        gate = x_btd @ self.gate_proj.get_value().astype(cd)
+        up = x_btd @ self.up_proj.get_value().astype(cd)
+        if self.arch.mlp_bias:
+            gate = gate + self.gate_bias.get_value().astype(cd)
+            up = up + self.up_bias.get_value().astype(cd)
+        hidden = self.run.sharder.constrain(
+            _activation(self.arch.activation, gate) * up, ("batch", "seq", "mlp")
+        )
+        y = hidden @ self.down_proj.get_value().astype(cd)
+        if self.arch.mlp_bias:
+            y = y + self.down_bias.get_value().astype(cd)
+        return y
+
+
+class Block(nnx.Module):
+    def __init__(self, arch: ArchConfig, run: RunConfig, layer: int, rngs: nnx.Rngs):
+        pd = to_dtype(run.param_dtype)
+        norm = lambda: RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.is_gemma, pd, rngs)  # noqa: E731
+        self.arch, self.run = arch, run
+        self.input_norm = norm()
+        self.attn = Attention(arch, run, layer, rngs)
+        self.post_attn_norm = norm()  # Llama-likes: the pre-MLP norm; Gemma2: after attention
+        if arch.family == "gemma2":
+            self.pre_mlp_norm = norm()
+            self.post_mlp_norm = norm()
+        self.mlp = MLP(arch, run, rngs)
+
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, inv_freq: np.ndarray
+    ) -> jax.Array:
+        h = self.attn(self.input_norm(x), segment_ids, positions, inv_freq)
+        if self.arch.family == "gemma2":
+            x = x + self.post_attn_norm(h)
+            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class Decoder(nnx.Module):
+    """Embeddings, `num_layers` blocks, final norm, LM head (tied or untied)."""
+
+    def __init__(
+        self, arch: ArchConfig, run: RunConfig | None = None, *, rngs: nnx.Rngs | None = None
+    ):
+        run = run or RunConfig()
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        pd = to_dtype(run.param_dtype)
+        self.arch, self.run = arch, run
+        self.embed = _param(rngs, (arch.vocab_size, arch.hidden_size), ("vocab", "embed"), pd)
+        self.layers = nnx.List([Block(arch, run, i, rngs) for i in range(arch.num_layers)])
+        self.final_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, arch.is_gemma, pd, rngs)
+        if not arch.tie_embeddings:
+            self.lm_head = _param(rngs, (arch.hidden_size, arch.vocab_size), ("embed", "vocab"), pd)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-norm hidden states `[B, T, embed]` in the compute dtype."""
+        arch, run = self.arch, self.run
+        cd = to_dtype(run.compute_dtype)
+        b, t = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = jnp.take(self.embed.get_value(), input_ids, axis=0).astype(cd)
+        if arch.is_gemma:
+            # Gemma scales embeddings by sqrt(d), rounded to the activation dtype as HF does.
+            x = x * jnp.asarray(arch.hidden_size**0.5, dtype=cd)
+        x = run.sharder.constrain(x, ("batch", "seq", "embed"))
+        inv_freq = rope_inv_freq(arch)  # a trace-time constant
+        for block in self.layers:
+            if run.remat:
+                x = nnx.remat(lambda blk, x_: blk(x_, segment_ids, positions, inv_freq))(block, x)
+            else:
+                x = block(x, segment_ids, positions, inv_freq)
+            x = run.sharder.constrain(x, ("batch", "seq", "embed"))
+        return self.final_norm(x)
+
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """LM-head logits (float32) for any `[..., embed]` slice of hidden states.
+
+        Kept separate so that losses can apply the head chunk by chunk and never hold the full
+        `[batch, seq, vocab]` array.
+        """
+        cd = to_dtype(self.run.compute_dtype)
+        if self.arch.tie_embeddings:
+            out = jnp.einsum("...d,vd->...v", hidden_btd, self.embed.get_value().astype(cd))
+        else:
+            out = hidden_btd @ self.lm_head.get_value().astype(cd)
+        out = out.astype(jnp.float32)
+        if self.arch.final_logit_softcap is not None:
+            cap = self.arch.final_logit_softcap
+            out = jnp.tanh(out / cap) * cap
+        return out
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits `[B, T, vocab]`, float32."""
+        return self.logits(self.hidden_states(input_ids, segment_ids, positions))

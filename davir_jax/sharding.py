@@ -1,0 +1,169 @@
+"""The device mesh, the one table that maps logical axis names to mesh axes, and placement helpers.
+
+Model code names logical axes only (`batch, seq, embed, mlp, heads, kv_heads, head_dim, vocab`);
+this module is the only place that knows the mesh axes `data, fsdp, tensor`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Auto axes: XLA's sharding propagation places intermediates; we constrain the few that matter.
+_AUTO = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+
+# The rules table: each logical axis once. Batch is split over every data-parallel axis; FSDP
+# shards parameters along `embed`; tensor parallelism splits heads, MLP width and vocabulary.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+)
+
+
+def make_mesh(
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A mesh with axes (data, fsdp, tensor); one size may be -1 and fills from the device count."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(
+            f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+        )
+    for name, s in zip(MESH_AXES, sizes):
+        if s == 0 or s < -1:
+            raise ValueError(f"mesh.{name}: must be a positive size or -1, got {s}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh: {len(devices)} devices are not divisible by the fixed axes' product {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are present"
+        )
+    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
+    if devices == list(jax.devices()):
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=_AUTO)
+    arr = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(arr, MESH_AXES, axis_types=_AUTO)
+
+
+def logical_to_spec(
+    axes: Sequence[str | None] | None,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec through the rules table.
+
+    With `shape` and `mesh`, a mesh axis that does not divide the dimension (e.g. SmolLM2's 3 KV
+    heads over tensor=2) is dropped for that dimension: the array is replicated there instead of
+    failing, which is what a user expects from a preset mesh on an odd model.
+    """
+    if axes is None:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    out: list[Any] = []
+    for i, name in enumerate(axes):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no entry in the sharding rules")
+        target = table[name]
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        # A mesh axis may appear only once per spec.
+        mesh_axes = tuple(a for a in mesh_axes if a not in used)
+        if mesh is not None:
+            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+            if shape is not None:
+                kept: list[str] = []
+                for a in mesh_axes:
+                    if shape[i] % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+                        kept.append(a)
+                if len(kept) < len(mesh_axes):
+                    log.debug(
+                        "axis %s (size %d) not divisible by %s; replicated on %s",
+                        name,
+                        shape[i],
+                        mesh_axes,
+                        set(mesh_axes) - set(kept),
+                    )
+                mesh_axes = tuple(kept)
+        used.update(mesh_axes)
+        out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    return PartitionSpec(*out)
+
+
+def _var_axes(v: nnx.Variable) -> tuple[str | None, ...] | None:
+    return v.get_metadata().get("logical_axes")
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for every Variable of an (abstract) nnx State, from its logical axes."""
+
+    def f(v: Any) -> Any:
+        if isinstance(v, nnx.Variable):
+            shape = v.get_value().shape
+            return v.replace(NamedSharding(mesh, logical_to_spec(_var_axes(v), shape, mesh)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(f, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a `[batch, seq, ...]` input: batch over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), mesh=mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharder:
+    """Applies activation sharding constraints by logical axis names; a no-op without a mesh.
+
+    Held by the model as static configuration, so model code never names a mesh axis.
+    """
+
+    mesh: Mesh | None = None
+    rules: tuple[tuple[str, Any], ...] = LOGICAL_RULES
+
+    def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+        if self.mesh is None:
+            return x
+        spec = logical_to_spec(axes, x.shape, self.mesh, self.rules)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+
+def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh | None) -> nnx.Module:
+    """Build a module with every parameter born in its sharding (never materialised unsharded)."""
+    if mesh is None:
+        return constructor()
+    abstract = nnx.eval_shape(constructor)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh)
+
+    init = jax.jit(lambda: nnx.state(constructor()), out_shardings=shardings)
+    return nnx.merge(graphdef, init())
