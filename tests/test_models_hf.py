@@ -103,3 +103,30 @@ def test_bfloat16_compute_is_close(family_model):
     assert _max_diff_real(ours, ref, mask) < 0.1
     m16 = load_model(d, "bfloat16")
     assert str(next(iter(m16.embed.get_value().dtype.name for _ in [0]))) == "bfloat16"
+
+
+def test_sharded_safetensors_with_index(family_model, tmp_path):
+    """HF's multi-file layout: tensors spread over shards named by model.safetensors.index.json."""
+    import json
+    import shutil
+
+    from davir_jax.models.safetensors_io import SafetensorsFile, save_file
+
+    _, d, hf = family_model
+    src = SafetensorsFile(d / "model.safetensors")
+    names = src.keys()
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    out = tmp_path / "sharded"
+    out.mkdir()
+    shutil.copy(d / "config.json", out / "config.json")
+    weight_map = {}
+    for fname, part in shards.items():
+        save_file({n: np.array(src.get(n)) for n in part}, out / fname)
+        weight_map.update({n: fname for n in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids, mask = _batch(hf.config.vocab_size)
+    ours = np.asarray(load_model(out)(ids, segment_ids=mask))
+    assert _max_diff_real(ours, hf_logits(hf, ids, mask), mask) < TOL
