@@ -8,9 +8,11 @@ llama.cpp permutes the rows of `attn_q`/`attn_k` for its RoPE kernel; we undo th
 from __future__ import annotations
 
 import os
+import pathlib
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from davir_jax.models.arch import ArchConfig, UnsupportedConfigError
@@ -35,18 +37,90 @@ SUPPORTED_TYPES = (
 )
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    import gguf
+class GGUFMetadata:
+    """Typed access to a GGUF file's key/value metadata, with errors that name file and key."""
 
-    if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
-        return f  # arrays are read by the caller
-    v = f.parts[f.data[0]]
-    if f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(v).decode("utf-8")
-    return v.tolist()[0] if hasattr(v, "tolist") else v
+    def __init__(self, path: pathlib.Path, fields: Any = None) -> None:
+        self.path = path
+        if fields is not None:  # an already open reader's fields: read the file once
+            self._fields = fields
+            return
+        try:
+            self._fields = gguf.GGUFReader(path, "r").fields
+        except Exception as e:  # the reader raises assorted types on corrupt files
+            raise ValueError(f"{path}: cannot read GGUF metadata: {e}") from e
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._fields
+
+    def _field(self, key: str, *types: gguf.GGUFValueType) -> Any:
+        field = self._fields.get(key)
+        if field is None:
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
+        if list(field.types[: len(types)]) != list(types):
+            names = "/".join(t.name for t in field.types)
+            raise ValueError(
+                f"{self.path}: GGUF metadata field {key!r} has type {names}, "
+                f"expected {'/'.join(t.name for t in types)}"
+            )
+        return field
+
+    def _decode(self, key: str, raw: Any) -> str:
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: GGUF field {key!r} holds invalid UTF-8: {e}") from e
+
+    def string(self, key: str) -> str:
+        field = self._field(key, gguf.GGUFValueType.STRING)
+        return self._decode(key, field.parts[field.data[0]])
+
+    def integer(self, key: str) -> int:
+        field = self._fields.get(key)
+        if field is None:
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
+        if len(field.types) != 1 or field.types[0] in (
+            gguf.GGUFValueType.STRING,
+            gguf.GGUFValueType.ARRAY,
+            gguf.GGUFValueType.BOOL,
+            gguf.GGUFValueType.FLOAT32,
+            gguf.GGUFValueType.FLOAT64,
+        ):
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not an integer")
+        return int(field.parts[field.data[0]][0])
+
+    def boolean(self, key: str) -> bool:
+        field = self._field(key, gguf.GGUFValueType.BOOL)
+        return bool(field.parts[field.data[0]][0])
+
+    def strings(self, key: str) -> list[str]:
+        field = self._field(key, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+        return [self._decode(key, field.parts[i]) for i in field.data]
+
+    def integers(self, key: str) -> list[int]:
+        field = self._field(key, gguf.GGUFValueType.ARRAY)
+        if len(field.types) != 2 or field.types[1] in (
+            gguf.GGUFValueType.STRING,
+            gguf.GGUFValueType.ARRAY,
+        ):
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not an integer array")
+        return [int(field.parts[i][0]) for i in field.data]
+
+    def number(self, key: str) -> float:
+        field = self._fields.get(key)
+        if field is None:
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
+        if len(field.types) != 1 or field.types[0] in (
+            gguf.GGUFValueType.STRING,
+            gguf.GGUFValueType.ARRAY,
+            gguf.GGUFValueType.BOOL,
+        ):
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not a number")
+        return float(field.parts[field.data[0]][0])
+
+    def get(self, kind: str, key: str, default: Any = None) -> Any:
+        """`getattr(self, kind)(key)` when the field exists, else `default`."""
+        return getattr(self, kind)(key) if key in self else default
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -59,8 +133,6 @@ class GGUFWeights:
     """Architecture and lazily dequantized tensors of one GGUF file, named as in HF."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightFileError(f"{self.path}: GGUF file not found")
@@ -68,7 +140,8 @@ class GGUFWeights:
             self.reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # the reader raises bare ValueError/struct errors on bad bytes
             raise WeightFileError(f"{self.path}: not a readable GGUF file ({e})") from e
-        arch = _field(self.reader, "general.architecture")
+        self.meta = GGUFMetadata(self.path, self.reader.fields)
+        arch = self.meta.get("string", "general.architecture")
         if arch not in SUPPORTED_ARCHS:
             raise UnsupportedConfigError(
                 f"{self.path}: GGUF architecture {arch!r} is not supported "
@@ -79,43 +152,34 @@ class GGUFWeights:
         self._hf_to_gguf = self._name_map()
 
     def _arch(self, a: str) -> ArchConfig:
-        r = self.reader
-
-        def need(key: str) -> Any:
-            v = _field(r, key)
-            if v is None:
-                raise WeightFileError(f"{self.path}: GGUF metadata {key!r} is missing")
-            return v
-
-        rope_type = _field(r, f"{a}.rope.scaling.type", "none")
-        if rope_type not in ("none", None) or "rope_freqs.weight" in self.tensors:
+        m = self.meta
+        rope_type = m.get("string", f"{a}.rope.scaling.type", "none")
+        if rope_type != "none" or "rope_freqs.weight" in self.tensors:
             raise UnsupportedConfigError(
                 f"{self.path}: GGUF rope scaling ({rope_type}) is not supported"
             )
         if "token_embd.weight" not in self.tensors:
             raise WeightFileError(f"{self.path}: tensor 'token_embd.weight' is missing")
-        n_heads = int(need(f"{a}.attention.head_count"))
-        d = int(need(f"{a}.embedding_length"))
-        vocab = int(self.tensors["token_embd.weight"].shape[-1])
-        head_dim = _field(r, f"{a}.attention.key_length") or d // n_heads
+        n_heads = m.integer(f"{a}.attention.head_count")
+        d = m.integer(f"{a}.embedding_length")
         return ArchConfig(
             family="llama",
-            vocab_size=vocab,
+            vocab_size=int(self.tensors["token_embd.weight"].shape[-1]),
             hidden_size=d,
-            intermediate_size=int(need(f"{a}.feed_forward_length")),
-            num_layers=int(need(f"{a}.block_count")),
+            intermediate_size=m.integer(f"{a}.feed_forward_length"),
+            num_layers=m.integer(f"{a}.block_count"),
             num_heads=n_heads,
-            num_kv_heads=int(_field(r, f"{a}.attention.head_count_kv", n_heads)),
-            head_dim=int(head_dim),
-            rope_theta=float(_field(r, f"{a}.rope.freq_base", 10000.0)),
-            rms_norm_eps=float(need(f"{a}.attention.layer_norm_rms_epsilon")),
-            max_position_embeddings=int(_field(r, f"{a}.context_length", 4096)),
+            num_kv_heads=m.get("integer", f"{a}.attention.head_count_kv", n_heads),
+            head_dim=m.get("integer", f"{a}.attention.key_length", d // n_heads),
+            rope_theta=m.get("number", f"{a}.rope.freq_base", 10000.0),
+            rms_norm_eps=m.number(f"{a}.attention.layer_norm_rms_epsilon"),
+            max_position_embeddings=m.get("integer", f"{a}.context_length", 4096),
             tie_embeddings="output.weight" not in self.tensors,
             qkv_bias="blk.0.attn_q.bias" in self.tensors,
             o_bias="blk.0.attn_output.bias" in self.tensors,
-            bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
-            eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
-            pad_token_id=_field(r, "tokenizer.ggml.padding_token_id"),
+            bos_token_id=m.get("integer", "tokenizer.ggml.bos_token_id"),
+            eos_token_id=m.get("integer", "tokenizer.ggml.eos_token_id"),
+            pad_token_id=m.get("integer", "tokenizer.ggml.padding_token_id"),
         )
 
     def _name_map(self) -> dict[str, tuple[str, int | None]]:
@@ -144,8 +208,6 @@ class GGUFWeights:
         return m
 
     def get(self, hf_name: str) -> np.ndarray:
-        import gguf
-
         if hf_name not in self._hf_to_gguf:
             raise WeightFileError(f"{self.path}: no GGUF tensor corresponds to {hf_name!r}")
         name, heads = self._hf_to_gguf[hf_name]
@@ -173,8 +235,6 @@ class GGUFWeights:
     def check_names(self) -> None:
         """Up front, before anything is placed: every tensor's type is readable and every
         tensor is one the metadata explains."""
-        import gguf
-
         for name, t in self.tensors.items():
             qtype = gguf.GGMLQuantizationType(t.tensor_type).name
             if qtype not in SUPPORTED_TYPES:

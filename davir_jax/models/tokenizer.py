@@ -36,6 +36,8 @@ import transformers
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from davir_jax.models.gguf_io import GGUFMetadata
+
 __all__ = [
     "REGISTERED",
     "RegisteredGGUF",
@@ -240,75 +242,8 @@ def _is_gguf(path: pathlib.Path) -> bool:
         return f.read(4) == _GGUF_MAGIC
 
 
-class _Metadata:
-    """Typed access to a GGUF file's key/value metadata, with errors that name file and key."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.path = path
-        try:
-            self._fields = gguf.GGUFReader(path, "r").fields
-        except Exception as e:  # the reader raises assorted types on corrupt files
-            raise ValueError(f"{path}: cannot read GGUF metadata: {e}") from e
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._fields
-
-    def _field(self, key: str, *types: gguf.GGUFValueType) -> Any:
-        field = self._fields.get(key)
-        if field is None:
-            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
-        if list(field.types[: len(types)]) != list(types):
-            names = "/".join(t.name for t in field.types)
-            raise ValueError(
-                f"{self.path}: GGUF metadata field {key!r} has type {names}, "
-                f"expected {'/'.join(t.name for t in types)}"
-            )
-        return field
-
-    def _decode(self, key: str, raw: Any) -> str:
-        try:
-            return bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{self.path}: GGUF field {key!r} holds invalid UTF-8: {e}") from e
-
-    def string(self, key: str) -> str:
-        field = self._field(key, gguf.GGUFValueType.STRING)
-        return self._decode(key, field.parts[field.data[0]])
-
-    def integer(self, key: str) -> int:
-        field = self._fields.get(key)
-        if field is None:
-            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
-        if len(field.types) != 1 or field.types[0] in (
-            gguf.GGUFValueType.STRING,
-            gguf.GGUFValueType.ARRAY,
-            gguf.GGUFValueType.BOOL,
-            gguf.GGUFValueType.FLOAT32,
-            gguf.GGUFValueType.FLOAT64,
-        ):
-            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not an integer")
-        return int(field.parts[field.data[0]][0])
-
-    def boolean(self, key: str) -> bool:
-        field = self._field(key, gguf.GGUFValueType.BOOL)
-        return bool(field.parts[field.data[0]][0])
-
-    def strings(self, key: str) -> list[str]:
-        field = self._field(key, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
-        return [self._decode(key, field.parts[i]) for i in field.data]
-
-    def integers(self, key: str) -> list[int]:
-        field = self._field(key, gguf.GGUFValueType.ARRAY)
-        if len(field.types) != 2 or field.types[1] in (
-            gguf.GGUFValueType.STRING,
-            gguf.GGUFValueType.ARRAY,
-        ):
-            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not an integer array")
-        return [int(field.parts[i][0]) for i in field.data]
-
-
 def _load_gguf(path: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
-    meta = _Metadata(path)
+    meta = GGUFMetadata(path)
 
     model = meta.string(_K.MODEL)
     if model != "gpt2":
@@ -458,7 +393,7 @@ def _required(path: pathlib.Path, special: dict[str, str], name: str, flag_key: 
     return special[name]
 
 
-def _chat_template(meta: _Metadata) -> str | dict[str, str] | None:
+def _chat_template(meta: GGUFMetadata) -> str | dict[str, str] | None:
     default = meta.string(_K.CHAT_TEMPLATE) if _K.CHAT_TEMPLATE in meta else None
     # Named templates (e.g. "tool_use") are listed in tokenizer.chat_templates; transformers
     # accepts them as a dict with the unnamed one under "default".
