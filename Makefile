@@ -30,5 +30,5 @@ test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check davir_jax tests benchmarks launch
-	$(BIN)/ruff format --check davir_jax tests benchmarks launch
+	$(BIN)/ruff check davir_jax tests benchmarks
+	$(BIN)/ruff format --check davir_jax tests benchmarks

@@ -79,7 +79,10 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
         [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
     )
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    # Stop on the tokenizer's EOS and on every EOS the model config lists (Llama 3 has two).
+    arch_eos = model.arch.eos_token_id
+    eos = {tok.eos_token_id} | set(arch_eos if isinstance(arch_eos, tuple) else [arch_eos])
+    eos = sorted(e for e in eos if e is not None)
     t0 = time.time()
     answer = greedy_generate(model, [prompt_ids], args.max_new_tokens, eos)[0]
     text = tok.decode(answer, skip_special_tokens=True).strip()

@@ -6,6 +6,7 @@ demo's short answers; the cached decoder arrives with `davir eval`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -16,7 +17,8 @@ from flax import nnx
 from davir_jax.models.decoder import Decoder
 
 
-def _next_token_fn(graphdef: nnx.GraphDef):
+@functools.lru_cache(maxsize=16)
+def _next_token_fn(graphdef: nnx.GraphDef):  # one jitted step per model structure
     @jax.jit
     def step(state: nnx.State, ids_bt: jax.Array, last_b: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, state)

@@ -175,3 +175,19 @@ def test_corrupt_project_checkpoint(tmp_path, good_dir):
     shutil.rmtree(ck / "params")
     with pytest.raises(WeightFileError, match="no params/ folder"):
         load_model(ck)
+
+
+def test_malformed_safetensors_header_names_file_and_tensor(tmp_path):
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
+    with pytest.raises(WeightFileError, match=r"model\.safetensors: tensor 'w' has a malformed"):
+        SafetensorsFile(p)
+
+
+def test_config_json_must_be_an_object(copy):
+    (copy / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json: a model config must be a JSON object"):
+        load_model(copy)

@@ -130,3 +130,33 @@ def test_sharded_safetensors_with_index(family_model, tmp_path):
     ids, mask = _batch(hf.config.vocab_size)
     ours = np.asarray(load_model(out)(ids, segment_ids=mask))
     assert _max_diff_real(ours, hf_logits(hf, ids, mask), mask) < TOL
+
+
+VARIANTS = {
+    "llama-bias-linear-rope-tied": (
+        "llama",
+        dict(
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+        ),
+    ),
+    "qwen2-sliding-layers": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    ),
+    "gemma-silu-attention-bias": ("gemma", dict(hidden_act="silu", attention_bias=True)),
+    "gemma2-untied": ("gemma2", dict(tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_variants_match_pytorch(variant, tmp_path):
+    """Options off the families' defaults: each must change our math exactly as it does HF's."""
+    family, over = VARIANTS[variant]
+    hf = make_hf_model(family, tmp_path, **over)
+    model = load_model(tmp_path)
+    ids, mask = _batch(model.arch.vocab_size)
+    ours = np.asarray(model(ids, segment_ids=mask))
+    assert _max_diff_real(ours, hf_logits(hf, ids, mask), mask) < TOL

@@ -105,3 +105,14 @@ def test_indivisible_axes_are_replicated_not_failing():
         "fsdp", None, None
     )
     assert logical_to_spec(("batch", "seq"), (8, 16), mesh) == P("fsdp", None)
+
+
+def test_sequence_losses_jitted_with_declared_shardings_equal_one_device(tmp_path):
+    """The evaluation step declares its in/out shardings; rows are padded to the dp size."""
+    from davir_jax.evaluate import sequence_losses
+
+    make_hf_model("mistral", tmp_path)
+    seqs = [list(range(1, 12)), list(range(5, 9)), list(range(20, 40))]  # 3 rows, dp = 4
+    ref = sequence_losses(load_model(tmp_path), seqs)
+    got = sequence_losses(load_model(tmp_path, mesh=make_mesh(1, 4, 2)), seqs)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)

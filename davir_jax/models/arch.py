@@ -170,8 +170,10 @@ class ArchConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ArchConfig:
         """Read an HF `config.json` dict. Errors name `source` and the offending field."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: a model config must be a JSON object")
         try:
-            return _from_hf(hf)
+            return _from_hf(_with_hf_defaults(hf))
         except (UnsupportedConfigError, ValueError, KeyError, TypeError) as e:
             err = UnsupportedConfigError if isinstance(e, UnsupportedConfigError) else ValueError
             raise err(f"{source}: {e}") from e
@@ -335,6 +337,44 @@ _HF_KNOWN = {
 }
 
 
+def _with_hf_defaults(hf: dict[str, Any]) -> dict[str, Any]:
+    """Fill absent keys the way transformers would (its config class defaults), so a hand-written
+    config.json means the same here as in PyTorch (e.g. Qwen2's max_window_layers=28)."""
+    if hf.get("model_type") not in FAMILIES:
+        return hf
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(hf["model_type"]).to_dict()
+    keep = {k: v for k, v in defaults.items() if k in _HF_KNOWN and k not in hf}
+    # Keys whose absence HF resolves from other keys, not from a constant default.
+    for k in (
+        "head_dim",
+        "layer_types",
+        "rope_parameters",
+        "rope_scaling",
+        "rope_theta",
+        "num_key_value_heads",
+        "architectures",
+    ):
+        keep.pop(k, None)
+    if hf["model_type"] in ("gemma", "gemma2") and "head_dim" not in hf:
+        keep["head_dim"] = defaults.get("head_dim")
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        )
+        if k not in hf
+    ]
+    if missing:
+        raise KeyError(f"missing field(s) {missing}")
+    return {**keep, **hf}
+
+
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     # transformers >= 5 writes `rope_parameters` (theta included); older files write
     # `rope_theta` and `rope_scaling` separately. Accept both.
@@ -344,6 +384,19 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
         params = dict(legacy)
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     rtype = params.pop("rope_type", params.pop("type", "default"))
+    allowed = {
+        "default": set(),
+        "linear": {"factor"},
+        "llama3": {
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        },
+    }
+    extra = set(params) - allowed.get(rtype, set(params))
+    if extra:
+        raise UnsupportedConfigError(f"rope parameters {sorted(extra)} are not implemented")
     if rtype == "default":
         return theta, RopeScaling()
     if rtype == "linear":
@@ -381,10 +434,12 @@ def _from_hf(hf: dict[str, Any]) -> ArchConfig:
         )
     theta, scaling = _rope_from_hf(hf)
     gemma = family in ("gemma", "gemma2")
-    if gemma:
-        # Gemma's reference code uses the tanh GELU whatever `hidden_act` says; HF follows
-        # `hidden_activation` and falls back to gelu_pytorch_tanh.
+    if family == "gemma2":
         act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    elif family == "gemma":
+        # transformers' GemmaMLP reads `hidden_act`; its "gelu" is the tanh approximation.
+        act = hf.get("hidden_act") or hf.get("hidden_activation") or "gelu_pytorch_tanh"
+        act = "gelu_pytorch_tanh" if act == "gelu" else act
     else:
         act = hf.get("hidden_act", "silu")
     n_layers = int(hf["num_hidden_layers"])
@@ -411,6 +466,9 @@ def _from_hf(hf: dict[str, Any]) -> ArchConfig:
     if layer_types and "sliding_attention" not in layer_types:
         window = None
     attn_bias = bool(hf.get("attention_bias", False))
+    if attn_bias and family in ("mistral", "qwen2"):
+        # transformers ignores the flag for these two; refuse rather than guess.
+        raise UnsupportedConfigError(f"attention_bias=true is not defined for {family}")
     return ArchConfig(
         family=family,
         vocab_size=int(hf["vocab_size"]),
@@ -427,7 +485,7 @@ def _from_hf(hf: dict[str, Any]) -> ArchConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         activation=act,
         qkv_bias=True if family == "qwen2" else attn_bias,
-        o_bias=attn_bias if family == "llama" else False,
+        o_bias=attn_bias,  # llama, gemma, gemma2: q/k/v and o together
         mlp_bias=bool(hf.get("mlp_bias", False)) if family == "llama" else False,
         sliding_window=int(window) if window else None,
         layer_types=layer_types,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from davir_jax.io_utils import publish_dir
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig
 from davir_jax.models.gguf_io import GGUFWeights
@@ -40,10 +40,11 @@ def _run_config(dtype: str, compute_dtype: str | None, remat: bool, mesh: Mesh |
 
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     """(kind, path) with kind in {"gguf", "davir", "hf"}; a clear error for anything else."""
-    registered = resolve_registered(source)
-    if registered is not None:
-        return "gguf", Path(registered)
     path = Path(source)
+    if not path.exists():
+        registered = resolve_registered(source)
+        if registered is not None:
+            return "gguf", Path(registered)
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -108,10 +109,15 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
     The directory appears atomically (a temp sibling renamed into place).
     """
     import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
 
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    # The same temp path on every process (orbax writes each host's shards there).
+    tmp = out.parent / f".{out.name}.tmp"
+    if jax.process_index() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    multihost_utils.sync_global_devices(f"davir save_model {out} start")
     try:
         params = nnx.state(model, nnx.Param)
         with ocp.StandardCheckpointer() as ckpt:
@@ -126,11 +132,10 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
             (tmp / MODEL_META).write_text(json.dumps(meta, indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            publish_dir(tmp, out)
     finally:
-        if tmp.exists():
+        multihost_utils.sync_global_devices(f"davir save_model {out} end")
+        if jax.process_index() == 0 and tmp.exists():
             shutil.rmtree(tmp)
     return out
 

@@ -60,12 +60,21 @@ class SafetensorsFile:
         self._entries: dict[str, dict] = header
         data_len = size - self._offset
         for name, e in header.items():
-            begin, end = e["data_offsets"]
-            if e["dtype"] not in _DTYPES:
+            try:
+                begin, end = (int(x) for x in e["data_offsets"])
+                shape = [int(x) for x in e["shape"]]
+                dtype = e["dtype"]
+            except (KeyError, TypeError, ValueError) as err:
+                raise WeightFileError(
+                    f"{self.path}: tensor {name!r} has a malformed header entry ({err!r})"
+                ) from err
+            if begin < 0 or end < begin or any(x < 0 for x in shape):
+                raise WeightFileError(f"{self.path}: tensor {name!r} has invalid offsets/shape")
+            if dtype not in _DTYPES:
                 raise WeightFileError(
                     f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}"
                 )
-            want = int(np.prod(e["shape"], dtype=np.int64)) * _DTYPES[e["dtype"]].itemsize
+            want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
             if end - begin != want:
                 raise WeightFileError(f"{self.path}: tensor {name!r} header is inconsistent")
             if end > data_len:

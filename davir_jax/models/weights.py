@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from davir_jax.io_utils import publish_dir
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig, to_dtype
 from davir_jax.models.safetensors_io import SafetensorsFile, WeightFileError, write_streaming
@@ -315,9 +316,7 @@ def export_hf(model: Decoder, tokenizer: Any | None, out_dir: str | os.PathLike)
             write_streaming(specs, arrays, tmp / "model.safetensors")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            publish_dir(tmp, out)
         else:
             for _ in arrays:  # take part in every gather
                 pass
