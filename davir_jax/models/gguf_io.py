@@ -75,19 +75,23 @@ class GGUFMetadata:
         field = self._field(key, gguf.GGUFValueType.STRING)
         return self._decode(key, field.parts[field.data[0]])
 
-    def integer(self, key: str) -> int:
+    def _scalar(self, key: str, what: str, excluded: tuple[Any, ...]) -> Any:
         field = self._fields.get(key)
         if field is None:
             raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
-        if len(field.types) != 1 or field.types[0] in (
-            gguf.GGUFValueType.STRING,
-            gguf.GGUFValueType.ARRAY,
-            gguf.GGUFValueType.BOOL,
-            gguf.GGUFValueType.FLOAT32,
-            gguf.GGUFValueType.FLOAT64,
-        ):
-            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not an integer")
-        return int(field.parts[field.data[0]][0])
+        if len(field.types) != 1 or field.types[0] in excluded:
+            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not {what}")
+        return field.parts[field.data[0]][0]
+
+    def integer(self, key: str) -> int:
+        T = gguf.GGUFValueType
+        return int(
+            self._scalar(key, "an integer", (T.STRING, T.ARRAY, T.BOOL, T.FLOAT32, T.FLOAT64))
+        )
+
+    def number(self, key: str) -> float:
+        T = gguf.GGUFValueType
+        return float(self._scalar(key, "a number", (T.STRING, T.ARRAY, T.BOOL)))
 
     def boolean(self, key: str) -> bool:
         field = self._field(key, gguf.GGUFValueType.BOOL)
@@ -105,18 +109,6 @@ class GGUFMetadata:
         ):
             raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not an integer array")
         return [int(field.parts[i][0]) for i in field.data]
-
-    def number(self, key: str) -> float:
-        field = self._fields.get(key)
-        if field is None:
-            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is missing")
-        if len(field.types) != 1 or field.types[0] in (
-            gguf.GGUFValueType.STRING,
-            gguf.GGUFValueType.ARRAY,
-            gguf.GGUFValueType.BOOL,
-        ):
-            raise ValueError(f"{self.path}: GGUF metadata field {key!r} is not a number")
-        return float(field.parts[field.data[0]][0])
 
     def get(self, kind: str, key: str, default: Any = None) -> Any:
         """`getattr(self, kind)(key)` when the field exists, else `default`."""
