@@ -123,8 +123,16 @@ def _var_axes(v: nnx.Variable) -> tuple[str | None, ...] | None:
     return v.get_metadata().get("logical_axes")
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """NamedShardings for every Variable of an (abstract) nnx State, from its logical axes."""
+def state_shardings(state: Any, mesh: Mesh | None) -> Any:
+    """Shardings for every Variable of an (abstract) nnx State, from its logical axes; without a
+    mesh, everything on the first device."""
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(
+            lambda v: v.replace(one) if isinstance(v, nnx.Variable) else one,
+            state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
 
     def f(v: Any) -> Any:
         if isinstance(v, nnx.Variable):

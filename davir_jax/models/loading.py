@@ -155,11 +155,7 @@ def _load_davir(path: Path, run: RunConfig, mesh: Mesh | None) -> Decoder:
         )
     graphdef, abs_state = abstract_model(arch, run)
     params_abs = abs_state  # a Decoder holds nothing but nnx.Param variables
-    if mesh is not None:
-        shardings = state_shardings(params_abs, mesh)
-    else:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: dev, params_abs)
+    shardings = state_shardings(params_abs, mesh)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nnx.to_pure_dict(params_abs),

@@ -161,19 +161,7 @@ def build_model(
     only its own slice.
     """
     graphdef, abs_state = abstract_model(arch, run)
-    if mesh is None:
-        dev = jax.devices()[0]
-        shardings = jax.tree.map(
-            lambda v: (
-                v.replace(jax.sharding.SingleDeviceSharding(dev))
-                if isinstance(v, nnx.Variable)
-                else v
-            ),
-            abs_state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable),
-        )
-    else:
-        shardings = state_shardings(abs_state, mesh)
+    shardings = state_shardings(abs_state, mesh)
     want = {p: v for p, v in iter_params(abs_state)}
     sh = dict(iter_params(shardings))
     table = {t.path: t for t in param_table(arch)}
