@@ -66,11 +66,61 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """A data file, how to read and tokenize it, and how to batch it.
+
+    `format`: auto, prompt_response, alpaca, gsm8k, chat, preference, hh_rlhf, gsm8k_solutions.
+    `fields`: renames a format's logical fields (e.g. {prompt: question}) for other layouts.
+    `template`: plain, alpaca or chat (see `davir_jax.data.templates`).
+    `overlong`: drop, or truncate_left (cut the prompt from the left; the response never).
+    `strict`: any skipped row is an error instead of a counted skip.
+    `pack`: several examples per row (`row_len`, at most `max_segments`), else length buckets.
+    `batch_rows`: rows per global batch (split over processes and data-parallel devices).
+    """
+
+    path: str | None = None
+    format: str = "auto"
+    name: str | None = None
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+    template: str = "plain"
+    max_len: int = 1024
+    overlong: str = "drop"
+    strict: bool = False
+    cache_dir: str = "runs/cache"
+    pack: bool = True
+    row_len: int | None = None  # None: max_len
+    max_segments: int = 16
+    bucket_min: int = 64
+    batch_rows: int = 8
+
+    def __post_init__(self) -> None:
+        from davir_jax.data.readers import FORMATS
+        from davir_jax.data.templates import OVERLONG, TEMPLATES
+
+        if self.format not in ("auto",) + FORMATS:
+            raise ValueError(f"format: {self.format!r} is not auto or one of {', '.join(FORMATS)}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template: {self.template!r} is not one of {', '.join(TEMPLATES)}")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"overlong: {self.overlong!r} is not one of {', '.join(OVERLONG)}")
+        for k in ("max_len", "max_segments", "bucket_min", "batch_rows"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k}: must be positive, got {getattr(self, k)}")
+        if self.row_len is not None and self.row_len < self.max_len:
+            raise ValueError(f"row_len: {self.row_len} is shorter than max_len {self.max_len}")
+
+    @property
+    def packed_row_len(self) -> int:
+        return self.row_len or self.max_len
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole run. Sections for data, optimizer, training, scoring and DPO join here."""
+    """The whole run. Sections for optimizer, training and DPO join here."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     seed: int = 0
 
 
@@ -103,6 +153,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
         return build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {
+            _coerce(k, kt, f"{key}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -234,6 +291,7 @@ __all__ = [
     "ArchConfig",
     "Config",
     "ConfigError",
+    "DataConfig",
     "MeshConfig",
     "ModelConfig",
     "RopeScaling",

@@ -8,6 +8,7 @@ LM head to one chunk of the sequence at a time (`jax.lax.map`), so peak memory i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +44,19 @@ def token_logprobs(
     return lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
-def shift_targets(input_ids_bt: jax.Array, loss_mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+def shift_targets(
+    input_ids_bt: jax.Array, loss_mask_bt: jax.Array, segment_ids_bt: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Next-token targets and their mask: position t predicts token t+1.
 
-    `loss_mask_bt[:, t]` marks token t as a response token; its prediction happens at t-1.
+    `loss_mask_bt[:, t]` marks token t as a response token; its prediction happens at t-1. With
+    `segment_ids_bt` (packed rows), a prediction across two examples is never counted.
     """
     targets = jnp.pad(input_ids_bt[:, 1:], ((0, 0), (0, 1)))
-    mask = jnp.pad(loss_mask_bt[:, 1:], ((0, 0), (0, 1)))
+    mask = jnp.pad(loss_mask_bt[:, 1:] > 0, ((0, 0), (0, 1)))
+    if segment_ids_bt is not None:
+        same = jnp.pad(segment_ids_bt[:, 1:] == segment_ids_bt[:, :-1], ((0, 0), (0, 1)))
+        mask = mask & same & (segment_ids_bt > 0)
     return targets, mask.astype(jnp.float32)
 
 
@@ -57,3 +64,39 @@ def masked_nll(logprobs_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, j
     """Per-row summed NLL over masked positions and the token count: `([B], [B])`."""
     mask = mask_bt.astype(jnp.float32)
     return -(logprobs_bt * mask).sum(-1), mask.sum(-1)
+
+
+def segment_nll(
+    logprobs_bt: jax.Array, mask_bt: jax.Array, segment_ids_bt: jax.Array, num_segments: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-example summed NLL and token count of packed rows: `([B, S], [B, S])`.
+
+    Column s holds segment s+1 (segment 0 is padding). The NLL summed over the response tokens
+    of one example is the `L_m(y|x)` of method.md (arXiv 2310.13008, Sec. 3).
+    """
+    b, t = logprobs_bt.shape
+    mask = mask_bt.astype(jnp.float32)
+    seg = jnp.clip(segment_ids_bt, 0, num_segments)  # ids beyond S would alias; the packer caps S
+    flat = (jnp.arange(b, dtype=jnp.int32)[:, None] * (num_segments + 1) + seg).reshape(-1)
+    n = b * (num_segments + 1)
+    nll = jax.ops.segment_sum((-logprobs_bt * mask).reshape(-1), flat, num_segments=n)
+    cnt = jax.ops.segment_sum(mask.reshape(-1), flat, num_segments=n)
+    shape = (b, num_segments + 1)
+    return nll.reshape(shape)[:, 1:], cnt.reshape(shape)[:, 1:]
+
+
+def example_nll(
+    model: Any,
+    input_ids: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    loss_mask: jax.Array,
+    num_segments: int,
+    chunk: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed response NLL and response-token count of every example in a (packed or padded)
+    batch, `([B, S], [B, S])`: the one function scoring and training share."""
+    targets, mask = shift_targets(input_ids, loss_mask, segment_ids)
+    hidden = model.hidden_states(input_ids, segment_ids, positions)
+    lp = token_logprobs(model.logits, hidden, targets, chunk)
+    return segment_nll(lp, mask, segment_ids, num_segments)

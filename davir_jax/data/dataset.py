@@ -1,0 +1,198 @@
+"""A data file -> a cached, tokenized data set -> batch plans -> host batches.
+
+`prepare` reads the file with its reader, encodes it with a template and stores the tokens in a
+tensorflow-datasets `array_record` store keyed by everything that changes the tokens (the file's
+content hash, the tokenizer fingerprint, the template, the maximum length and the reader options),
+so a second run reuses it and a changed input rebuilds it. In a multi-host run every process
+tokenizes the rows `row % process_count == process_index` and writes its own part; all parts are
+awaited, and the skip accounts of all parts are merged.
+
+`TokenizedData` is the prepared data: lengths, ids, the merged `SkipLog`, and `plans()` /
+`batches()` that yield this process's fixed-shape host batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from davir_jax.config import DataConfig
+from davir_jax.data import batching
+from davir_jax.data.readers import (
+    file_sha256,
+    read_examples,
+    resolve_format,
+    source_name,
+)
+from davir_jax.data.skips import DataError, SkipLog
+from davir_jax.data.storage import (
+    TokenizedStore,
+    build_part,
+    part_complete,
+    store_dir,
+    wait_for_parts,
+)
+from davir_jax.data.templates import Encoder
+from davir_jax.models.tokenizer import tokenizer_fingerprint
+
+# Bump when the tokenized layout or a template's definition changes (invalidates caches).
+STORE_VERSION = 1
+_ENCODE_CHUNK = 1024
+
+
+def _progress(total: int | None, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def store_fields(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
+    """Everything that determines the tokens of a data set (the cache key)."""
+    if cfg.path is None:
+        raise DataError("data.path is not set")
+    fmt = resolve_format(cfg.path, cfg.format)
+    return {
+        "version": STORE_VERSION,
+        "data_sha256": file_sha256(cfg.path),
+        "format": fmt,
+        "fields": dict(sorted(cfg.fields.items())),
+        "source": cfg.name or source_name(cfg.path),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": cfg.template,
+        "max_len": cfg.max_len,
+        "overlong": cfg.overlong,
+    }
+
+
+@dataclasses.dataclass
+class TokenizedData:
+    """A prepared data set: a random-access store plus what was skipped."""
+
+    cfg: DataConfig
+    store: TokenizedStore
+    fields: dict[str, Any]
+    log: SkipLog
+    directory: Path
+
+    @property
+    def source(self) -> str:
+        return self.fields["source"]
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.store.lengths
+
+    @property
+    def example_ids(self) -> list[str]:
+        return self.store.example_ids
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Source row index of each example (the store's global `index`)."""
+        return self.store.indices
+
+    def get(self, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        recs = self.store.get_many(idx)
+        return [(r["input_ids"], r["loss_mask"]) for r in recs]
+
+    def n_response_tokens(self) -> np.ndarray:
+        """T per example (response tokens incl. EOS); reads every record once."""
+        out = np.zeros(len(self), np.int64)
+        for s in range(0, len(self), 4096):
+            idx = list(range(s, min(s + 4096, len(self))))
+            out[idx] = [int(m.sum()) for _, m in self.get(idx)]
+        return out
+
+    def plans(self, shuffle: bool = False, seed: int = 0) -> list[batching.BatchPlan]:
+        """Global batch plans (identical on every process)."""
+        c = self.cfg
+        if c.pack:
+            return batching.packed_plan(
+                self.lengths, c.batch_rows, c.packed_row_len, c.max_segments, shuffle, seed
+            )
+        widths = batching.bucket_widths(c.max_len, c.bucket_min)
+        return batching.padded_plan(self.lengths, c.batch_rows, widths, shuffle, seed)
+
+    @property
+    def num_segments(self) -> int:
+        return self.cfg.max_segments if self.cfg.pack else 1
+
+    def batches(
+        self,
+        plans: list[batching.BatchPlan],
+        process_index: int = 0,
+        process_count: int = 1,
+        start: int = 0,
+    ) -> Iterator[tuple[int, batching.Batch]]:
+        """(step, this process's host batch) for plans[start:]."""
+        for step in range(start, len(plans)):
+            rows = batching.local_rows(plans[step], process_index, process_count)
+            yield step, batching.assemble(rows, plans[step].width, self.num_segments, self.get)
+
+
+def prepare(
+    cfg: DataConfig,
+    tokenizer: Any,
+    process_index: int = 0,
+    process_count: int = 1,
+    progress: bool = True,
+    wait_timeout_s: float = 3600.0,
+) -> TokenizedData:
+    """Tokenize `cfg.path` into the cache (or reuse it) and open it.
+
+    Raises `DataError` in strict mode if any row was skipped, naming the first location.
+    """
+    fields = store_fields(cfg, tokenizer)
+    directory = store_dir(cfg.cache_dir, fields["source"], fields)
+    if not part_complete(directory, process_index, process_count):
+        log = SkipLog(strict=cfg.strict)
+        encoder = Encoder(tokenizer, cfg.template, cfg.max_len, cfg.overlong)
+        examples = read_examples(
+            cfg.path, fields["format"], log, fields["source"], cfg.fields or None,
+            process_index, process_count,
+        )
+        bar = _progress(None, f"tokenize {fields['source']} ({cfg.template})", progress)
+
+        def records() -> Iterator[dict[str, Any]]:
+            chunk = []
+            for ex in examples:
+                chunk.append(ex)
+                if len(chunk) == _ENCODE_CHUNK:
+                    yield from _encode(chunk)
+                    chunk = []
+            yield from _encode(chunk)
+
+        def _encode(chunk: list) -> Iterator[dict[str, Any]]:
+            for ex, enc in zip(chunk, encoder.encode(chunk, log)):
+                if enc is not None:
+                    yield {
+                        "index": ex.row,
+                        "example_id": enc.example_id,
+                        "input_ids": enc.input_ids,
+                        "loss_mask": enc.loss_mask,
+                    }
+            bar.update(len(chunk))
+
+        build_part(directory, process_index, process_count, records(), {"log": log.to_dict()})
+        bar.close()
+    wait_for_parts(directory, process_count, timeout_s=wait_timeout_s)
+    store = TokenizedStore(directory)
+    log = SkipLog()
+    for info in store.infos:
+        log.merge(info.get("log", {}))
+    if cfg.strict and log.total:
+        reason = next(iter(log.skipped))
+        raise DataError(
+            f"strict: {log.total} rows of {cfg.path} were skipped; first: {reason} at "
+            f"{log.where[reason][0]}"
+        )
+    return TokenizedData(cfg, store, fields, log, directory)

@@ -1,0 +1,438 @@
+"""Top-k selection by a score, and mixtures of several scored pools.
+
+Selection (DavIR, arXiv 2310.13008, procedure step 3): score every example, sort descending,
+keep a budget given as a count or a fraction. Mixtures (the paper's Alpaca + GSM8K experiment;
+the exact recipe is not public): select within each pool by that pool's own scores, then
+concatenate with per-pool budgets.
+
+Output of `select_mixture` (one directory, published atomically):
+- `<pool>.jsonl`: the selected rows' original `record` text, one per line, best first, so the
+  trainer reads it back with the same JSON-lines reader it uses for the source;
+- `manifest.json`: method, seed, per-pool budget/sizes/data/template, every selected example
+  with its score and rank, and the input fingerprints (scores file sha256 + the scoring job's
+  fingerprints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from davir_jax.io_utils import publish_dir
+from davir_jax.scores import SCORES_FILE, compute_scores, read_scores, scores_file
+
+MANIFEST_FILE = "manifest.json"
+SELECTION_KIND = "davir-selection"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_BUDGET_HELP = "BUDGET is one of: all, fraction=F (0 < F <= 1), count=N (N >= 1)"
+_POOL_HELP = f"expected [NAME=]SCORES_DIR:BUDGET, e.g. alpaca=runs/a:fraction=0.06; {_BUDGET_HELP}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets and top-k
+
+
+def budget_count(n: int, count: int | None = None, fraction: float | None = None) -> int:
+    """Number of examples a budget keeps out of `n`; exactly one of count/fraction.
+
+    fraction -> round half up of fraction * n, computed exactly on the fraction's shortest
+    decimal form (so 0.07 * 100 is 7, not ceil(7.000000000000001) = 8): `floor(F*n + 1/2)`.
+    Errors: count not an int in [1, n]; fraction not in (0, 1]; a fraction that keeps nothing.
+    """
+    if (count is None) == (fraction is None):
+        raise ValueError("give exactly one of count or fraction")
+    if n < 1:
+        raise ValueError("cannot select from an empty pool")
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, int | np.integer):
+            raise ValueError(f"count must be an integer, got {count!r}")
+        if not 1 <= count <= n:
+            raise ValueError(f"count={count} is outside [1, {n}] (pool size {n})")
+        return int(count)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float | np.floating):
+        raise ValueError(f"fraction must be a number, got {fraction!r}")
+    f = float(fraction)
+    if not (math.isfinite(f) and 0 < f <= 1):
+        raise ValueError(f"fraction={fraction} is outside (0, 1]")
+    k = math.floor(Fraction(repr(f)) * n + Fraction(1, 2))
+    if k < 1:
+        raise ValueError(f"fraction={fraction} of {n} examples rounds to 0; use count=1 or more")
+    return int(k)
+
+
+def rank_order(scores: np.ndarray, example_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Indices of all rows, highest score first, ties by example_id ascending.
+
+    Sorting on (score, id) rather than on position makes the order a function of the
+    (id, score) pairs alone, so shuffling the input rows cannot change which rows win.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    ids = np.asarray(example_ids, dtype=np.str_)
+    if s.ndim != 1 or ids.shape != s.shape:
+        raise ValueError(f"scores {s.shape} and example_ids {ids.shape} must be 1-D, same length")
+    bad = np.isnan(s)
+    if bad.any():
+        raise ValueError(f"scores are nan for example(s) {list(ids[bad][:5])}")
+    # lexsort: last key is primary. -s sorts descending (and -0.0 == 0.0, so no sign ties).
+    return np.lexsort((ids, -s)).astype(np.int64)
+
+
+def select_top(
+    scores: np.ndarray,
+    example_ids: Sequence[str] | np.ndarray,
+    count: int | None = None,
+    fraction: float | None = None,
+) -> np.ndarray:
+    """Indices int64 [k] of the k best rows, best first (ties: example_id ascending).
+
+    k from `budget_count(len(scores), count, fraction)`.
+    """
+    order = rank_order(scores, example_ids)
+    return order[: budget_count(len(order), count, fraction)]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many examples a pool contributes: `count` (int >= 1), `fraction` (0 < F <= 1), `all`."""
+
+    kind: Literal["count", "fraction", "all"]
+    value: int | float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "all":
+            if self.value is not None:
+                raise ValueError("budget 'all' takes no value")
+        elif self.kind == "count":
+            v = self.value
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(f"count must be an integer >= 1, got {v!r}")
+        elif self.kind == "fraction":
+            v = self.value
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+            if not (ok and math.isfinite(v) and 0 < v <= 1):
+                raise ValueError(f"fraction must be in (0, 1], got {v!r}")
+        else:
+            raise ValueError(f"unknown budget kind {self.kind!r}; {_BUDGET_HELP}")
+
+    @classmethod
+    def coerce(cls, budget: Budget | str | int | float) -> Budget:
+        """Budget from a Budget, a CLI string ("all", "count=N", "fraction=F"), an int
+        (a count) or a float (a fraction: 1.0 means everything, 1 means one example)."""
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, str):
+            return cls.parse(budget)
+        if isinstance(budget, bool):
+            raise ValueError(f"bad budget {budget!r}; {_BUDGET_HELP}")
+        if isinstance(budget, int | np.integer):
+            return cls("count", int(budget))
+        if isinstance(budget, float | np.floating):
+            return cls("fraction", float(budget))
+        raise ValueError(f"bad budget {budget!r}; {_BUDGET_HELP}")
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse the CLI syntax: `all`, `count=3000`, `fraction=0.06`."""
+        t = text.strip()
+        if t == "all":
+            return cls("all")
+        key, eq, val = t.partition("=")
+        key, val = key.strip(), val.strip()
+        if not eq or key not in ("count", "fraction"):
+            raise ValueError(f"bad budget {text!r}; {_BUDGET_HELP}")
+        if key == "count":
+            if not re.fullmatch(r"[0-9]+", val):
+                raise ValueError(f"bad budget {text!r}: count must be a whole number >= 1")
+            return cls("count", int(val))
+        try:
+            f = float(val)
+        except ValueError:
+            raise ValueError(f"bad budget {text!r}: fraction must be a number") from None
+        return cls("fraction", f)
+
+    def spec(self) -> str:
+        """The CLI form, e.g. `fraction=0.06`."""
+        return "all" if self.kind == "all" else f"{self.kind}={self.value}"
+
+    def resolve(self, n: int) -> int:
+        """Number of examples kept out of a pool of `n`."""
+        if self.kind == "all":
+            if n < 1:
+                raise ValueError("cannot select from an empty pool")
+            return n
+        if self.kind == "count":
+            return budget_count(n, count=self.value)
+        return budget_count(n, fraction=self.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pools and the CLI syntax
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One scored source in a mixture.
+
+    name: output file stem (`<name>.jsonl`); None -> the data source's name (score manifest
+    `data.name`/`data.source`, else the table's single `source` value, else the scores
+    directory's name). scores_dir: a scoring job's output directory
+    (or its scores.parquet). budget: Budget, "all"/"count=N"/"fraction=F", int (count) or
+    float (fraction).
+    """
+
+    name: str | None
+    scores_dir: Path
+    budget: Budget
+
+    def __init__(
+        self, name: str | None, scores_dir: str | Path, budget: Budget | str | int | float
+    ) -> None:
+        if name is not None:
+            _check_name(name)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "scores_dir", Path(scores_dir))
+        object.__setattr__(self, "budget", Budget.coerce(budget))
+
+
+def _check_name(name: str) -> None:
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"bad pool name {name!r}: use letters, digits, '.', '_', '-' (it names <name>.jsonl)"
+        )
+
+
+def parse_pool(spec: str) -> Pool:
+    """Parse `[NAME=]SCORES_DIR:BUDGET`, e.g. `alpaca=runs/a:fraction=0.06`, `runs/g:all`.
+
+    The budget is after the last ':'. A leading `NAME=` is taken as the name only when NAME is
+    a plain name (no '/'), so a directory whose path holds '=' still works.
+    """
+    head, colon, budget = spec.rpartition(":")
+    if not colon or not head.strip():
+        raise ValueError(f"bad pool {spec!r}: {_POOL_HELP}")
+    try:
+        b = Budget.parse(budget)
+    except ValueError as e:
+        raise ValueError(f"bad pool {spec!r}: {e}") from None
+    name: str | None = None
+    maybe_name, eq, rest = head.partition("=")
+    if eq and "/" not in maybe_name and os.sep not in maybe_name:
+        name, head = maybe_name.strip(), rest
+        if not name:
+            raise ValueError(f"bad pool {spec!r}: empty name before '='; {_POOL_HELP}")
+        _check_name(name)
+    if not head.strip():
+        raise ValueError(f"bad pool {spec!r}: empty scores directory; {_POOL_HELP}")
+    return Pool(name, head.strip(), b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_score_manifest(scores_path: str | Path) -> dict[str, Any]:
+    """The scoring job's `manifest.json` beside its scores.parquet, checked for the keys
+    selection copies (`data`, `template`, `fingerprints`)."""
+    f = scores_file(scores_path).parent / MANIFEST_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"no score manifest at {f} (the scoring job writes it)")
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON: {e}") from e
+    if not isinstance(m, dict):
+        raise ValueError(f"{f} must hold a JSON object")
+    missing = [k for k in ("data", "template", "fingerprints") if k not in m]
+    if missing:
+        raise ValueError(f"{f} lacks key(s) {missing}")
+    if not isinstance(m["data"], dict):
+        raise ValueError(f"{f}: 'data' must be an object")
+    return m
+
+
+def _default_name(pool: Pool, manifest: dict[str, Any], sources: list[str]) -> str:
+    """A pool's name when none is given: the score manifest's `data.name` or `data.source`,
+    else the table's `source` value if it has only one, else the scores directory's name."""
+    candidates = [manifest["data"].get(k) for k in ("name", "source")]
+    candidates += sources if len(sources) == 1 else []
+    candidates.append(scores_file(pool.scores_dir).parent.resolve().name)
+    for c in candidates:
+        if isinstance(c, str):
+            c = re.sub(r"[^A-Za-z0-9._-]", "_", c).lstrip("._-")
+            if c:
+                return c
+    raise ValueError(f"cannot derive a name for pool {pool.scores_dir}; give NAME=")
+
+
+def _jsonl_line(record: str, example_id: str) -> str:
+    """The record text as one JSONL line, unchanged unless it spans several lines."""
+    try:
+        obj = json.loads(record)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"record of {example_id} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"record of {example_id} is not a JSON object")
+    if "\n" in record or "\r" in record:
+        # A raw newline in valid JSON can only be whitespace between tokens, so compacting it
+        # keeps the content; without it one record would span lines and break the reader.
+        return json.dumps(obj, ensure_ascii=False)
+    return record
+
+
+def _check_out_dir(out: Path, scores_paths: list[Path]) -> None:
+    """Refuse outputs that publishing (a directory replace) would make destroy data."""
+    out_r = out.resolve()
+    for p in scores_paths:
+        if p.parent.resolve().is_relative_to(out_r):
+            raise ValueError(f"output {out} would replace the scores directory {p.parent}")
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"output {out} exists and is not a directory")
+        if any(out.iterdir()):
+            mf = out / MANIFEST_FILE
+            try:
+                kind = json.loads(mf.read_text(encoding="utf-8")).get("kind")
+            except (OSError, ValueError, AttributeError):
+                kind = None
+            if kind != SELECTION_KIND:
+                raise ValueError(
+                    f"output {out} exists and is not a previous selection output; "
+                    "refusing to replace it"
+                )
+
+
+def select_mixture(
+    pools: Sequence[Pool], method: str, seed: int, out_dir: str | Path
+) -> dict[str, Any]:
+    """Select within each pool by its own `method` scores, write the mixture to `out_dir`.
+
+    Returns the manifest written to `out_dir/manifest.json` (see the module docstring). The
+    directory is built beside `out_dir` and published with one rename, so readers never see a
+    half-written selection; a previous selection output at `out_dir` is replaced.
+    """
+    if not pools:
+        raise ValueError("no pools given")
+    out = Path(out_dir)
+    loaded = []
+    for pool in pools:
+        f = scores_file(pool.scores_dir)
+        table = read_scores(f)
+        manifest = read_score_manifest(f)
+        name = pool.name or _default_name(
+            pool, manifest, table.column("source").unique().to_pylist()
+        )
+        loaded.append((pool, f, table, manifest, name))
+    names = [x[4] for x in loaded]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"pool name(s) {dup} used more than once; give distinct NAME=")
+    _check_out_dir(out, [x[1] for x in loaded])
+
+    pool_entries, selected, inputs, files = [], [], {}, {}
+    seen_ids: dict[str, str] = {}
+    for pool, f, table, manifest, name in loaded:
+        ids = table.column("example_id").to_numpy(zero_copy_only=False).astype(np.str_)
+        # Mixing the same examples twice (the same scores dir or source in two pools) would
+        # duplicate training rows silently.
+        clash = [i for i in ids if i in seen_ids]
+        if clash:
+            raise ValueError(
+                f"pool {name} repeats example(s) of pool {seen_ids[clash[0]]}: {clash[:5]}"
+            )
+        seen_ids.update(dict.fromkeys(ids, name))
+        score = compute_scores(table, method, seed)[method]
+        order = rank_order(score, ids)
+        idx = order[: pool.budget.resolve(len(ids))]
+        records = table.column("record")
+        if records.null_count:
+            raise ValueError(f"{f}: column record has {records.null_count} null value(s)")
+        rec = records.take(idx).to_pylist()
+        files[f"{name}.jsonl"] = "".join(
+            _jsonl_line(r, ids[i]) + "\n" for r, i in zip(rec, idx, strict=True)
+        )
+        selected += [
+            {"example_id": str(ids[i]), "pool": name, "score": float(score[i]), "rank": r + 1}
+            for r, i in enumerate(idx)
+        ]
+        pool_entries.append(
+            {
+                "name": name,
+                "scores": str(f.resolve()),
+                "data": manifest["data"],
+                "template": manifest["template"],
+                "budget": {"spec": pool.budget.spec(), "kind": pool.budget.kind}
+                | ({"value": pool.budget.value} if pool.budget.kind != "all" else {}),
+                "n_pool": len(ids),
+                "n_selected": len(idx),
+                "file": f"{name}.jsonl",
+                "format": "jsonl",
+            }
+        )
+        inputs[name] = {"scores_sha256": file_sha256(f), "fingerprints": manifest["fingerprints"]}
+
+    result = {
+        "kind": SELECTION_KIND,
+        "method": method,
+        "seed": int(seed),
+        "n_selected": len(selected),
+        "pools": pool_entries,
+        # rank: 1-based position within its pool's file (line number), best first.
+        "selected": selected,
+        "inputs": inputs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes 0700; the selection is meant to be read by others
+        for fname, text in files.items():
+            (tmp / fname).write_text(text, encoding="utf-8", newline="\n")
+        (tmp / MANIFEST_FILE).write_text(
+            json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def run_select(pools: list[str], method: str, out: str, seed: int) -> dict[str, Any]:
+    """`davir select`: parse the pool specs (see `parse_pool`) and run `select_mixture`."""
+    if not pools:
+        raise ValueError(f"give at least one pool: {_POOL_HELP}")
+    return select_mixture([parse_pool(p) for p in pools], method, seed, out)
+
+
+__all__ = [
+    "SCORES_FILE",
+    "Budget",
+    "Pool",
+    "budget_count",
+    "file_sha256",
+    "parse_pool",
+    "rank_order",
+    "read_score_manifest",
+    "run_select",
+    "select_mixture",
+    "select_top",
+]

@@ -1,0 +1,285 @@
+"""Top-k selection, budgets, pool syntax and mixtures (NumPy / plain-Python oracles)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from davir_jax.scores import random_uniform
+from davir_jax.selection import (
+    Budget,
+    Pool,
+    budget_count,
+    parse_pool,
+    run_select,
+    select_mixture,
+    select_top,
+)
+
+
+def _write_scores_dir(
+    d: Path, source: str, n: int, seed: int, records: list[str] | None = None
+) -> dict:
+    """A scoring job's output: scores.parquet + manifest.json, with rounded NLLs so that
+    DavIR ties occur (exercising the id tie-break)."""
+    rng = np.random.default_rng(seed)
+    t = rng.integers(1, 200, n)
+    lb = np.round(t * rng.uniform(0.5, 3.0, n), 1) + 0.5
+    lr = np.round(lb * rng.choice([0.5, 0.75, 0.9], n), 3)
+    if records is None:
+        records = [
+            json.dumps({"instruction": f"q{source}{i}", "output": "a" * int(t[i])})
+            for i in range(n)
+        ]
+    d.mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                "example_id": [f"{source}:{i}" for i in range(n)],
+                "source": [source] * n,
+                "row": pa.array(range(n), pa.int64()),
+                "content_hash": [hashlib.sha256(r.encode()).hexdigest() for r in records],
+                "n_tokens": pa.array(t, pa.int64()),
+                "nll_base": lb,
+                "nll_ref": lr,
+                "record": records,
+            }
+        ),
+        d / "scores.parquet",
+    )
+    manifest = {
+        "data": {"path": f"/data/{source}.jsonl", "format": "jsonl", "sha256": "ab" * 32},
+        "template": "alpaca",
+        "fingerprints": {"base": f"base-{seed}", "ref": f"ref-{seed}"},
+        "skipped": {"malformed_json": 1},
+        "other": {"opaque": True},
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return {"lb": lb, "lr": lr, "t": t, "records": records, "manifest": manifest}
+
+
+def _oracle_top(ids: list[str], score: np.ndarray, k: int) -> list[int]:
+    return sorted(range(len(ids)), key=lambda i: (-score[i], ids[i]))[:k]
+
+
+# ---------------------------------------------------------------------------------------------
+# select_top and budgets
+
+
+def test_select_top_breaks_ties_by_id():
+    idx = select_top(np.array([1.0, 2.0, 2.0, 0.0, 2.0]), ["d", "c", "a", "b", "e"], count=4)
+    assert idx.tolist() == [2, 1, 4, 0]  # a, c, e (all 2.0) then d (1.0)
+    assert idx.dtype == np.int64
+
+
+def test_select_top_is_independent_of_row_order():
+    rng = np.random.default_rng(0)
+    ids = np.array([f"s:{i}" for i in range(400)])
+    s = rng.integers(0, 20, 400).astype(float)  # many ties
+    want = ids[select_top(s, ids, fraction=0.3)]
+    assert want.tolist() == [ids[i] for i in _oracle_top(list(ids), s, 120)]
+    for seed in range(3):
+        p = np.random.default_rng(seed).permutation(400)
+        assert ids[p][select_top(s[p], ids[p], fraction=0.3)].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "k"),
+    [(50_000, 0.06, 3000), (100, 0.07, 7), (3, 0.5, 2), (10, 0.25, 3), (10, 0.24, 2), (7, 1.0, 7)],
+)
+def test_fraction_rounds_half_up_exactly(n, fraction, k):
+    assert budget_count(n, fraction=fraction) == k
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"count": 0}, r"outside \[1, 10\]"),
+        ({"count": 11}, r"outside \[1, 10\]"),
+        ({"count": 2.5}, "integer"),
+        ({"count": True}, "integer"),
+        ({"fraction": 0.0}, r"outside \(0, 1\]"),
+        ({"fraction": 1.5}, r"outside \(0, 1\]"),
+        ({"fraction": float("nan")}, r"outside \(0, 1\]"),
+        ({"fraction": 0.01}, "rounds to 0"),
+        ({}, "exactly one"),
+        ({"count": 1, "fraction": 0.5}, "exactly one"),
+    ],
+)
+def test_bad_budgets(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        budget_count(10, **kwargs)
+
+
+def test_select_top_rejects_nan_and_empty():
+    with pytest.raises(ValueError, match="nan.*'b'"):
+        select_top(np.array([1.0, np.nan]), ["a", "b"], count=1)
+    with pytest.raises(ValueError, match="empty pool"):
+        select_top(np.array([]), [], count=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pool syntax
+
+
+def test_parse_pool_forms():
+    p = parse_pool("alpaca=runs/a:fraction=0.06")
+    assert (p.name, p.scores_dir, p.budget) == ("alpaca", Path("runs/a"), Budget("fraction", 0.06))
+    assert parse_pool("gsm8k=runs/g:all").budget == Budget("all")
+    assert parse_pool("x=runs/x:count=3000").budget == Budget("count", 3000)
+    p = parse_pool("runs/a:fraction=0.06")
+    assert p.name is None and p.scores_dir == Path("runs/a")
+    # '=' inside a path is not a name.
+    p = parse_pool("runs/lr=1e-5:all")
+    assert p.name is None and p.scores_dir == Path("runs/lr=1e-5")
+    assert Pool("a", "d", 0.5).budget == Budget("fraction", 0.5)
+    assert Pool("a", "d", 5).budget == Budget("count", 5)
+    assert Pool("a", "d", "all").budget.spec() == "all"
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("runs/a", r"\[NAME=\]SCORES_DIR:BUDGET"),
+        (":all", r"\[NAME=\]SCORES_DIR:BUDGET"),
+        ("a=runs/a:fraction", "BUDGET is one of"),
+        ("a=runs/a:size=3", "BUDGET is one of"),
+        ("a=runs/a:fraction=abc", "fraction must be a number"),
+        ("a=runs/a:fraction=2", r"fraction must be in \(0, 1\]"),
+        ("a=runs/a:count=1.5", "count must be a whole number"),
+        ("a=runs/a:count=0", "count must be an integer >= 1"),
+        ("=runs/a:all", "empty name"),
+        ("a=:all", "empty scores directory"),
+        ("bad name=runs/a:all", "bad pool name"),
+    ],
+)
+def test_parse_pool_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_pool(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures
+
+
+def test_mixture_top_fraction_of_a_plus_all_of_b(tmp_path):
+    a = _write_scores_dir(tmp_path / "runs" / "a", "alpaca", 200, seed=0)
+    b = _write_scores_dir(tmp_path / "runs" / "b", "gsm8k", 9, seed=1)
+    out = tmp_path / "sel"
+    m = select_mixture(
+        [Pool("A", tmp_path / "runs" / "a", 0.06), Pool("B", tmp_path / "runs" / "b", "all")],
+        "davir",
+        0,
+        out,
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["A.jsonl", "B.jsonl", "manifest.json"]
+    assert json.loads((out / "manifest.json").read_text()) == m
+
+    for name, src, info, k in (("A", "alpaca", a, 12), ("B", "gsm8k", b, 9)):
+        ids = [f"{src}:{i}" for i in range(len(info["lb"]))]
+        d = (info["lb"] - info["lr"]) / info["lb"]
+        top = _oracle_top(ids, d, k)
+        lines = (out / f"{name}.jsonl").read_text(encoding="utf-8").split("\n")
+        assert lines[-1] == "" and lines[:-1] == [info["records"][i] for i in top]
+        sel = [s for s in m["selected"] if s["pool"] == name]
+        assert [s["example_id"] for s in sel] == [ids[i] for i in top]
+        assert [s["rank"] for s in sel] == list(range(1, k + 1))
+        np.testing.assert_allclose([s["score"] for s in sel], d[top], rtol=1e-12)
+        entry = next(p for p in m["pools"] if p["name"] == name)
+        f = tmp_path / "runs" / name.lower() / "scores.parquet"
+        assert entry["scores"] == str(f.resolve())
+        assert entry["data"] == info["manifest"]["data"]
+        assert entry["template"] == "alpaca"
+        assert (entry["n_pool"], entry["n_selected"], entry["file"]) == (
+            len(ids),
+            k,
+            f"{name}.jsonl",
+        )
+        assert m["inputs"][name] == {
+            "scores_sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+            "fingerprints": info["manifest"]["fingerprints"],
+        }
+    assert m["pools"][0]["budget"] == {"spec": "fraction=0.06", "kind": "fraction", "value": 0.06}
+    assert m["pools"][1]["budget"] == {"spec": "all", "kind": "all"}
+    assert (m["method"], m["seed"], m["n_selected"]) == ("davir", 0, 21)
+    # Ties exist in this data, so the id tie-break was exercised.
+    d = (a["lb"] - a["lr"]) / a["lb"]
+    assert len(np.unique(d)) < len(d)
+
+
+def test_run_select_names_pools_from_manifest_and_replaces_previous_output(tmp_path):
+    info = _write_scores_dir(tmp_path / "runs" / "g", "gsm8k", 30, seed=2)
+    out = tmp_path / "sel"
+    m = run_select([f"{tmp_path}/runs/g:count=5"], "random", str(out), seed=3)
+    assert m["pools"][0]["name"] == "gsm8k"  # the table's only `source` value
+    ids = [f"gsm8k:{i}" for i in range(30)]
+    top = _oracle_top(ids, random_uniform(ids, 3), 5)
+    assert (out / "gsm8k.jsonl").read_text().splitlines() == [info["records"][i] for i in top]
+    # A second run replaces the previous selection output entirely.
+    run_select([f"g={tmp_path}/runs/g:count=2"], "rho", str(out), seed=0)
+    assert sorted(p.name for p in out.iterdir()) == ["g.jsonl", "manifest.json"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_multiline_records_become_one_line_and_bad_records_fail(tmp_path):
+    recs = ['{\n "instruction": "a",\n "output": "b"\n}', '{"instruction": "c", "output": "é"}']
+    _write_scores_dir(tmp_path / "m", "m", 2, seed=0, records=recs)
+    select_mixture([Pool("m", tmp_path / "m", "all")], "rho", 0, tmp_path / "o")
+    lines = (tmp_path / "o" / "m.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sorted(json.loads(x)["instruction"] for x in lines) == ["a", "c"]
+    assert '{"instruction": "c", "output": "é"}' in lines  # single-line records kept verbatim
+
+    _write_scores_dir(tmp_path / "bad", "bad", 2, seed=0, records=["[1, 2]", "{}"])
+    with pytest.raises(ValueError, match="record of bad:.* not a JSON object"):
+        select_mixture([Pool("bad", tmp_path / "bad", "all")], "rho", 0, tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_mixture_refusals(tmp_path):
+    _write_scores_dir(tmp_path / "a", "alpaca", 10, seed=0)
+    _write_scores_dir(tmp_path / "b", "alpaca", 10, seed=1)
+    pa_ = Pool("x", tmp_path / "a", "all")
+    with pytest.raises(ValueError, match="used more than once"):
+        select_mixture([pa_, Pool("x", tmp_path / "b", "all")], "davir", 0, tmp_path / "o")
+    with pytest.raises(ValueError, match="repeats example"):
+        select_mixture([pa_, Pool("y", tmp_path / "b", "all")], "davir", 0, tmp_path / "o")
+    with pytest.raises(ValueError, match=r"outside \[1, 10\]"):
+        select_mixture([Pool("x", tmp_path / "a", 11)], "davir", 0, tmp_path / "o")
+    with pytest.raises(ValueError, match="would replace the scores directory"):
+        select_mixture([pa_], "davir", 0, tmp_path)
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a previous selection output"):
+        select_mixture([pa_], "davir", 0, tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep"
+    with pytest.raises(ValueError, match="unknown score"):
+        select_mixture([pa_], "nope", 0, tmp_path / "o")
+    (tmp_path / "a" / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no score manifest"):
+        select_mixture([pa_], "davir", 0, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_default_pool_name_precedence(tmp_path):
+    d = tmp_path / "run-7"
+    _write_scores_dir(d, "src", 4, seed=0)
+    mf = d / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["data"]["name"] = "alpaca libre"
+    mf.write_text(json.dumps(m))
+    assert run_select([f"{d}:all"], "rho", str(tmp_path / "o"), 0)["pools"][0]["name"] == (
+        "alpaca_libre"
+    )
+    # No name in the manifest and several sources in one table: the directory's name.
+    del m["data"]["name"]
+    mf.write_text(json.dumps(m))
+    tab = pq.read_table(d / "scores.parquet")
+    tab = tab.set_column(1, "source", pa.array(["x", "y", "x", "y"]))
+    pq.write_table(tab, d / "scores.parquet")
+    assert run_select([f"{d}:all"], "rho", str(tmp_path / "o"), 0)["pools"][0]["name"] == "run-7"
