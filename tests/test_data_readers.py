@@ -59,13 +59,22 @@ def test_ids_and_hashes_are_stable_and_content_based(tmp_path):
         ({"prompt": "p", "completion": "c"}, "prompt_response", "p", "c"),
         ({"question": "q", "answer": "a #### 3"}, "gsm8k", "q", "a #### 3"),
         (
-            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                          {"role": "assistant", "content": "a"}]},
-            "chat", "s\n\nu", "a",
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+            "chat",
+            "s\n\nu",
+            "a",
         ),
         (
             {"conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]},
-            "chat", "u", "a",
+            "chat",
+            "u",
+            "a",
         ),
     ],
 )
@@ -106,8 +115,12 @@ def test_hh_transcript_split_at_last_assistant_turn(tmp_path):
     prompt, response, msgs = parse_hh(t)
     assert prompt + response == t
     assert prompt.endswith("\n\nAssistant:") and response == " fine, thanks"
-    assert msgs == [("user", "hi"), ("assistant", "hello"), ("user", "how are you?"),
-                    ("assistant", "fine, thanks")]
+    assert msgs == [
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "how are you?"),
+        ("assistant", "fine, thanks"),
+    ]
     rows = [
         {"chosen": t, "rejected": t.replace("fine, thanks", "go away")},
         {"chosen": t, "rejected": t.replace("hi", "yo").replace("fine, thanks", "x")},
@@ -134,10 +147,14 @@ def test_real_gsm8k_model_solutions(shared_data):
     path = shared_data / "gsm8k" / "example_model_solutions.jsonl"
     log = SkipLog()
     pairs = list(read_pairs(path, log=log))
-    assert len(pairs) + log.skipped["no_rejected"] == 1319 and log.total == log.skipped["no_rejected"]
+    assert (
+        len(pairs) + log.skipped["no_rejected"] == 1319 and log.total == log.skipped["no_rejected"]
+    )
     row = json.loads(pairs[0].record)
     assert pairs[0].chosen.response == row["ground_truth"]
-    wrong = [v["solution"] for k, v in sorted(row.items()) if isinstance(v, dict) and not v["is_correct"]]
+    wrong = [
+        v["solution"] for k, v in sorted(row.items()) if isinstance(v, dict) and not v["is_correct"]
+    ]
     assert pairs[0].rejected.response == wrong[0]
     assert pairs[0].chosen.prompt_text == row["question"]
 
@@ -148,13 +165,19 @@ def test_real_alpaca_libre_malformed_lines(shared_data):
     kept = 0
     for name in ("tasks_v1", "tasks_v2", "tasks_v3"):
         log = SkipLog()
-        kept += sum(1 for _ in read_examples(shared_data / "alpaca-libre" / f"{name}.jsonl", log=log))
+        kept += sum(
+            1 for _ in read_examples(shared_data / "alpaca-libre" / f"{name}.jsonl", log=log)
+        )
         total.merge(log)
     assert total.skipped["malformed_json"] == 14
     assert kept + total.total == 5874
-    assert total.where["malformed_json"][0].endswith("tasks_v2.jsonl:2279: Expecting ',' delimiter at column 97")
+    assert total.where["malformed_json"][0].endswith(
+        "tasks_v2.jsonl:2279: Expecting ',' delimiter at column 97"
+    )
     with pytest.raises(DataError, match=r"tasks_v2.jsonl:42: empty_response"):
-        list(read_examples(shared_data / "alpaca-libre" / "tasks_v2.jsonl", log=SkipLog(strict=True)))
+        list(
+            read_examples(shared_data / "alpaca-libre" / "tasks_v2.jsonl", log=SkipLog(strict=True))
+        )
 
 
 BAD_ROWS = [
@@ -188,8 +211,11 @@ def test_bad_rows_counted_then_fatal_in_strict(tmp_path, line, reason):
         ({"messages": [{"role": "user", "content": "u"}]}, "chat", "no_assistant_turn"),
         ({"messages": [{"role": "robot", "content": "u"}]}, "chat", "wrong_type"),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "chat", "empty_prompt"),
-        ({"question": "q", "ground_truth": "t", "m": {"is_correct": True, "solution": "s"}},
-         "gsm8k_solutions", "no_rejected"),
+        (
+            {"question": "q", "ground_truth": "t", "m": {"is_correct": True, "solution": "s"}},
+            "gsm8k_solutions",
+            "no_rejected",
+        ),
         ({"chosen": "no markers", "rejected": "x"}, "hh_rlhf", "no_assistant_turn"),
     ],
 )

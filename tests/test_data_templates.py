@@ -50,10 +50,18 @@ ALPACA_HEAD_INPUT = (
     [
         ("plain", ROW, "add two and three", "five </s>"),
         ("plain", ROW_INPUT, "add two three", "five </s>"),
-        ("alpaca", ROW, ALPACA_HEAD + " # # # instruction : add two and three # # # response :",
-         "five </s>"),
-        ("alpaca", ROW_INPUT, ALPACA_HEAD_INPUT + " # # # instruction : add two # # # input : "
-         "three # # # response :", "five </s>"),
+        (
+            "alpaca",
+            ROW,
+            ALPACA_HEAD + " # # # instruction : add two and three # # # response :",
+            "five </s>",
+        ),
+        (
+            "alpaca",
+            ROW_INPUT,
+            ALPACA_HEAD_INPUT + " # # # instruction : add two # # # input : three # # # response :",
+            "five </s>",
+        ),
         ("chat", ROW, "<|user|> add two and three </s> <|assistant|>", "five </s>"),
     ],
 )
@@ -144,7 +152,9 @@ def test_smollm2_plain_alpaca_chat_against_the_tokenizer(tmp_path, smol):
     for template in ("plain", "alpaca"):
         encs, _ = _encode(smol, template, exs)
         for ex, enc in zip(exs, encs):
-            prompt = ex.prompt_text if template == "plain" else alpaca_prompt(ex.instruction, ex.input)
+            prompt = (
+                ex.prompt_text if template == "plain" else alpaca_prompt(ex.instruction, ex.input)
+            )
             p = smol(prompt)["input_ids"]
             r = smol(ex.response, add_special_tokens=False)["input_ids"]
             assert enc.input_ids.tolist() == p + r + [eos]

@@ -178,7 +178,9 @@ def plan_efficiency(plans: Sequence[BatchPlan], lengths: Sequence[int]) -> float
     return real / total if total else 0.0
 
 
-def local_rows(plan: BatchPlan, process_index: int, process_count: int) -> tuple[tuple[int, ...], ...]:
+def local_rows(
+    plan: BatchPlan, process_index: int, process_count: int
+) -> tuple[tuple[int, ...], ...]:
     """This process's contiguous slice of a global batch's rows."""
     n = len(plan.rows)
     if n % process_count:

@@ -48,8 +48,15 @@ _ENCODE_CHUNK = 1024
 def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="ex",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
 
 
 def store_fields(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
@@ -157,8 +164,13 @@ def prepare(
         log = SkipLog(strict=cfg.strict)
         encoder = Encoder(tokenizer, cfg.template, cfg.max_len, cfg.overlong)
         examples = read_examples(
-            cfg.path, fields["format"], log, fields["source"], cfg.fields or None,
-            process_index, process_count,
+            cfg.path,
+            fields["format"],
+            log,
+            fields["source"],
+            cfg.fields or None,
+            process_index,
+            process_count,
         )
         bar = _progress(None, f"tokenize {fields['source']} ({cfg.template})", progress)
 
@@ -182,7 +194,9 @@ def prepare(
                     }
             bar.update(len(chunk))
 
-        build_part(directory, process_index, process_count, records(), {"log": log.to_dict()})
+        build_part(
+            directory, process_index, process_count, records(), lambda: {"log": log.to_dict()}
+        )
         bar.close()
     wait_for_parts(directory, process_count, timeout_s=wait_timeout_s)
     store = TokenizedStore(directory)

@@ -46,15 +46,26 @@ DEFAULT_FIELDS: dict[str, dict[str, str]] = {
     "gsm8k": {"question": "question", "answer": "answer"},
     "chat": {"messages": "messages", "role": "role", "content": "content"},
     "preference": {
-        "prompt": "prompt", "chosen": "chosen", "rejected": "rejected",
-        "role": "role", "content": "content",
+        "prompt": "prompt",
+        "chosen": "chosen",
+        "rejected": "rejected",
+        "role": "role",
+        "content": "content",
     },
     "hh_rlhf": {"chosen": "chosen", "rejected": "rejected"},
     "gsm8k_solutions": {"question": "question", "ground_truth": "ground_truth"},
 }
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 _ROLES = ("system", "user", "assistant")
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
@@ -138,7 +149,9 @@ def iter_rows(
     elif name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         yield from _iter_jsonl(path, log, part, num_parts)
     else:
-        raise DataError(f"{path}: unknown data file type (expected .jsonl, .jsonl.gz, .json or .parquet)")
+        raise DataError(
+            f"{path}: unknown data file type (expected .jsonl, .jsonl.gz, .json or .parquet)"
+        )
 
 
 def _iter_jsonl(path: Path, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
@@ -172,9 +185,13 @@ def _iter_json_list(path: Path, log: SkipLog, part: int, num_parts: int) -> Iter
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}); a JSON list file is read whole") from e
+        raise DataError(
+            f"{path}: not valid UTF-8 (byte {e.start}); a JSON list file is read whole"
+        ) from e
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a JSON list file is read whole") from e
+        raise DataError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg}); a JSON list file is read whole"
+        ) from e
     for row, value in enumerate(data):
         if row % num_parts != part:
             continue
@@ -212,14 +229,19 @@ class _Bad(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _get(value: Mapping[str, Any], key: str, types: tuple[type, ...] = (str,), required: bool = True):
+def _get(
+    value: Mapping[str, Any], key: str, types: tuple[type, ...] = (str,), required: bool = True
+):
     if key not in value or value[key] is None:
         if required:
             raise _Bad("missing_field", repr(key))
         return None
     v = value[key]
     if not isinstance(v, types) or isinstance(v, bool):
-        raise _Bad("wrong_type", f"{key!r} is {type(v).__name__}, expected {'/'.join(t.__name__ for t in types)}")
+        raise _Bad(
+            "wrong_type",
+            f"{key!r} is {type(v).__name__}, expected {'/'.join(t.__name__ for t in types)}",
+        )
     return v
 
 
@@ -242,8 +264,14 @@ def detect_format(value: Mapping[str, Any]) -> str:
 
 
 def _example(
-    raw: RawRow, source: str, prompt_text: str, response: str, instruction: str, inp: str,
-    messages: list[tuple[str, str]], suffix: str = "",
+    raw: RawRow,
+    source: str,
+    prompt_text: str,
+    response: str,
+    instruction: str,
+    inp: str,
+    messages: list[tuple[str, str]],
+    suffix: str = "",
 ) -> Example:
     if not response.strip():
         raise _Bad("empty_response", "")
@@ -265,7 +293,9 @@ def _example(
 def _from_prompt(raw: RawRow, source: str, prompt: str, response: str, inp: str = "") -> Example:
     # `plain` prompt for Alpaca rows: instruction, plus "\n\n" and the input when not empty.
     text = prompt + ("\n\n" + inp if inp else "")
-    return _example(raw, source, text, response, prompt, inp, [("user", text), ("assistant", response)])
+    return _example(
+        raw, source, text, response, prompt, inp, [("user", text), ("assistant", response)]
+    )
 
 
 def _messages(value: Any, f: Mapping[str, str], field: str) -> list[tuple[str, str]]:
@@ -293,7 +323,9 @@ def _plain_prompt(messages: list[tuple[str, str]]) -> str:
     return "\n\n".join(c for _, c in messages)
 
 
-def _from_messages(raw: RawRow, source: str, msgs: list[tuple[str, str]], suffix: str = "") -> Example:
+def _from_messages(
+    raw: RawRow, source: str, msgs: list[tuple[str, str]], suffix: str = ""
+) -> Example:
     if msgs[-1][0] != "assistant":
         raise _Bad("no_assistant_turn", f"last role is {msgs[-1][0]!r}")
     prompt = msgs[:-1]
@@ -352,7 +384,9 @@ def _pair_side(raw: RawRow, source: str, prompt: Any, response: Any, f, side: st
     if not isinstance(response, str):
         raise _Bad("wrong_type", f"{side!r} is {type(response).__name__}")
     if isinstance(prompt, list):
-        return _from_messages(raw, source, _messages(prompt, f, "prompt") + [("assistant", response)], f"/{side}")
+        return _from_messages(
+            raw, source, _messages(prompt, f, "prompt") + [("assistant", response)], f"/{side}"
+        )
     ex = _from_prompt(raw, source, prompt, response)
     return dataclasses.replace(ex, example_id=ex.example_id + f"/{side}")
 
@@ -384,13 +418,21 @@ def _parse_pair(raw: RawRow, fmt: str, f: Mapping[str, str], source: str) -> Pre
         wrong = None
         for model in sorted(k for k in v if k not in (f["question"], f["ground_truth"])):
             sol = v[model]
-            if isinstance(sol, dict) and sol.get("is_correct") is False and isinstance(sol.get("solution"), str):
+            if (
+                isinstance(sol, dict)
+                and sol.get("is_correct") is False
+                and isinstance(sol.get("solution"), str)
+            ):
                 wrong = sol["solution"]  # the first incorrect solution, models in name order
                 break
         if wrong is None:
             raise _Bad("no_rejected", "every model solution is correct")
-        chosen = dataclasses.replace(_from_prompt(raw, source, q, truth), example_id=f"{source}:{raw.row}/chosen")
-        rejected = dataclasses.replace(_from_prompt(raw, source, q, wrong), example_id=f"{source}:{raw.row}/rejected")
+        chosen = dataclasses.replace(
+            _from_prompt(raw, source, q, truth), example_id=f"{source}:{raw.row}/chosen"
+        )
+        rejected = dataclasses.replace(
+            _from_prompt(raw, source, q, wrong), example_id=f"{source}:{raw.row}/rejected"
+        )
     else:
         raise DataError(f"format {fmt!r} is not a preference format; read it with read_examples")
     return PreferencePair(
@@ -415,8 +457,14 @@ def source_name(path: str | Path) -> str:
     return name
 
 
-def _resolve(path: str | Path, fmt: str, fields: Mapping[str, str] | None, log: SkipLog,
-             part: int, num_parts: int):
+def _resolve(
+    path: str | Path,
+    fmt: str,
+    fields: Mapping[str, str] | None,
+    log: SkipLog,
+    part: int,
+    num_parts: int,
+):
     rows = iter_rows(path, log, part, num_parts)
     if fmt == "auto":
         # Detect from the first row of the whole file (not of this part) so every process agrees.
@@ -432,7 +480,9 @@ def _resolve(path: str | Path, fmt: str, fields: Mapping[str, str] | None, log: 
     f = dict(DEFAULT_FIELDS[fmt])
     for k, val in (fields or {}).items():
         if k not in f:
-            raise DataError(f"data.fields.{k}: not a field of format {fmt!r} (fields: {', '.join(f)})")
+            raise DataError(
+                f"data.fields.{k}: not a field of format {fmt!r} (fields: {', '.join(f)})"
+            )
         f[k] = val
     return fmt, f, rows
 
@@ -481,7 +531,9 @@ def read_pairs(
     log = SkipLog() if log is None else log
     fmt, f, rows = _resolve(path, fmt, fields, log, part, num_parts)
     if fmt not in PAIR_FORMATS:
-        raise DataError(f"{path}: format {fmt!r} has no preference pairs (use {', '.join(PAIR_FORMATS)})")
+        raise DataError(
+            f"{path}: format {fmt!r} has no preference pairs (use {', '.join(PAIR_FORMATS)})"
+        )
     source = source or source_name(path)
     for raw in rows:
         try:

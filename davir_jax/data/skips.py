@@ -53,7 +53,9 @@ class SkipLog:
         """Count a skipped row; in strict mode raise instead."""
         assert reason in REASONS, reason
         if self.strict:
-            raise DataError(f"{location}: {reason} ({REASONS[reason]}){': ' + detail if detail else ''}")
+            raise DataError(
+                f"{location}: {reason} ({REASONS[reason]}){': ' + detail if detail else ''}"
+            )
         self.skipped[reason] += 1
         self._note(reason, location, detail)
 

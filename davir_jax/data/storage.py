@@ -40,7 +40,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +302,11 @@ def part_complete(directory: Path, part: int, num_parts: int) -> bool:
 
 
 def build_part(
-    directory: Path, part: int, num_parts: int, records: Iterable[Record], info: dict
+    directory: Path,
+    part: int,
+    num_parts: int,
+    records: Iterable[Record],
+    info: dict | Callable[[], dict],
 ) -> dict:
     """Build part `part` of `num_parts` of the store in `directory`, replacing any earlier copy.
 
@@ -313,7 +317,9 @@ def build_part(
 
     Writes a TFDS array_record data set under ``directory / part_name(part, num_parts)``, the
     sidecars (``index.npy``, ``lengths.npy``, ``example_ids.json``), the JSON `info` (e.g. skip
-    counts computed by the caller) and, last, the completion marker. Everything is written to a
+    counts computed by the caller; a callable is called after `records` is consumed, so counts
+    gathered while streaming are complete) and, last, the completion marker. Everything is
+    written to a
     temporary directory next to the part and moved into place with ``os.replace``, so a crash
     leaves either no part or the previous one, never a half-written part that looks complete;
     leftovers of crashed builds of this part are removed first. The caller decides whether to
@@ -326,7 +332,8 @@ def build_part(
     directory = Path(directory)
     if not (0 <= part < num_parts):
         raise ValueError(f"part must be in [0, {num_parts}), got {part}")
-    info_text = json.dumps(info, sort_keys=True, indent=1)  # fail on bad info before tokenizing
+    if not callable(info):
+        info_text = json.dumps(info, sort_keys=True, indent=1)  # fail on bad info before tokenizing
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / part_name(part, num_parts)
     tmp_prefix = f".tmp-{final.name}-"
@@ -385,6 +392,8 @@ def build_part(
         np.save(tmp / INDEX_FILE, np.asarray(indices, np.int64), allow_pickle=False)
         np.save(tmp / LENGTHS_FILE, np.asarray(lengths, np.int32), allow_pickle=False)
         (tmp / IDS_FILE).write_text(json.dumps(ids), encoding="utf-8")
+        if callable(info):
+            info_text = json.dumps(info(), sort_keys=True, indent=1)
         (tmp / INFO_FILE).write_text(info_text, encoding="utf-8")
         summary = {
             "format_version": FORMAT_VERSION,

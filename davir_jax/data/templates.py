@@ -70,9 +70,7 @@ def alpaca_prompt(instruction: str, inp: str) -> str:
 class Encoder:
     """Tokenizes examples with one template; batched (the tokenizer's fast batch path)."""
 
-    def __init__(
-        self, tokenizer: Any, template: str, max_len: int, overlong: str = "drop"
-    ) -> None:
+    def __init__(self, tokenizer: Any, template: str, max_len: int, overlong: str = "drop") -> None:
         if template not in TEMPLATES:
             raise DataError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
         if overlong not in OVERLONG:
@@ -80,18 +78,27 @@ class Encoder:
         if max_len < 2:
             raise DataError(f"max_len must be at least 2, got {max_len}")
         if tokenizer.eos_token_id is None:
-            raise DataError("the tokenizer has no EOS token; every template ends the response with it")
+            raise DataError(
+                "the tokenizer has no EOS token; every template ends the response with it"
+            )
         if template == "chat" and not getattr(tokenizer, "chat_template", None):
             raise DataError("template 'chat' needs a tokenizer with a chat template")
-        self.tok, self.template, self.max_len, self.overlong = tokenizer, template, max_len, overlong
+        self.tok, self.template, self.max_len, self.overlong = (
+            tokenizer,
+            template,
+            max_len,
+            overlong,
+        )
         self.eos = int(tokenizer.eos_token_id)
         self.bos = None if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id)
         # Some tokenizers' post-processors also append EOS to every text; a prompt must not end
         # the sequence, so that EOS is removed from the prompt (and from the joint tokenization).
         probe = tokenizer("a")["input_ids"]
         self._adds_bos = bool(probe) and self.bos is not None and probe[0] == self.bos
-        self._strips_eos = bool(probe) and probe[-1] == self.eos and (
-            tokenizer("a", add_special_tokens=False)["input_ids"][-1:] != [self.eos]
+        self._strips_eos = (
+            bool(probe)
+            and probe[-1] == self.eos
+            and (tokenizer("a", add_special_tokens=False)["input_ids"][-1:] != [self.eos])
         )
 
     # -- texts ----------------------------------------------------------------------------------
@@ -167,7 +174,8 @@ class Encoder:
             keep_head = 1 if (self.bos is not None and p[0] == self.bos) else 0
             if self.overlong == "drop" or len(p) - keep_head - excess < 1:
                 log.skip(
-                    "too_long", ex.location,
+                    "too_long",
+                    ex.location,
                     f"{ex.example_id}: {len(p) + len(r)} tokens > {self.max_len}"
                     + (" (the response alone does not fit)" if self.overlong != "drop" else ""),
                 )

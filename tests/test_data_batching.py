@@ -1,0 +1,221 @@
+"""Batching: plans place every example once in a fixed set of shapes; packed rows give the same
+per-example NLL as each example alone; the tokenized cache is reused and rebuilt when it must be."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from toy_tokenizers import word_tokenizer
+
+from davir_jax.config import DataConfig
+from davir_jax.data import batching
+from davir_jax.data.dataset import prepare
+from davir_jax.data.skips import DataError
+from davir_jax.losses import example_nll
+from davir_jax.models import ArchConfig, random_model
+
+
+def _placed(plans):
+    return sorted(i for p in plans for r in p.rows for i in r)
+
+
+def test_bfd_places_every_example_once_within_capacity():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, 3000)
+    rows = batching.pack_bfd(lengths, 256, max_segments=8)
+    assert sorted(i for r in rows for i in r) == list(range(3000))
+    assert max(int(lengths[list(r)].sum()) for r in rows) <= 256
+    assert max(len(r) for r in rows) <= 8
+    # Best fit decreasing needs no more rows than the trivial bound plus a small margin.
+    assert len(rows) <= int(np.ceil(lengths.sum() / 256) * 1.05) + 1
+    assert batching.pack_bfd(lengths, 256, 8) == rows  # deterministic
+
+
+def test_bfd_is_best_fit():
+    # 6 then 5 then 4: 4 fits row of 6 (free 4) exactly, not row of 5 (free 5).
+    assert batching.pack_bfd([5, 6, 4], 10, 4) == [(1, 2), (0,)]
+
+
+def test_packed_plan_shapes_and_filler():
+    lengths = np.random.default_rng(1).integers(1, 60, 101)
+    plans = batching.packed_plan(lengths, rows_per_batch=4, row_len=64, max_segments=4)
+    assert all(p.width == 64 and len(p.rows) == 4 for p in plans)
+    assert _placed(plans) == list(range(101))
+    assert all(len(r) > 0 for p in plans[:-1] for r in p.rows)  # only the last batch has filler
+    a = batching.packed_plan(lengths, 4, 64, 4, shuffle=True, seed=3)
+    b = batching.packed_plan(lengths, 4, 64, 4, shuffle=True, seed=3)
+    c = batching.packed_plan(lengths, 4, 64, 4, shuffle=True, seed=4)
+    assert a == b and a != c and _placed(a) == list(range(101))
+
+
+def test_padded_plan_uses_few_widths_and_fills_only_the_last_batch():
+    lengths = np.random.default_rng(2).integers(1, 500, 203)
+    widths = batching.bucket_widths(512, 64)
+    assert widths == (64, 128, 256, 512)
+    plans = batching.padded_plan(lengths, 8, widths)
+    assert {p.width for p in plans} <= set(widths)
+    assert _placed(plans) == list(range(203))
+    for p in plans:
+        assert all(lengths[r[0]] <= p.width for r in p.rows if r)
+    assert sum(1 for p in plans for r in p.rows if not r) == 8 * len(plans) - 203
+    assert all(len(r) > 0 for p in plans[:-1] for r in p.rows)
+    assert batching.padded_plan(lengths, 8, widths, True, 5) == batching.padded_plan(
+        lengths, 8, widths, True, 5
+    )
+    with pytest.raises(ValueError, match="length 600"):
+        batching.padded_plan([600], 8, widths)
+
+
+def test_local_rows_split_evenly():
+    plan = batching.BatchPlan(8, ((0,), (1,), (2,), ()))
+    assert batching.local_rows(plan, 0, 2) == ((0,), (1,))
+    assert batching.local_rows(plan, 1, 2) == ((2,), ())
+    with pytest.raises(ValueError, match="do not split evenly"):
+        batching.local_rows(plan, 0, 3)
+
+
+def test_assemble_segments_positions_masks():
+    data = {
+        0: (np.array([5, 6, 7]), np.array([0, 1, 1])),
+        1: (np.array([8, 9]), np.array([0, 1])),
+    }
+    b = batching.assemble([(0, 1), ()], 6, 3, lambda idx: [data[i] for i in idx])
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 0], [0] * 6]
+    assert b.segment_ids.tolist() == [[1, 1, 1, 2, 2, 0], [0] * 6]
+    assert b.positions.tolist() == [[0, 1, 2, 0, 1, 0], [0] * 6]
+    assert b.loss_mask.tolist() == [[0, 1, 1, 0, 1, 0], [0] * 6]
+    assert b.example_index.tolist() == [[0, 1, -1], [-1, -1, -1]]
+    assert b.weights.tolist() == [[1, 1, 0], [0, 0, 0]]
+
+
+ARCHS = {
+    "llama": ArchConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+    ),
+    "gemma2": ArchConfig(
+        family="gemma2",
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        attn_logit_softcap=50.0,
+        final_logit_softcap=30.0,
+        activation="gelu_pytorch_tanh",
+        tie_embeddings=True,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
+def test_packed_nll_equals_each_example_alone(family):
+    """Per-example summed NLL from packed rows = each example scored alone (1e-5 relative)."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 30, 12)
+    data = {}
+    for i, n in enumerate(lengths):
+        ids = rng.integers(1, 97, n)
+        mask = np.zeros(n, np.int32)
+        mask[rng.integers(1, n - 1) :] = 1
+        data[i] = (ids, mask)
+    get = lambda idx: [data[i] for i in idx]  # noqa: E731
+    model = random_model(ARCHS[family], "float32")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, b):
+        m = nnx.merge(graphdef, state)
+        return example_nll(
+            m,
+            b["input_ids"],
+            b["segment_ids"],
+            b["positions"],
+            b["loss_mask"],
+            b["example_index"].shape[1],
+            chunk=16,
+        )
+
+    plans = batching.packed_plan(lengths, 2, 64, max_segments=5)
+    packed = np.zeros(len(lengths))
+    counts = np.zeros(len(lengths))
+    for p in plans:
+        b = batching.assemble(p.rows, 64, 5, get)
+        nll, cnt = f(state, {k: jnp.asarray(v) for k, v in b.arrays().items()})
+        sel = b.example_index >= 0
+        packed[b.example_index[sel]] = np.asarray(nll)[sel]
+        counts[b.example_index[sel]] = np.asarray(cnt)[sel]
+    assert any(len(r) > 1 for p in plans for r in p.rows)
+    for i in range(len(lengths)):
+        b = batching.assemble([(i,)], 32, 1, get)
+        nll, cnt = f(state, {k: jnp.asarray(v) for k, v in b.arrays().items()})
+        assert counts[i] == cnt[0, 0] == data[i][1][1:].sum()
+        np.testing.assert_allclose(packed[i], float(nll[0, 0]), rtol=1e-5)
+
+
+# -- prepare: tokenized cache ------------------------------------------------------------------
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+ROWS = [
+    {"prompt": "how are you", "response": "i am fine"},
+    {"prompt": "hello", "response": "world"},
+]
+
+
+def test_prepare_caches_and_rebuilds_on_change(tmp_path):
+    tok = word_tokenizer(True)
+    path = tmp_path / "d.jsonl"
+    _write(path, ROWS + [{"prompt": "x"}])
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), template="plain")
+    d1 = prepare(cfg, tok, progress=False)
+    assert d1.example_ids == ["d:0", "d:1"] and d1.lengths.tolist() == [8, 4]
+    assert d1.log.skipped == {"missing_field": 1}
+    marker = sorted(d1.directory.rglob("*"))
+    d2 = prepare(cfg, tok, progress=False)
+    assert d2.directory == d1.directory and sorted(d2.directory.rglob("*")) == marker
+    ids, mask = d2.get([1])[0]
+    assert ids.tolist() == tok("hello")["input_ids"] + tok("world", add_special_tokens=False)[
+        "input_ids"
+    ] + [tok.eos_token_id] and mask.tolist() == [0, 0, 1, 1]
+    _write(path, ROWS)  # changed content -> another key
+    d3 = prepare(cfg, tok, progress=False)
+    assert d3.directory != d1.directory and d3.log.total == 0
+    d4 = prepare(DataConfig(**{**cfg.__dict__, "template": "alpaca"}), tok, progress=False)
+    assert d4.directory != d3.directory
+    with pytest.raises(DataError, match="strict"):
+        _write(path, ROWS + [{"prompt": "x"}])
+        prepare(DataConfig(**{**cfg.__dict__, "strict": True}), tok, progress=False)
+
+
+def test_prepare_in_parts_equals_one_part(tmp_path):
+    tok = word_tokenizer(False)
+    path = tmp_path / "d.jsonl"
+    _write(path, [ROWS[i % 2] for i in range(7)] + [{"prompt": "p", "response": ""}])
+    one = prepare(DataConfig(path=str(path), cache_dir=str(tmp_path / "a")), tok, progress=False)
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "b"))
+    for p in (0, 1, 2):  # three "hosts" build their parts; the last one opens the whole store
+        try:
+            last = prepare(cfg, tok, p, 3, progress=False, wait_timeout_s=0.05)
+        except TimeoutError:
+            assert p < 2
+    assert last.example_ids == one.example_ids and last.lengths.tolist() == one.lengths.tolist()
+    assert last.log.skipped == one.log.skipped == {"empty_response": 1}
+    for i in range(len(one)):
+        assert [x.tolist() for x in last.get([i])[0]] == [x.tolist() for x in one.get([i])[0]]
