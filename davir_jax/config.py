@@ -115,12 +115,43 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScoringConfig:
+    """The DavIR scoring job (`davir score`): two models, one pass, resumable output.
+
+    `base`, `reference`: any `load_model` source (dtype and mesh from the model and mesh sections).
+    `tokenizer`: where the tokens come from (default: the base source's tokenizer).
+    `resident`: `both` (both models in memory, each batch through both) or `sequential` (base
+    over all batches, then reference; for when both do not fit).
+    `shard_batches`: batches per output shard (the unit of resumption).
+    `chunk`: sequence chunk of the LM head (peak logits memory = rows * chunk * vocab floats).
+    """
+
+    base: str | None = None
+    reference: str | None = None
+    tokenizer: str | None = None
+    out: str | None = None
+    resident: str = "both"
+    shard_batches: int = 16
+    chunk: int = 128
+    overwrite: bool = False
+    diagnostics: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resident not in ("both", "sequential"):
+            raise ValueError(f"resident: {self.resident!r} is not both or sequential")
+        for k in ("shard_batches", "chunk"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k}: must be positive, got {getattr(self, k)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run. Sections for optimizer, training and DPO join here."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    scoring: ScoringConfig = dataclasses.field(default_factory=ScoringConfig)
     seed: int = 0
 
 
@@ -293,6 +324,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "RopeScaling",
+    "ScoringConfig",
     "build",
     "load_config",
     "parse_overrides",

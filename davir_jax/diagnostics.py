@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,8 +27,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
+from davir_jax.io_utils import file_sha256, write_atomic
 from davir_jax.scores import SCORES, compute_scores, read_scores, scores_file
-from davir_jax.selection import MANIFEST_FILE, file_sha256, rank_order
+from davir_jax.selection import MANIFEST_FILE, rank_order
 
 JSON_FILE = "diagnostics.json"
 MD_FILE = "diagnostics.md"
@@ -41,19 +40,6 @@ SCATTER_FILE = "diagnostics_vs_length.png"
 _PROMPT_KEYS = ("instruction", "question", "prompt", "query", "input")
 _RESPONSE_KEYS = ("output", "answer", "response", "completion", "chosen")
 _PREVIEW_CHARS = 60
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are reports meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _clip(text: str, n: int = _PREVIEW_CHARS) -> str:
@@ -259,11 +245,11 @@ def write_diagnostics(
         "inputs": inputs,
     }
     hist, scatter = _plots(scores, t, corr)
-    _atomic_write(out / HIST_FILE, hist)
-    _atomic_write(out / SCATTER_FILE, scatter)
+    write_atomic(out / HIST_FILE, hist)
+    write_atomic(out / SCATTER_FILE, scatter)
     md = render_markdown(result)
-    _atomic_write(out / MD_FILE, md.encode("utf-8"))
-    _atomic_write(
+    write_atomic(out / MD_FILE, md.encode("utf-8"))
+    write_atomic(
         out / JSON_FILE, (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     )
     if echo:

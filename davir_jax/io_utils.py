@@ -1,10 +1,38 @@
-"""Atomic publication of output directories (checkpoints, exports, results)."""
+"""Atomic writes of files and directories (checkpoints, exports, results), and file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash of a file, streamed (data files, score tables)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write `data` to `path` via a temp file in the same directory and os.replace, so readers
+    (and a resumed run) see either the old file or the whole new one."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

@@ -15,7 +15,6 @@ Output of `select_mixture` (one directory, published atomically):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from davir_jax.io_utils import publish_dir
+from davir_jax.io_utils import file_sha256, publish_dir
 from davir_jax.scores import SCORES_FILE, compute_scores, read_scores, scores_file
 
 MANIFEST_FILE = "manifest.json"
@@ -242,14 +241,6 @@ def parse_pool(spec: str) -> Pool:
 # Mixtures
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_score_manifest(scores_path: str | Path) -> dict[str, Any]:
     """The scoring job's `manifest.json` beside its scores.parquet, checked for the keys
     selection copies (`data`, `template`, `fingerprints`)."""
@@ -428,7 +419,6 @@ __all__ = [
     "Budget",
     "Pool",
     "budget_count",
-    "file_sha256",
     "parse_pool",
     "rank_order",
     "read_score_manifest",

@@ -24,7 +24,6 @@ import numpy as np
 from davir_jax.config import DataConfig
 from davir_jax.data import batching
 from davir_jax.data.readers import (
-    file_sha256,
     read_examples,
     resolve_format,
     source_name,
@@ -38,6 +37,7 @@ from davir_jax.data.storage import (
     wait_for_parts,
 )
 from davir_jax.data.templates import Encoder
+from davir_jax.io_utils import file_sha256
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 
 # Bump when the tokenized layout or a template's definition changes (invalidates caches).

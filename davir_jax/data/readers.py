@@ -107,15 +107,6 @@ class PreferencePair:
     record: str
 
 
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a data file (the tokenized-cache key and the manifests use it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # -- raw rows ----------------------------------------------------------------------------------
 
 

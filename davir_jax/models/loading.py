@@ -9,6 +9,7 @@ Sources, in the order they are recognised:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig
 from davir_jax.models.gguf_io import GGUFWeights
 from davir_jax.models.safetensors_io import WeightFileError
-from davir_jax.models.tokenizer import resolve_registered
+from davir_jax.models.tokenizer import load_tokenizer, resolve_registered
 from davir_jax.models.weights import abstract_model, build_model, load_hf
 from davir_jax.sharding import Sharder, state_shardings
 
@@ -64,6 +65,41 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
         f"model source {str(source)!r}: no such file, directory or "
         "registered name (registered: smollm2-135m)"
     )
+
+
+def source_fingerprint(source: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
+    """A cheap, content-based fingerprint of a model source (for manifests and resume checks).
+
+    Hashes every file's relative name, size, and its first and last `sample_bytes` bytes, instead
+    of whole multi-GB weight files: a retrained or re-exported model changes these (headers hold
+    the tensor table, and the data differs), while hashing 15 GB per run would cost minutes.
+    """
+    kind, path = resolve_source(source)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256(kind.encode())
+    for f in files:
+        size = f.stat().st_size
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(sample_bytes))
+            if size > sample_bytes:
+                fh.seek(max(sample_bytes, size - sample_bytes))
+                h.update(fh.read(sample_bytes))
+    return h.hexdigest()
+
+
+def load_tokenizer_for(source: str | os.PathLike) -> Any:
+    """The tokenizer that belongs to a model source (a davir-jax checkpoint keeps it in
+    `tokenizer/`; HF directories, GGUF files and registered names carry their own)."""
+    kind, path = resolve_source(source)
+    if kind == "davir":
+        if not (path / "tokenizer").is_dir():
+            raise FileNotFoundError(
+                f"{path}: this checkpoint was saved without a tokenizer; name one explicitly"
+            )
+        return load_tokenizer(path / "tokenizer")
+    return load_tokenizer(source)
 
 
 def load_model(
