@@ -1,8 +1,9 @@
 """The `davir` command. Thin: parse, build from the library, call it, print.
 
 Subcommands: `demo` (the embedded default job), `info` (a model's architecture, parameter count
-and shardings), `export` (any model source to a Hugging Face directory), `config` (print the
-resolved config).
+and shardings), `export` (any model source to a Hugging Face directory), `score` (the DavIR
+scoring job), `select` (top examples by a score, mixtures), `diagnostics` (length correlations),
+`config` (print the resolved config).
 """
 
 from __future__ import annotations
@@ -124,6 +125,55 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# Flags of `davir score` that are shorthands for config keys (every option is a config key).
+_SCORE_FLAGS = {
+    "data": "data.path",
+    "format": "data.format",
+    "template": "data.template",
+    "max_len": "data.max_len",
+    "base": "scoring.base",
+    "reference": "scoring.reference",
+    "out": "scoring.out",
+}
+
+
+def cmd_score(args: argparse.Namespace, overrides: list[str]) -> int:
+    from davir_jax.scoring import score
+
+    flags = [
+        f"--{key}={getattr(args, k)}"
+        for k, key in _SCORE_FLAGS.items()
+        if getattr(args, k) is not None
+    ]
+    if args.overwrite:
+        flags.append("--scoring.overwrite=true")
+    if args.strict:
+        flags.append("--data.strict=true")
+    cfg = _load_cfg(args, flags + overrides)
+    out = score(cfg, progress=not args.quiet)
+    print(f"wrote {out / 'scores.parquet'} and {out / 'manifest.json'}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace, overrides: list[str]) -> int:
+    from davir_jax.selection import run_select
+
+    if overrides:
+        raise ValueError(f"davir select takes no config overrides, got {overrides}")
+    manifest = run_select(args.pools, args.method, args.out, args.seed)
+    for pool in manifest["pools"]:
+        print(f"{pool['name']}: {pool['n_selected']:,} of {pool['n_pool']:,} -> {pool['file']}")
+    print(f"wrote {args.out}/manifest.json ({manifest['n_selected']:,} examples, {args.method})")
+    return 0
+
+
+def cmd_diagnostics(args: argparse.Namespace, overrides: list[str]) -> int:
+    from davir_jax.diagnostics import write_diagnostics
+
+    write_diagnostics(args.scores, args.out, k=args.k, echo=True)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     import yaml
 
@@ -156,6 +206,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.set_defaults(fn=cmd_export)
+    s = sub.add_parser(
+        "score",
+        help="score every example under a base and a reference model (resumable)",
+        description="Writes OUT/scores.parquet (example_id, n_tokens, nll_base, nll_ref, ...), "
+        "OUT/manifest.json and length-correlation diagnostics. Rerun the same command to resume.",
+    )
+    _config_args(s)
+    s.add_argument("--data", help="data file (data.path)")
+    s.add_argument("--format", help="data format (data.format; default auto)")
+    s.add_argument("--template", help="plain, alpaca or chat (data.template)")
+    s.add_argument("--max-len", dest="max_len", type=int, help="data.max_len")
+    s.add_argument("--base", help="base model source (scoring.base)")
+    s.add_argument("--reference", help="reference model source (scoring.reference)")
+    s.add_argument("--out", help="output directory (scoring.out)")
+    s.add_argument("--overwrite", action="store_true", help="discard another run's outputs")
+    s.add_argument("--strict", action="store_true", help="any bad input row is an error")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_score)
+    sel = sub.add_parser(
+        "select",
+        help="select the top examples by a score (per pool, with budgets)",
+        description="POOL is [NAME=]SCORES_DIR:BUDGET with BUDGET = all | count=N | fraction=F, "
+        "e.g. alpaca=runs/a:fraction=0.06 gsm8k=runs/g:all",
+    )
+    sel.add_argument("pools", nargs="+", metavar="POOL")
+    sel.add_argument("--method", default="davir", help="score name (default davir)")
+    sel.add_argument("--out", required=True)
+    sel.add_argument("--seed", type=int, default=0, help="seed of the random score")
+    sel.set_defaults(fn=cmd_select)
+    dg = sub.add_parser("diagnostics", help="length correlations, plots, top/bottom examples")
+    dg.add_argument("scores", help="a scoring output directory or scores.parquet")
+    dg.add_argument("--out", default=None, help="default: next to the scores")
+    dg.add_argument("-k", type=int, default=5, help="top and bottom examples to show")
+    dg.set_defaults(fn=cmd_diagnostics)
     c = sub.add_parser("config", help="print the resolved config")
     _config_args(c)
     c.set_defaults(fn=cmd_config)

@@ -199,7 +199,7 @@ def prepare(
         )
         bar.close()
     wait_for_parts(directory, process_count, timeout_s=wait_timeout_s)
-    store = TokenizedStore(directory)
+    store = TokenizedStore(directory, num_parts=process_count)
     log = SkipLog()
     for info in store.infos:
         log.merge(info.get("log", {}))

@@ -1,0 +1,443 @@
+"""The DavIR scoring job: every example's response NLL under a base and a reference model.
+
+    davir score --data FILE --template plain --base SRC --reference SRC --out DIR
+
+One pass over a tokenized data set (`davir_jax.data`); each fixed-shape batch goes through both
+models (or, with `scoring.resident=sequential`, all batches through the base, then all through the
+reference, for when both do not fit), so both see the same token ids and masks. The per-example
+summed NLL is `davir_jax.losses.example_nll`, the same function the trainers use.
+
+Output, resumable at any moment:
+    DIR/run.json                          what this run is (models, data, tokenizer, batching):
+                                          a rerun with anything else refuses to mix outputs
+    DIR/shards/{base,reference}/p{P}-s{S}.parquet
+                                          rows `example_id, index, n_tokens, nll` of shard S
+                                          (`shard_batches` batches) of process P, atomic
+    DIR/scores.parquet                    the merged table (process 0, after all shards):
+                                          example_id, source, row, content_hash, n_tokens,
+                                          nll_base, nll_ref, record
+    DIR/manifest.json                     fingerprints, config, skip counts by reason, timings
+    DIR/diagnostics.{md,json} + PNGs      length correlations of every score
+
+Killed at any point (even SIGKILL) and run again, the job continues from the first shard that
+some process has not finished; all processes agree on that point so their collective steps stay
+in lockstep. The final table equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from davir_jax.config import Config, to_dict
+from davir_jax.data.batching import Batch
+from davir_jax.data.dataset import TokenizedData, prepare
+from davir_jax.data.readers import iter_rows
+from davir_jax.data.skips import SkipLog
+from davir_jax.io_utils import write_atomic
+from davir_jax.losses import example_nll
+from davir_jax.models.arch import ArchConfig
+from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.models.loading import load_model, load_tokenizer_for, source_fingerprint
+from davir_jax.models.tokenizer import tokenizer_fingerprint
+from davir_jax.models.weights import abstract_model
+from davir_jax.sharding import batch_sharding, make_mesh, state_shardings
+
+MODELS = ("base", "reference")
+RUN_FILE = "run.json"
+SCORES_FILE = "scores.parquet"
+MANIFEST_FILE = "manifest.json"
+_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
+
+
+class MixedRunError(ValueError):
+    """The output directory holds another run's results (other models, data or settings)."""
+
+
+# -- the jitted step -----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def nll_step(arch: ArchConfig, run: RunConfig, num_segments: int, chunk: int) -> Any:
+    """Jitted `(state, ids, segment_ids, positions, loss_mask) -> (nll [B, S], count [B, S])`.
+
+    Built once per model configuration. On a mesh, the parameter shardings come from the rules
+    table, the batch is split over the data-parallel axes, and the (small) outputs are
+    replicated so every process can read its own rows.
+    """
+    graphdef, abs_state = abstract_model(arch, run)
+
+    def step(state: nnx.State, ids: jax.Array, seg: jax.Array, pos: jax.Array, mask: jax.Array):
+        model = nnx.merge(graphdef, state)
+        return example_nll(model, ids, seg, pos, mask, num_segments, chunk)
+
+    mesh = run.sharder.mesh
+    if mesh is None:
+        return jax.jit(step)
+    rows = batch_sharding(mesh, 2)
+    rep = NamedSharding(mesh, P())
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings(abs_state, mesh), rows, rows, rows, rows),
+        out_shardings=(rep, rep),
+    )
+
+
+def data_parallel_size(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def device_batch(batch: Batch, mesh: Mesh | None) -> list[jax.Array]:
+    """This process's host rows -> global arrays sharded over the data-parallel axes."""
+    arrays = [getattr(batch, k) for k in _BATCH_KEYS]
+    if mesh is None:
+        return [jnp.asarray(a) for a in arrays]
+    sharding = batch_sharding(mesh, 2)
+    return [jax.make_array_from_process_local_data(sharding, a) for a in arrays]
+
+
+def batch_nll(
+    model: Decoder, batch: Batch, num_segments: int, chunk: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """(summed NLL, token count) `[R_local, S]` of this process's rows of one batch."""
+    mesh = model.run.sharder.mesh
+    _, state = nnx.split(model)
+    fn = nll_step(model.arch, model.run, num_segments, chunk)
+    nll, cnt = fn(state, *device_batch(batch, mesh))
+    r = batch.input_ids.shape[0]
+    lo = jax.process_index() * r if jax.process_count() > 1 else 0
+    return np.asarray(nll)[lo : lo + r], np.asarray(cnt)[lo : lo + r]
+
+
+# -- the job -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Shard:
+    """Rows of one output shard for one model, collected batch by batch."""
+
+    ids: list[str] = dataclasses.field(default_factory=list)
+    index: list[int] = dataclasses.field(default_factory=list)
+    n_tokens: list[int] = dataclasses.field(default_factory=list)
+    nll: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, data: TokenizedData, batch: Batch, nll: np.ndarray, cnt: np.ndarray) -> None:
+        sel = batch.example_index >= 0
+        for i, v, c in zip(batch.example_index[sel], nll[sel], cnt[sel]):
+            self.ids.append(data.example_ids[i])
+            self.index.append(int(data.rows[i]))
+            self.n_tokens.append(int(round(float(c))))
+            self.nll.append(float(v))
+
+    def write(self, path: Path) -> None:
+        table = pa.table(
+            {
+                "example_id": pa.array(self.ids, pa.string()),
+                "index": pa.array(self.index, pa.int64()),
+                "n_tokens": pa.array(self.n_tokens, pa.int64()),
+                "nll": pa.array(self.nll, pa.float64()),
+            }
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        write_atomic(path, sink.getvalue().to_pybytes())
+
+
+def _shard_path(out: Path, model: str, process: int, shard: int) -> Path:
+    return out / "shards" / model / f"p{process:05d}-s{shard:06d}.parquet"
+
+
+def _agree_min(value: int) -> int:
+    """The minimum of `value` over all processes (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """What must be equal for two runs' shards to be mixed."""
+    d = cfg.data
+    return {
+        "data": data.fields,
+        "models": fingerprints,
+        "dtype": [cfg.model.dtype, cfg.model.compute_dtype or cfg.model.dtype],
+        "batching": {
+            "pack": d.pack,
+            "row_len": d.packed_row_len,
+            "max_segments": d.max_segments,
+            "bucket_min": d.bucket_min,
+            "batch_rows": d.batch_rows,
+            "shard_batches": cfg.scoring.shard_batches,
+        },
+        "resident": cfg.scoring.resident,
+        "process_count": jax.process_count(),
+    }
+
+
+def _claim_out_dir(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix outputs of different runs; start afresh with `overwrite`."""
+    run_file = out / RUN_FILE
+    if jax.process_index() == 0:
+        if run_file.is_file():
+            old = json.loads(run_file.read_text())
+            if old != identity:
+                if not overwrite:
+                    diff = sorted(
+                        k for k in set(old) | set(identity) if old.get(k) != identity.get(k)
+                    )
+                    raise MixedRunError(
+                        f"{out} holds results of another run (different {', '.join(diff)}); "
+                        "use another --out, or --overwrite to discard them"
+                    )
+                shutil.rmtree(out)
+        elif out.exists() and any(out.iterdir()) and not overwrite:
+            raise MixedRunError(
+                f"{out} is not empty and is not a scoring run; use another --out or --overwrite"
+            )
+        elif out.exists() and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not run_file.is_file():
+            write_atomic(run_file, json.dumps(identity, indent=1, sort_keys=True))
+    _barrier(f"davir score claim {out}")
+    if jax.process_index() != 0 and json.loads(run_file.read_text()) != identity:
+        raise MixedRunError(f"{out}: process {jax.process_index()} sees a different run")
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="score",
+        unit="batch",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+
+
+def _load(cfg: Config, source: str, mesh: Mesh) -> Decoder:
+    m = cfg.model
+    return load_model(source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
+
+
+def _passes(cfg: Config) -> list[tuple[str, ...]]:
+    return [MODELS] if cfg.scoring.resident == "both" else [(m,) for m in MODELS]
+
+
+def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
+    """Run (or resume) the scoring job described by `cfg`; returns the output directory.
+
+    `mesh` defaults to `cfg.mesh` over all devices.
+    """
+    sc = cfg.scoring
+    missing = [k for k in ("base", "reference", "out") if getattr(sc, k) is None]
+    if missing or cfg.data.path is None:
+        names = [f"scoring.{k}" for k in missing] + (["data.path"] if cfg.data.path is None else [])
+        raise ValueError(f"davir score needs {', '.join(names)}")
+    t_start = time.time()
+    pi, pc = jax.process_index(), jax.process_count()
+    if mesh is None:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    dp = data_parallel_size(mesh)
+    if cfg.data.batch_rows % dp or cfg.data.batch_rows % pc:
+        raise ValueError(
+            f"data.batch_rows={cfg.data.batch_rows} must be a multiple of the data-parallel size "
+            f"{dp} (mesh data*fsdp) and of the process count {pc}"
+        )
+    tok = load_tokenizer_for(sc.tokenizer or sc.base)
+    fingerprints = {
+        "base": source_fingerprint(sc.base),
+        "reference": source_fingerprint(sc.reference),
+        "tokenizer": tokenizer_fingerprint(tok),
+    }
+    if sc.tokenizer is None:
+        try:
+            ref_tok = load_tokenizer_for(sc.reference)
+        except (OSError, ValueError):
+            ref_tok = None  # a reference without its own tokenizer uses the base's
+        if ref_tok is not None and tokenizer_fingerprint(ref_tok) != fingerprints["tokenizer"]:
+            raise ValueError(
+                f"the base ({sc.base}) and reference ({sc.reference}) tokenizers differ; "
+                "scores would compare different token sequences"
+            )
+    data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0)
+    if pi == 0 and progress:
+        print(data.log.report(len(data)), file=sys.stderr)
+    out = Path(sc.out)
+    identity = run_identity(cfg, data, fingerprints)
+    _claim_out_dir(out, identity, sc.overwrite)
+    plans = data.plans(shuffle=False)
+    k = sc.shard_batches
+    n_shards = math.ceil(len(plans) / k)
+    timings: dict[str, float] = {}
+    for models in _passes(cfg):
+        for m in models:
+            (out / "shards" / m).mkdir(parents=True, exist_ok=True)
+            for stale in (out / "shards" / m).glob(f".p{pi:05d}-*.tmp-*"):
+                stale.unlink(missing_ok=True)  # a write cut short by a kill
+        # The first shard some process has not finished: everyone resumes there (lockstep).
+        first = next(
+            (
+                s
+                for s in range(n_shards)
+                if not all(_shard_path(out, m, pi, s).is_file() for m in models)
+            ),
+            n_shards,
+        )
+        first = _agree_min(first)
+        if first == n_shards:
+            continue
+        t0 = time.time()
+        loaded = {m: _load(cfg, getattr(sc, m), mesh) for m in models}
+        timings["load_" + "+".join(models)] = time.time() - t0
+        t0 = time.time()
+        n_ex = n_tok = 0
+        bar = _progress(len(plans), first * k, progress and pi == 0)
+        for s in range(first, n_shards):
+            shards = {m: _Shard() for m in models}
+            for _, batch in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k):
+                for m in models:
+                    nll, cnt = batch_nll(loaded[m], batch, data.num_segments, sc.chunk)
+                    shards[m].add(data, batch, nll, cnt)
+                n_ex += int((batch.example_index >= 0).sum())
+                n_tok += int((batch.segment_ids > 0).sum())
+                bar.update(1)
+                dt = max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{n_ex / dt:,.1f} ex/s {n_tok / dt:,.0f} tok/s", refresh=False)
+            for m in models:
+                shards[m].write(_shard_path(out, m, pi, s))
+        bar.close()
+        timings["score_" + "+".join(models)] = time.time() - t0
+        timings["tokens_per_s_" + "+".join(models)] = n_tok * pc / max(time.time() - t0, 1e-9)
+        del loaded
+    _barrier(f"davir score shards {out}")
+    if pi == 0:
+        _merge(cfg, out, data, identity, n_shards, pc, timings, t_start)
+    _barrier(f"davir score merged {out}")
+    return out
+
+
+def _read_model_shards(out: Path, model: str, n_shards: int, pc: int) -> pa.Table:
+    tables = [
+        pq.read_table(_shard_path(out, model, p, s)) for p in range(pc) for s in range(n_shards)
+    ]
+    return pa.concat_tables(tables)
+
+
+def _source_rows(data: TokenizedData, wanted: set[int]) -> dict[int, str]:
+    """Row index -> the source row's text, for the rows that were scored."""
+    out = {}
+    for raw in iter_rows(data.cfg.path, SkipLog()):
+        if raw.row in wanted:
+            out[raw.row] = raw.text
+    return out
+
+
+def _merge(
+    cfg: Config,
+    out: Path,
+    data: TokenizedData,
+    identity: dict[str, Any],
+    n_shards: int,
+    pc: int,
+    timings: dict[str, float],
+    t_start: float,
+) -> None:
+    import hashlib
+
+    cols = {}
+    for m in MODELS:
+        t = _read_model_shards(out, m, n_shards, pc).sort_by("index")
+        ids = t.column("example_id").to_pylist()
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise RuntimeError(f"{out}: example {dup} appears twice in the {m} shards")
+        if sorted(ids) != sorted(data.example_ids):
+            missing = sorted(set(data.example_ids) - set(ids))[:5]
+            raise RuntimeError(f"{out}: the {m} shards miss examples, e.g. {missing}")
+        cols[m] = t
+    base, ref = cols["base"], cols["reference"]
+    if base.column("example_id").to_pylist() != ref.column("example_id").to_pylist():
+        raise RuntimeError(f"{out}: base and reference shards hold different examples")
+    rows = base.column("index").to_pylist()
+    text = _source_rows(data, set(rows))
+    records = [text[r] for r in rows]
+    table = pa.table(
+        {
+            "example_id": base.column("example_id"),
+            "source": pa.array([data.source] * len(rows), pa.string()),
+            "row": base.column("index"),
+            "content_hash": pa.array(
+                [hashlib.sha256(t.encode()).hexdigest()[:16] for t in records], pa.string()
+            ),
+            "n_tokens": base.column("n_tokens"),
+            "nll_base": base.column("nll"),
+            "nll_ref": ref.column("nll"),
+            "record": pa.array(records, pa.string()),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(out / SCORES_FILE, sink.getvalue().to_pybytes())
+    manifest = {
+        "kind": "davir-scores",
+        "complete": True,
+        "n_examples": table.num_rows,
+        "n_response_tokens": int(np.sum(table.column("n_tokens").to_numpy())),
+        "data": {
+            "path": str(Path(data.cfg.path).resolve()),
+            "format": data.fields["format"],
+            "name": data.source,
+            "sha256": data.fields["data_sha256"],
+        },
+        "template": data.cfg.template,
+        "fingerprints": {**identity["models"], "data": data.fields["data_sha256"]},
+        "models": {"base": cfg.scoring.base, "reference": cfg.scoring.reference},
+        "skipped": dict(data.log.skipped),
+        "warnings": dict(data.log.warnings),
+        "skip_locations": data.log.to_dict()["where"],
+        "config": to_dict(cfg),
+        "run": identity,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "wall_s": round(time.time() - t_start, 3),
+    }
+    write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
+    if cfg.scoring.diagnostics:
+        from davir_jax.diagnostics import write_diagnostics
+
+        write_diagnostics(out, echo=False)
+
+
+def iter_scores(out: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of a finished scoring run's table, as dicts."""
+    yield from pq.read_table(Path(out) / SCORES_FILE).to_pylist()

@@ -1,0 +1,289 @@
+"""The scoring job: per-example NLLs equal transformers PyTorch's; 8 devices equal 1; packed
+equals padded; killed-and-resumed equals uninterrupted; other runs' outputs are never mixed; a
+real two-process (jax.distributed, gloo) run equals one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from toy_tokenizers import WORDS, word_tokenizer
+
+from davir_jax.config import Config, DataConfig, ScoringConfig
+from davir_jax.scoring import MixedRunError, score
+from davir_jax.sharding import make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN_WORDS = [w for w in WORDS if w.isalpha()]
+
+
+def _rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = np.random.default_rng(seed)
+    pick = lambda k: " ".join(rng.choice(PLAIN_WORDS, k))  # noqa: E731
+    return [
+        {"prompt": pick(rng.integers(2, 12)), "response": pick(rng.integers(1, 16))}
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny HF Llama models (base, reference) with the BOS-adding word tokenizer saved in."""
+    from hf_models import make_hf_model
+
+    root = tmp_path_factory.mktemp("models")
+    tok = word_tokenizer(True)
+    out = {}
+    for name, seed in (("base", 0), ("reference", 1)):
+        d = root / name
+        out[name] = make_hf_model("llama", d, seed=seed)
+        tok.save_pretrained(d)
+    return root, out, tok
+
+
+def _cfg(tmp_path, root, path, out="out", **kw) -> Config:
+    d = {"path": str(path), "cache_dir": str(tmp_path / "cache"), "batch_rows": 8, "max_len": 64}
+    d.update(kw.pop("data", {}))
+    s = {
+        "base": str(root / "base"),
+        "reference": str(root / "reference"),
+        "out": str(tmp_path / out),
+        "shard_batches": 2,
+    }
+    s.update(kw.pop("scoring", {}))
+    return Config(data=DataConfig(**d), scoring=ScoringConfig(**s))
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _table(out: Path) -> dict[str, dict]:
+    rows = pq.read_table(out / "scores.parquet").to_pylist()
+    return {r["example_id"]: r for r in rows}
+
+
+def _torch_nll(model, tok, prompt: str, response: str) -> tuple[float, int]:
+    import torch
+
+    ids = (
+        tok(prompt)["input_ids"]
+        + tok(response, add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+    )
+    n_prompt = len(tok(prompt)["input_ids"])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    nll = -sum(float(lp[t - 1, ids[t]]) for t in range(n_prompt, len(ids)))
+    return nll, len(ids) - n_prompt
+
+
+def test_nll_equals_transformers_pytorch(tmp_path, models):
+    root, hf, tok = models
+    rows = _rows(30) + [{"prompt": "hello", "response": ""}]  # one bad row: counted
+    data = _write(tmp_path / "pool.jsonl", rows)
+    out = score(_cfg(tmp_path, root, data), progress=False)
+    table = _table(out)
+    assert len(table) == 30
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"empty_response": 1} and manifest["complete"]
+    assert manifest["data"]["format"] == "prompt_response" and manifest["template"] == "plain"
+    assert set(manifest["fingerprints"]) >= {"base", "reference", "tokenizer", "data"}
+    for i, row in enumerate(rows[:30]):
+        r = table[f"pool:{i}"]
+        for m, col in (("base", "nll_base"), ("reference", "nll_ref")):
+            nll, n = _torch_nll(hf[m], tok, row["prompt"], row["response"])
+            assert r["n_tokens"] == n
+            np.testing.assert_allclose(r[col], nll, rtol=1e-4)
+        assert json.loads(r["record"]) == row and r["row"] == i and r["source"] == "pool"
+    assert (out / "diagnostics.md").is_file() and (out / "diagnostics_vs_length.png").is_file()
+
+
+@pytest.mark.devices(8)
+def test_eight_devices_equal_one_and_packed_equals_padded(tmp_path, models):
+    root, _, _ = models
+    data = _write(tmp_path / "pool.jsonl", _rows(37, seed=1))
+    one = _table(
+        score(_cfg(tmp_path, root, data, "one"), False, make_mesh(1, 1, 1, jax.devices()[:1]))
+    )
+    eight = _table(score(_cfg(tmp_path, root, data, "eight"), False, make_mesh(1, 4, 2)))
+    padded = _table(score(_cfg(tmp_path, root, data, "pad", data={"pack": False}), False))
+    assert one.keys() == eight.keys() == padded.keys() and len(one) == 37
+    for k in one:
+        for other in (eight, padded):
+            assert other[k]["n_tokens"] == one[k]["n_tokens"]
+            for col in ("nll_base", "nll_ref"):
+                np.testing.assert_allclose(other[k][col], one[k][col], rtol=1e-5)
+
+
+def test_sequential_equals_both_resident(tmp_path, models):
+    root, _, _ = models
+    data = _write(tmp_path / "pool.jsonl", _rows(20, seed=2))
+    both = _table(score(_cfg(tmp_path, root, data, "both"), False))
+    seq = _table(
+        score(_cfg(tmp_path, root, data, "seq", scoring={"resident": "sequential"}), False)
+    )
+    for k in both:
+        np.testing.assert_allclose(seq[k]["nll_base"], both[k]["nll_base"], rtol=1e-6)
+        np.testing.assert_allclose(seq[k]["nll_ref"], both[k]["nll_ref"], rtol=1e-6)
+
+
+def test_mixing_is_refused_unless_overwrite(tmp_path, models):
+    root, _, _ = models
+    data = _write(tmp_path / "pool.jsonl", _rows(10, seed=3))
+    cfg = _cfg(tmp_path, root, data)
+    score(cfg, False)
+    swapped = dataclasses.replace(
+        cfg, scoring=dataclasses.replace(cfg.scoring, base=cfg.scoring.reference)
+    )
+    with pytest.raises(MixedRunError, match="different models"):
+        score(swapped, False)
+    other_template = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template="alpaca"))
+    with pytest.raises(MixedRunError, match="different data"):
+        score(other_template, False)
+    over = dataclasses.replace(
+        swapped, scoring=dataclasses.replace(swapped.scoring, overwrite=True)
+    )
+    t = _table(score(over, False))
+    assert len(t) == 10
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x").write_text("x")
+    with pytest.raises(MixedRunError, match="not a scoring run"):
+        score(
+            dataclasses.replace(
+                cfg, scoring=dataclasses.replace(cfg.scoring, out=str(tmp_path / "junk"))
+            ),
+            False,
+        )
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "davir_jax.cli", "score", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, models):
+    root, _, _ = models
+    data = _write(tmp_path / "pool.jsonl", _rows(400, seed=4))
+    common = [
+        "--data",
+        str(data),
+        "--base",
+        str(root / "base"),
+        "--reference",
+        str(root / "reference"),
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.batch_rows=2",
+        "--data.max_len=64",
+        "--data.pack=false",
+        "--scoring.shard_batches=1",
+        "-q",
+    ]
+    full = _cli(common + ["--out", str(tmp_path / "full")])
+    assert full.wait(timeout=600) == 0, full.stdout.read().decode()
+    out = tmp_path / "killed"
+    shards = out / "shards" / "reference"
+    proc = _cli(common + ["--out", str(out)])
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if shards.is_dir() and len(list(shards.glob("p*.parquet"))) >= 3:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(shards.glob("p*.parquet")))
+    assert not (out / "scores.parquet").exists() and n_done < 100
+    resumed = _cli(common + ["--out", str(out)])
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read().decode()
+    a, b = _table(tmp_path / "full"), _table(out)
+    assert a == b  # bit-identical rows, no duplicate or missing id
+    assert len(a) == 400
+
+
+WORKER = """
+import os, sys, json
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.config.update("jax_num_cpu_devices", 4)
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from davir_jax.config import load_config
+from davir_jax.scoring import score
+cfg = load_config(None, json.loads(sys.argv[3]))
+score(cfg, progress=False)
+print("process", jax.process_index(), "of", jax.process_count(), "devices", len(jax.devices()))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_run_equals_one_process(tmp_path, models):
+    root, _, _ = models
+    data = _write(tmp_path / "pool.jsonl", _rows(45, seed=5))
+    one = _table(score(_cfg(tmp_path, root, data, "one"), False))
+    overrides = [
+        f"--data.path={data}",
+        f"--data.cache_dir={tmp_path / 'cache2'}",
+        "--data.batch_rows=8",
+        "--data.max_len=64",
+        f"--scoring.base={root / 'base'}",
+        f"--scoring.reference={root / 'reference'}",
+        f"--scoring.out={tmp_path / 'two'}",
+        "--scoring.shard_batches=2",
+    ]
+    addr = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, addr, str(i), json.dumps(overrides)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    assert "process 1 of 2 devices 8" in logs[1]
+    assert sorted(p.name for p in (tmp_path / "two" / "shards" / "base").iterdir())[0].startswith(
+        "p00000"
+    )
+    assert any(
+        p.name.startswith("p00001") for p in (tmp_path / "two" / "shards" / "base").iterdir()
+    )
+    two = _table(tmp_path / "two")
+    assert two.keys() == one.keys()
+    for k in one:
+        assert two[k]["n_tokens"] == one[k]["n_tokens"]
+        np.testing.assert_allclose(two[k]["nll_base"], one[k]["nll_base"], rtol=1e-5)
+        np.testing.assert_allclose(two[k]["nll_ref"], one[k]["nll_ref"], rtol=1e-5)
