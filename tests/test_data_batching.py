@@ -219,3 +219,27 @@ def test_prepare_in_parts_equals_one_part(tmp_path):
     assert last.log.skipped == one.log.skipped == {"empty_response": 1}
     for i in range(len(one)):
         assert [x.tolist() for x in last.get([i])[0]] == [x.tolist() for x in one.get([i])[0]]
+
+
+def test_no_recompilation_after_warm_up():
+    """A fixed set of shapes: one compilation per bucket width, none on a second pass."""
+    from davir_jax.scoring import batch_nll, nll_step
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(3, 120, 60)
+    data = {
+        i: (rng.integers(1, 97, n), (np.arange(n) >= n // 2).astype(np.int32))
+        for i, n in enumerate(lengths)
+    }
+    get = lambda idx: [data[i] for i in idx]  # noqa: E731
+    model = random_model(ARCHS["llama"], "float32")
+    widths = batching.bucket_widths(128, 32)
+    plans = batching.padded_plan(lengths, 4, widths)
+    fn = nll_step(model.arch, model.run, 1, 128)
+    before = fn._cache_size()
+    for _ in range(2):
+        for p in plans:
+            batch_nll(model, batching.assemble(p.rows, p.width, 1, get), 1)
+        if _ == 0:
+            warm = fn._cache_size()
+    assert warm - before == len({p.width for p in plans}) and fn._cache_size() == warm

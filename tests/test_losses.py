@@ -34,3 +34,31 @@ def test_shift_and_masked_nll():
     lp = jnp.array([[-1.0, -2.0, -3.0, -4.0]])
     nll, n = masked_nll(lp, m)
     assert float(nll[0]) == 5.0 and float(n[0]) == 2.0
+
+
+def test_segment_nll_equals_numpy_per_segment_sums():
+    from davir_jax.losses import segment_nll
+
+    rng = np.random.default_rng(1)
+    lp = -rng.random((3, 10)).astype(np.float32)
+    mask = rng.integers(0, 2, (3, 10)).astype(np.float32)
+    seg = np.array([[1, 1, 1, 2, 2, 3, 3, 3, 0, 0], [1] * 10, [0] * 10])
+    nll, cnt = segment_nll(jnp.asarray(lp), jnp.asarray(mask), jnp.asarray(seg), 4)
+    want = np.zeros((3, 4))
+    want_n = np.zeros((3, 4))
+    for b in range(3):
+        for t in range(10):
+            if seg[b, t]:
+                want[b, seg[b, t] - 1] -= lp[b, t] * mask[b, t]
+                want_n[b, seg[b, t] - 1] += mask[b, t]
+    np.testing.assert_allclose(np.asarray(nll), want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(cnt), want_n)
+
+
+def test_shift_targets_never_crosses_segments():
+    ids = jnp.array([[5, 6, 7, 8, 9, 0]])
+    mask = jnp.array([[0, 1, 1, 1, 1, 0]])
+    seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+    _, m = shift_targets(ids, mask, seg)
+    # token 8 starts segment 2: it is not predicted from token 7 of segment 1
+    assert m.tolist() == [[1, 1, 0, 1, 0, 0]]

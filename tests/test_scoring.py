@@ -287,3 +287,62 @@ def test_two_process_run_equals_one_process(tmp_path, models):
         assert two[k]["n_tokens"] == one[k]["n_tokens"]
         np.testing.assert_allclose(two[k]["nll_base"], one[k]["nll_base"], rtol=1e-5)
         np.testing.assert_allclose(two[k]["nll_ref"], one[k]["nll_ref"], rtol=1e-5)
+
+
+def test_score_then_select_a_mixture_through_the_cli(tmp_path, models, capsys):
+    from davir_jax.cli import main
+    from davir_jax.data.readers import read_examples
+
+    root, _, _ = models
+    words = _rows(24, seed=6)
+    alpaca = _write(
+        tmp_path / "alpaca.jsonl",
+        [{"instruction": r["prompt"], "input": "", "output": r["response"]} for r in words],
+    )
+    gsm = _write(
+        tmp_path / "gsm.jsonl",
+        [{"question": r["prompt"], "answer": r["response"]} for r in _rows(6, seed=7)],
+    )
+    for path in (alpaca, gsm):
+        rc = main(
+            [
+                "score",
+                "--data",
+                str(path),
+                "--template",
+                "alpaca",
+                "--base",
+                str(root / "base"),
+                "--reference",
+                str(root / "reference"),
+                "--out",
+                str(tmp_path / path.stem),
+                f"--data.cache_dir={tmp_path / 'cache'}",
+                "--data.max_len=128",
+                "-q",
+            ]
+        )
+        assert rc == 0
+    rc = main(
+        [
+            "select",
+            f"a={tmp_path / 'alpaca'}:fraction=0.25",
+            f"g={tmp_path / 'gsm'}:all",
+            "--method",
+            "davir",
+            "--out",
+            str(tmp_path / "sel"),
+        ]
+    )
+    assert rc == 0
+    manifest = json.loads((tmp_path / "sel" / "manifest.json").read_text())
+    assert [p["n_selected"] for p in manifest["pools"]] == [6, 6]
+    table = _table(tmp_path / "alpaca")
+    score_of = {k: (r["nll_base"] - r["nll_ref"]) / r["nll_base"] for k, r in table.items()}
+    top = sorted(score_of, key=lambda k: (-score_of[k], k))[:6]
+    picked = [e["example_id"] for e in manifest["selected"] if e["pool"] == "a"]
+    assert picked == top
+    back = list(read_examples(tmp_path / "sel" / "a.jsonl", "alpaca"))
+    assert [json.loads(e.record) for e in back] == [json.loads(table[k]["record"]) for k in top]
+    assert "6 of 24" in capsys.readouterr().out
+    assert main(["score", "--data", str(alpaca), "--out", str(tmp_path / "x"), "-q"]) == 2
