@@ -1,5 +1,7 @@
-"""Throughput and MFU of the scoring forward pass (hidden states + chunked token log-probs +
-masked NLL, the computation `davir score` runs) on randomly initialised models of real shapes.
+"""Throughput and MFU of the scoring step (`davir_jax.scoring.nll_step`: hidden states + chunked
+token log-probs + per-example NLL, exactly what `davir score` runs) on randomly initialised models
+of real shapes. Parameters are filled on the host and placed tensor by tensor (the weight-import
+path), which avoids compiling a jitted initialiser of the whole unrolled layer stack.
 
     python benchmarks/forward_mfu.py --preset llama2-7b --batch 8 --seq 2048 --dtype bfloat16
 
@@ -25,9 +27,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from davir_jax.config import load_config  # noqa: E402
-from davir_jax.losses import masked_nll, shift_targets, token_logprobs  # noqa: E402
-from davir_jax.models import random_model  # noqa: E402
-from davir_jax.sharding import batch_sharding, make_mesh  # noqa: E402
+from davir_jax.models.decoder import RunConfig  # noqa: E402
+from davir_jax.models.weights import abstract_model, build_model, iter_params, param_table  # noqa: E402
+from davir_jax.scoring import nll_step  # noqa: E402
+from davir_jax.sharding import Sharder, batch_sharding, make_mesh  # noqa: E402
 
 PEAK_BF16 = {
     "H100": 989e12,
@@ -46,6 +49,27 @@ def peak_flops(kind: str) -> float | None:
     return None
 
 
+def host_random_model(arch, dtype: str, mesh):
+    """A model of `arch` with small pseudo-random weights made on the host (a repeated random
+    tile: values do not matter for throughput, and filling 7B normals would take minutes)."""
+    run = RunConfig(dtype, dtype, False, Sharder(mesh))
+    _, abs_state = abstract_model(arch, run)
+    shapes = {p: tuple(v.get_value().shape) for p, v in iter_params(abs_state)}
+    tile = (np.random.default_rng(0).standard_normal(1 << 16) * 0.02).astype(np.float32)
+    hf_shape = {}
+    for t in param_table(arch):
+        hf_shape[t.hf_name] = jax.eval_shape(
+            t.to_hf, jax.ShapeDtypeStruct(shapes[t.path], np.float32)
+        ).shape
+
+    def get(name: str) -> np.ndarray:
+        if name.endswith("norm.weight"):
+            return np.ones(hf_shape[name], np.float32)
+        return np.resize(tile, hf_shape[name])
+
+    return build_model(arch, run, mesh, get, "random")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="smollm2-135m")
@@ -59,30 +83,26 @@ def main() -> None:
     arch = load_config(ROOT / "configs" / "models" / f"{a.preset}.yaml").model.arch
     mesh = make_mesh(1, -1, 1)
     t0 = time.time()
-    model = random_model(arch, a.dtype, mesh)
+    model = host_random_model(arch, a.dtype, mesh)
     jax.block_until_ready(nnx.state(model))
     init_s = time.time() - t0
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def score(state, ids, seg):
-        m = nnx.merge(graphdef, state)
-        targets, mask = shift_targets(ids, seg > 0)
-        lp = token_logprobs(m.logits, m.hidden_states(ids, seg), targets, a.chunk)
-        return masked_nll(lp, mask)
+    _, state = nnx.split(model)
+    step_fn = nll_step(model.arch, model.run, 1, a.chunk)
 
     rng = np.random.default_rng(0)
-    ids = jax.device_put(
-        rng.integers(0, arch.vocab_size, (a.batch, a.seq)).astype(np.int32), batch_sharding(mesh)
-    )
-    seg = jax.device_put(np.ones((a.batch, a.seq), np.int32), batch_sharding(mesh))
+    put = lambda x: jax.device_put(x, batch_sharding(mesh))  # noqa: E731
+    ids = put(rng.integers(0, arch.vocab_size, (a.batch, a.seq)).astype(np.int32))
+    seg = put(np.ones((a.batch, a.seq), np.int32))
+    pos = put(np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy())
+    mask = put((np.arange(a.seq) >= a.seq // 4).astype(np.int32)[None].repeat(a.batch, 0))
+    args = (state, ids, seg, pos, mask)
     t0 = time.time()
-    jax.block_until_ready(score(state, ids, seg))
+    jax.block_until_ready(step_fn(*args))
     compile_s = time.time() - t0
     times = []
     for _ in range(a.iters):
         t0 = time.perf_counter()
-        jax.block_until_ready(score(state, ids, seg))
+        jax.block_until_ready(step_fn(*args))
         times.append(time.perf_counter() - t0)
     step = float(np.median(times))
     tokens = a.batch * a.seq
