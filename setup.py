@@ -25,6 +25,8 @@ setup(
         "tqdm>=4.66",
         "pyarrow>=15",
         "matplotlib>=3.8",
+        "scipy>=1.10",
+        "tensorboardX>=2.6,<3",
     ],
     extras_require={
         # torch 2.13.0 is the CPU build from the machine's wheel store: a newer range resolves to a

@@ -155,6 +155,34 @@ def cmd_score(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+_SFT_FLAGS = {
+    "model": "model.source",
+    "data": "data.path",
+    "format": "data.format",
+    "template": "data.template",
+    "max_len": "data.max_len",
+    "selection": "train.selection",
+    "out": "train.out",
+}
+
+
+def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
+    from davir_jax.train import sft
+
+    flags = [
+        f"--{key}={getattr(args, k)}"
+        for k, key in _SFT_FLAGS.items()
+        if getattr(args, k) is not None
+    ]
+    if args.overwrite:
+        flags.append("--train.overwrite=true")
+    if args.strict:
+        flags.append("--data.strict=true")
+    out = sft(_load_cfg(args, flags + overrides), progress=not args.quiet)
+    print(f"wrote {out} (metrics.jsonl, checkpoints/, model/)")
+    return 0
+
+
 def cmd_select(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.selection import run_select
 
@@ -224,6 +252,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="any bad input row is an error")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_score)
+    t = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning (resumable; DIR becomes a model source)",
+        description="Writes DIR/checkpoints, DIR/metrics.jsonl, TensorBoard events in DIR/tb, "
+        "DIR/loss.png and DIR/model. Rerun the same command to resume after a crash.",
+    )
+    _config_args(t)
+    t.add_argument("--model", help="model source to start from (model.source)")
+    t.add_argument("--data", help="data file (data.path)")
+    t.add_argument("--selection", help="a davir select output to train on (train.selection)")
+    t.add_argument("--format", help="data.format")
+    t.add_argument("--template", help="data.template")
+    t.add_argument("--max-len", dest="max_len", type=int, help="data.max_len")
+    t.add_argument("--out", help="output directory (train.out)")
+    t.add_argument("--overwrite", action="store_true", help="discard another run's outputs")
+    t.add_argument("--strict", action="store_true", help="any bad input row is an error")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_sft)
     sel = sub.add_parser(
         "select",
         help="select the top examples by a score (per pool, with budgets)",

@@ -145,6 +145,63 @@ class ScoringConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """optax AdamW. Defaults: the Stanford Alpaca recipe (lr 2e-5, cosine, 3% warm-up, no weight
+    decay) with HF Trainer's gradient clipping at 1.0; method.md documents why.
+
+    `schedule`: cosine | linear | constant (after warm-up). `warmup_steps` overrides
+    `warmup_ratio` (a fraction of all steps). Weight decay skips norms and biases unless
+    `decay_norms_and_biases`.
+    """
+
+    lr: float = 2e-5
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    decay_norms_and_biases: bool = False
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule: {self.schedule!r} is not cosine, linear or constant")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The SFT loop (`davir sft`).
+
+    One optimizer step sees `grad_accum` batches of `data.batch_rows` rows; the loss is the mean
+    over all response tokens of that whole global batch. `selection`: a `davir select` output
+    directory (or its manifest.json) to train on instead of `data.path`.
+    """
+
+    out: str | None = None
+    selection: str | None = None
+    epochs: int = 3
+    max_steps: int | None = None
+    grad_accum: int = 1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    chunk: int = 128
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for k in ("epochs", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k}: must be positive, got {getattr(self, k)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run. Sections for optimizer, training and DPO join here."""
 
@@ -152,6 +209,8 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     scoring: ScoringConfig = dataclasses.field(default_factory=ScoringConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     seed: int = 0
 
 
@@ -198,6 +257,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-3" (no dot) as a string; a researcher means the number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -323,8 +388,10 @@ __all__ = [
     "DataConfig",
     "MeshConfig",
     "ModelConfig",
+    "OptimizerConfig",
     "RopeScaling",
     "ScoringConfig",
+    "TrainConfig",
     "build",
     "load_config",
     "parse_overrides",

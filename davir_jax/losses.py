@@ -100,3 +100,24 @@ def example_nll(
     hidden = model.hidden_states(input_ids, segment_ids, positions)
     lp = token_logprobs(model.logits, hidden, targets, chunk)
     return segment_nll(lp, mask, segment_ids, num_segments)
+
+
+def sft_loss_sums(
+    model: Any,
+    input_ids: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    loss_mask: jax.Array,
+    weights: jax.Array,
+    chunk: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    """(weighted summed response NLL, weighted response-token count) of a batch.
+
+    The SFT loss is their ratio over the whole (accumulated, global) batch: the mean over all
+    response tokens, token-weighted, so it does not depend on how examples are packed into rows
+    or split into micro-batches. `weights` `[B, S]` is each example's weight (0 for filler).
+    """
+    nll, cnt = example_nll(
+        model, input_ids, segment_ids, positions, loss_mask, weights.shape[1], chunk
+    )
+    return (nll * weights).sum(), (cnt * weights).sum()

@@ -77,8 +77,51 @@ def store_fields(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def make_plans(
+    lengths: np.ndarray, cfg: DataConfig, shuffle: bool = False, seed: int = 0
+) -> list[batching.BatchPlan]:
+    """Global batch plans of a data set (identical on every process): packed rows or buckets."""
+    if cfg.pack:
+        return batching.packed_plan(
+            lengths, cfg.batch_rows, cfg.packed_row_len, cfg.max_segments, shuffle, seed
+        )
+    widths = batching.bucket_widths(cfg.max_len, cfg.bucket_min)
+    return batching.padded_plan(lengths, cfg.batch_rows, widths, shuffle, seed)
+
+
+class _Batched:
+    """Plans and host batches for anything with `cfg`, `lengths` and `get` (one data set or a
+    mixture of several)."""
+
+    cfg: DataConfig
+    lengths: np.ndarray
+
+    def get(self, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        raise NotImplementedError
+
+    def plans(self, shuffle: bool = False, seed: int = 0) -> list[batching.BatchPlan]:
+        """Global batch plans (identical on every process)."""
+        return make_plans(self.lengths, self.cfg, shuffle, seed)
+
+    @property
+    def num_segments(self) -> int:
+        return self.cfg.max_segments if self.cfg.pack else 1
+
+    def batches(
+        self,
+        plans: list[batching.BatchPlan],
+        process_index: int = 0,
+        process_count: int = 1,
+        start: int = 0,
+    ) -> Iterator[tuple[int, batching.Batch]]:
+        """(step, this process's host batch) for plans[start:]."""
+        for step in range(start, len(plans)):
+            rows = batching.local_rows(plans[step], process_index, process_count)
+            yield step, batching.assemble(rows, plans[step].width, self.num_segments, self.get)
+
+
 @dataclasses.dataclass
-class TokenizedData:
+class TokenizedData(_Batched):
     """A prepared data set: a random-access store plus what was skipped."""
 
     cfg: DataConfig
@@ -118,32 +161,6 @@ class TokenizedData:
             idx = list(range(s, min(s + 4096, len(self))))
             out[idx] = [int(m.sum()) for _, m in self.get(idx)]
         return out
-
-    def plans(self, shuffle: bool = False, seed: int = 0) -> list[batching.BatchPlan]:
-        """Global batch plans (identical on every process)."""
-        c = self.cfg
-        if c.pack:
-            return batching.packed_plan(
-                self.lengths, c.batch_rows, c.packed_row_len, c.max_segments, shuffle, seed
-            )
-        widths = batching.bucket_widths(c.max_len, c.bucket_min)
-        return batching.padded_plan(self.lengths, c.batch_rows, widths, shuffle, seed)
-
-    @property
-    def num_segments(self) -> int:
-        return self.cfg.max_segments if self.cfg.pack else 1
-
-    def batches(
-        self,
-        plans: list[batching.BatchPlan],
-        process_index: int = 0,
-        process_count: int = 1,
-        start: int = 0,
-    ) -> Iterator[tuple[int, batching.Batch]]:
-        """(step, this process's host batch) for plans[start:]."""
-        for step in range(start, len(plans)):
-            rows = batching.local_rows(plans[step], process_index, process_count)
-            yield step, batching.assemble(rows, plans[step].width, self.num_segments, self.get)
 
 
 def prepare(
@@ -210,3 +227,32 @@ def prepare(
             f"{log.where[reason][0]}"
         )
     return TokenizedData(cfg, store, fields, log, directory)
+
+
+class Mixture(_Batched):
+    """Several prepared data sets as one (e.g. the pools of a `davir select` output); example i
+    of the mixture is example i - offset of the part that holds it."""
+
+    def __init__(self, parts: list[TokenizedData], cfg: DataConfig) -> None:
+        if not parts:
+            raise DataError("a mixture needs at least one data set")
+        self.parts, self.cfg = parts, cfg
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.lengths = np.concatenate([p.lengths for p in parts])
+        self.example_ids = [i for p in parts for i in p.example_ids]
+        self.log = SkipLog()
+        for p in parts:
+            self.log.merge(p.log)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def get(self, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        where = np.searchsorted(self.offsets, idx, side="right") - 1
+        out: list[Any] = [None] * len(idx)
+        for k in np.unique(where):
+            pos = np.flatnonzero(where == k)
+            local = [int(idx[j] - self.offsets[k]) for j in pos]
+            for j, item in zip(pos, self.parts[k].get(local)):
+                out[j] = item
+        return out

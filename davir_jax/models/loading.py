@@ -55,6 +55,12 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     if path.is_dir():
         if (path / MODEL_META).is_file():
             return "davir", path
+        if (path / "model" / MODEL_META).is_file():  # a `davir sft` output: its final model
+            return "davir", path / "model"
+        if (path / "checkpoints").is_dir():
+            raise WeightFileError(
+                f"{path}: a training run without a final model yet (rerun davir sft to finish it)"
+            )
         if (path / "config.json").is_file():
             return "hf", path
         raise WeightFileError(

@@ -1,0 +1,545 @@
+"""Supervised fine-tuning (`davir sft`): optax AdamW, one jitted sharded step, orbax checkpoints
+with exact resume.
+
+    davir sft --model SRC --data FILE --template T --out DIR
+    davir sft --model SRC --selection runs/sel --out DIR       # a `davir select` output
+
+The step (`make_train_step`) runs `grad_accum` micro-batches in a `lax.scan`, summing the
+token-weighted NLL and its gradient, and divides by the response-token count of the whole global
+batch once: the loss is the mean over every response token of the accumulated batch, identical
+with or without accumulation or packing. Parameters and optimizer state keep the shardings of the
+rules table (declared on the jit, donated in place).
+
+`DIR` receives: `checkpoints/<step>/` (orbax: parameters, optimizer state, step and data
+position; the last `keep_checkpoints`), `metrics.jsonl`, TensorBoard events under `tb/`,
+`loss.png`, `run.json` (what this run is; a different rerun is refused unless `--overwrite`) and,
+at the end, `model/` (a `load_model` source: `DIR` itself resolves to it). Killed at any moment and
+restarted with the same command, training continues from the last good checkpoint and the losses
+equal an uninterrupted run's: the data order is a pure function of (seed, epoch, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
+from davir_jax.data.batching import BatchPlan, assemble, local_rows
+from davir_jax.data.dataset import Mixture, TokenizedData, prepare
+from davir_jax.io_utils import file_sha256, write_atomic
+from davir_jax.losses import sft_loss_sums
+from davir_jax.models.loading import (
+    load_model,
+    load_tokenizer_for,
+    save_model,
+    source_fingerprint,
+)
+from davir_jax.sharding import logical_to_spec, make_mesh, state_shardings
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "weights")
+
+
+class TrainRunError(ValueError):
+    """The output directory holds another run, or no checkpoint in it can be restored."""
+
+
+# -- optimizer -------------------------------------------------------------------------------
+
+
+def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0, then cosine, linear or constant to `lr * end_lr_ratio`."""
+    warmup = (
+        cfg.warmup_steps
+        if cfg.warmup_steps is not None
+        else math.ceil(cfg.warmup_ratio * total_steps)  # as HF Trainer's get_warmup_steps
+    )
+    warmup = min(warmup, max(total_steps - 1, 0))
+    end = cfg.lr * cfg.end_lr_ratio
+    rest = max(total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.end_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, rest)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def decay_mask(params: Any, decay_norms_and_biases: bool = False) -> Any:
+    """True for parameters that get weight decay: all but norm scales and biases by default."""
+
+    def keep(path: tuple[Any, ...], _: Any) -> bool:
+        name = jax.tree_util.keystr(path)
+        return decay_norms_and_biases or not ("norm" in name or "bias" in name)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """Gradient clipping (global norm) then AdamW with the schedule and the decay mask."""
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    parts.append(
+        optax.adamw(
+            lr_schedule(cfg, total_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=lambda p: decay_mask(p, cfg.decay_norms_and_biases),
+        )
+    )
+    return optax.chain(*parts)
+
+
+# -- the step --------------------------------------------------------------------------------
+
+
+def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """`[accum, rows, ...]`: rows over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_spec((None, "batch", None), mesh=mesh))
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    chunk: int,
+    shardings: tuple[Any, Any] | None = None,
+    mesh: Mesh | None = None,
+) -> Any:
+    """Jitted `((params, opt_state), batch) -> ((params, opt_state), metrics)`.
+
+    `batch` holds `[accum, rows, width]` arrays (`weights`: `[accum, rows, segments]`). With a
+    mesh, the state shardings are declared (and the state donated) and the batch is split over
+    the data-parallel axes.
+    """
+
+    def sums(params: nnx.State, micro: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, params)
+        return sft_loss_sums(model, *(micro[k] for k in _BATCH_KEYS), chunk=chunk)
+
+    grad_fn = jax.value_and_grad(sums, has_aux=True)
+
+    def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array]):
+        params, opt_state = state
+
+        def micro_step(carry, micro):
+            g_acc, l_acc, n_acc = carry
+            (loss_sum, n), g = grad_fn(params, micro)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, l_acc + loss_sum, n_acc + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (g, loss_sum, n), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), batch)
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss_sum / denom, "tokens": n, "grad_norm": optax.global_norm(grads)}
+        return (params, opt_state), metrics
+
+    if mesh is None or shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    rep = NamedSharding(mesh, P())
+    batch_sh = {k: accum_batch_sharding(mesh) for k in _BATCH_KEYS}
+    return jax.jit(
+        step,
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, {"loss": rep, "tokens": rep, "grad_norm": rep}),
+        donate_argnums=0,
+    )
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_sh: Any, mesh: Mesh):
+    """Optimizer-state shardings: moments follow their parameter, scalars are replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    rep = NamedSharding(mesh, P())
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract,
+        param_sh,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def training_data(
+    cfg: Config,
+    tokenizer: Any,
+    process_index: int = 0,
+    process_count: int = 1,
+    progress: bool = True,
+) -> tuple[TokenizedData | Mixture, dict[str, Any]]:
+    """The data set to train on (`data.path`, or every pool of `train.selection`) and its
+    identity for run.json."""
+    sel = cfg.train.selection
+    if sel is None:
+        data = prepare(cfg.data, tokenizer, process_index, process_count, progress)
+        return data, {"data": data.fields}
+    manifest_path = Path(sel) / "manifest.json" if Path(sel).is_dir() else Path(sel)
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{sel}: no selection manifest.json (write one with davir select)")
+    manifest = json.loads(manifest_path.read_text())
+    parts = []
+    for pool in manifest.get("pools", []):
+        dc = DataConfig(
+            **{
+                **to_dict(cfg.data),
+                "path": str(manifest_path.parent / pool["file"]),
+                "format": pool.get("format") or pool.get("data", {}).get("format", "auto"),
+                "template": pool.get("template") or cfg.data.template,
+                "name": pool["name"],
+            }
+        )
+        parts.append(prepare(dc, tokenizer, process_index, process_count, progress))
+    if not parts:
+        raise ValueError(f"{manifest_path}: the selection has no pools")
+    mix = Mixture(parts, cfg.data)
+    return mix, {"selection": file_sha256(manifest_path), "data": [p.fields for p in parts]}
+
+
+def epoch_plans(data: Any, seed: int, epoch: int, accum: int) -> list[BatchPlan]:
+    """The shuffled plan of one epoch, padded with empty batches to a multiple of `accum`."""
+    plans = data.plans(shuffle=True, seed=seed * 100_003 + epoch)
+    n_rows = len(plans[0].rows) if plans else data.cfg.batch_rows
+    while len(plans) % accum:
+        plans.append(BatchPlan(plans[-1].width if plans else data.cfg.max_len, ((),) * n_rows))
+    return plans
+
+
+def step_batch(
+    data: Any, plans: list[BatchPlan], mesh: Mesh | None, process_index: int, process_count: int
+) -> dict[str, jax.Array]:
+    """This process's rows of `accum` micro-batches, stacked `[accum, rows, width]`, as global
+    arrays. Micro-batches share the largest width among them (a fixed set of shapes)."""
+    width = max(p.width for p in plans)
+    batches = [
+        assemble(local_rows(p, process_index, process_count), width, data.num_segments, data.get)
+        for p in plans
+    ]
+    host = {k: np.stack([getattr(b, k) for b in batches]) for k in _BATCH_KEYS}
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in host.items()}
+    sh = accum_batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sh, v) for k, v in host.items()}
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _manager(directory: Path, keep: int) -> Any:
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        directory.absolute(),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        ),
+        item_names=("state", "meta"),
+    )
+
+
+def save_checkpoint(mngr: Any, step: int, state: Any, meta: dict[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": state[0], "opt_state": state[1]}),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+
+
+def restore_latest(mngr: Any, target: Any, log: Any = print) -> tuple[int, Any, dict] | None:
+    """Restore the newest checkpoint that reads back whole; report and skip broken ones.
+
+    `target` is the abstract `{"params", "opt_state"}` tree with the shardings wanted now (so a
+    checkpoint written on another mesh lands in this mesh's layout).
+    """
+    import orbax.checkpoint as ocp
+
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            got = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+                ),
+            )
+            return step, got["state"], dict(got["meta"])
+        except Exception as e:  # orbax raises many types for missing or corrupt files
+            log(
+                f"checkpoint step {step} in {mngr.directory} cannot be restored "
+                f"({type(e).__name__}: {str(e)[:200]}); trying the previous one"
+            )
+    if steps:
+        raise TrainRunError(
+            f"{mngr.directory}: none of the checkpoints {steps} can be restored; "
+            "use --overwrite to start again"
+        )
+    return None
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+class Metrics:
+    """metrics.jsonl (truncated to the resumed step, so it holds one consistent history) and
+    TensorBoard scalars (tensorboardX: event files without TensorFlow). Process 0 only."""
+
+    def __init__(self, out: Path, resume_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = out / METRICS_FILE
+        self.tb = None
+        if not enabled:
+            return
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= resume_step:
+                    kept.append(line)
+        write_atomic(self.path, "".join(k + "\n" for k in kept))
+        self.file = open(self.path, "a")
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """The loss curve of a run as a PNG next to its metrics."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    if not rows:
+        return
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / response token)")
+    ax.set_title(f"SFT loss, {metrics_path.parent.name}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    write_atomic(png, buf.getvalue())
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    d = cfg.data
+    return {
+        "model": source_fingerprint(cfg.model.source),
+        "dtype": [cfg.model.dtype, cfg.model.compute_dtype or cfg.model.dtype],
+        **data_identity,
+        "batching": {
+            "pack": d.pack,
+            "row_len": d.packed_row_len,
+            "max_segments": d.max_segments,
+            "bucket_min": d.bucket_min,
+            "batch_rows": d.batch_rows,
+        },
+        "optimizer": to_dict(cfg.optimizer),
+        "train": {
+            k: v
+            for k, v in to_dict(cfg.train).items()
+            if k not in ("out", "overwrite", "log_every", "checkpoint_every", "keep_checkpoints")
+        },
+        "total_steps": total_steps,
+        "seed": cfg.seed,
+    }
+
+
+def _claim(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    run_file = out / RUN_FILE
+    if jax.process_index() == 0:
+        if run_file.is_file():
+            old = json.loads(run_file.read_text())
+            if old != identity and not overwrite:
+                diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+                raise TrainRunError(
+                    f"{out} holds another training run (different {', '.join(diff)}); use "
+                    "another --out, or --overwrite to discard it"
+                )
+            if old != identity:
+                shutil.rmtree(out)
+        elif out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise TrainRunError(
+                    f"{out} is not empty and is not a training run; use --overwrite"
+                )
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not run_file.is_file():
+            write_atomic(run_file, json.dumps(identity, indent=1, sort_keys=True))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"davir sft claim {out}")
+
+
+def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
+    """Run (or resume) supervised fine-tuning as described by `cfg`; returns the output dir."""
+    tc = cfg.train
+    if tc.out is None or cfg.model.source is None:
+        raise ValueError("davir sft needs train.out and model.source")
+    if tc.selection is None and cfg.data.path is None:
+        raise ValueError("davir sft needs data.path or train.selection")
+    pi, pc = jax.process_index(), jax.process_count()
+    if mesh is None:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_rows % dp or cfg.data.batch_rows % pc:
+        raise ValueError(
+            f"data.batch_rows={cfg.data.batch_rows} must be a multiple of the data-parallel size "
+            f"{dp} and of the process count {pc}"
+        )
+    out = Path(tc.out)
+    say = (lambda *a: print(*a, file=sys.stderr)) if pi == 0 else (lambda *a: None)
+    tok = load_tokenizer_for(cfg.model.source)
+    data, data_identity = training_data(cfg, tok, pi, pc, progress and pi == 0)
+    if len(data) == 0:
+        raise ValueError("no training examples left after skipping bad rows")
+    say(data.log.report(len(data)))
+    accum = tc.grad_accum
+    steps_per_epoch = len(epoch_plans(data, cfg.seed, 0, accum)) // accum
+    total = tc.epochs * steps_per_epoch
+    if tc.max_steps is not None:
+        total = min(total, tc.max_steps)
+    identity = run_identity(cfg, data_identity, total)
+    _claim(out, identity, tc.overwrite)
+
+    m = cfg.model
+    model = load_model(m.source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(cfg.optimizer, total)
+    param_sh = state_shardings(params, mesh)
+    opt_sh = optimizer_shardings(tx, params, param_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = (params, opt_state)
+    mngr = _manager(out / "checkpoints", tc.keep_checkpoints)
+    step = 0
+    target = {"params": _abstract(params, param_sh), "opt_state": _abstract(opt_state, opt_sh)}
+    restored = restore_latest(mngr, target, say)
+    if restored is not None:
+        step, got, meta = restored
+        state = (got["params"], got["opt_state"])
+        say(
+            f"resumed from checkpoint step {step} (epoch {meta['epoch']}, "
+            f"{meta['examples_seen']:,} examples seen)"
+        )
+    train_step = make_train_step(graphdef, tx, tc.chunk, (param_sh, opt_sh), mesh)
+    schedule = lr_schedule(cfg.optimizer, total)
+    metrics = Metrics(out, step, pi == 0)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc="sft",
+        unit="step",
+        disable=not (progress and pi == 0),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    plans_cache: dict[int, list[BatchPlan]] = {}
+    t0, tokens_run = time.time(), 0.0
+    examples_seen = 0 if restored is None else restored[2]["examples_seen"]
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in plans_cache:
+            plans_cache = {epoch: epoch_plans(data, cfg.seed, epoch, accum)}
+        plans = plans_cache[epoch][k * accum : (k + 1) * accum]
+        batch = step_batch(data, plans, mesh, pi, pc)
+        state, mt = train_step(state, batch)
+        step += 1
+        examples_seen += sum(len(r) for p in plans for r in p.rows)
+        if step % tc.log_every == 0 or step == total:
+            loss, n = float(mt["loss"]), float(mt["tokens"])
+            tokens_run += n
+            dt = max(time.time() - t0, 1e-9)
+            rec = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "tokens": int(n),
+                "grad_norm": float(mt["grad_norm"]),
+                "lr": float(schedule(step - 1)),
+                "examples_seen": examples_seen,
+                "tokens_per_s": tokens_run / dt,
+            }
+            metrics.log(rec)
+            bar.set_postfix_str(f"loss {loss:.4f} {rec['tokens_per_s']:,.0f} tok/s", refresh=False)
+        bar.update(1)
+        if step % tc.checkpoint_every == 0 or step == total:
+            save_checkpoint(
+                mngr,
+                step,
+                state,
+                {
+                    "step": step,
+                    "epoch": step // steps_per_epoch,
+                    "examples_seen": examples_seen,
+                    "seed": cfg.seed,
+                    "steps_per_epoch": steps_per_epoch,
+                },
+            )
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    metrics.close()
+    final = nnx.merge(graphdef, state[0])
+    save_model(final, out / "model", tok)
+    if pi == 0:
+        plot_losses(out / METRICS_FILE, out / "loss.png")
+        say(f"wrote {out / 'model'} (a load_model source) after {step} steps")
+    return out
