@@ -1,0 +1,520 @@
+"""Scoring throughput against Hugging Face transformers + PyTorch, same model, same token ids.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scoring_throughput.py [--models tiny,smollm2]
+        [--sets gsm8k,alpaca] [--append-results]
+
+For each model (a tiny random Llama with SmolLM2's 49,152-token vocabulary, and the real
+SmolLM2-135M) torch gets the same weights through `export_hf`. For each data set (the first rows
+of GSM8K test and of alpaca-libre tasks_v1, `plain` template) every method computes every
+example's summed response NLL from the same token ids and masks (`data.get`):
+
+* ours, packed: `batch_nll` on packed rows (`--row-len` x `--batch-rows`), after a warm-up that
+  compiles every batch shape once;
+* ours, bucketed: the same on length-bucketed padded batches (`pack=False`, `--pad-rows` rows);
+* HF loop: one example at a time, logits -> cross-entropy at the response positions -> sum;
+* HF padded-16: batches of 16 in file order, right padding to the batch maximum + attention_mask;
+* HF padded-16, length-sorted: the same after sorting the examples by length (a stronger baseline).
+
+Throughput = real (non-pad) tokens of all examples / wall time of the pass (host batch assembly
+included). Compilations are counted with `jax.monitoring` (backend compile events) and the jitted
+step's cache size, before and after the timed pass. The per-example NLLs of all methods are
+compared (max relative difference against the HF loop).
+
+Peak memory (`--memory`): for SmolLM2 and a `[rows, seq]` batch, XLA's compiled memory analysis
+of the scoring step (temp buffers, arguments, outputs) and the measured RSS growth while the step
+runs (a sampler thread, in a fresh subprocess per chunk setting), at the default LM-head chunk
+and at chunk = seq, against the `rows * seq * vocab * 4` bytes of full float32 logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.monitoring  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from davir_jax.config import DataConfig  # noqa: E402
+from davir_jax.data import batching  # noqa: E402
+from davir_jax.data.dataset import TokenizedData, prepare  # noqa: E402
+from davir_jax.models import ArchConfig, export_hf, load_model, load_tokenizer, random_model  # noqa: E402
+from davir_jax.models.decoder import Decoder  # noqa: E402
+from davir_jax.scoring import batch_nll, device_batch, nll_step  # noqa: E402
+from davir_jax.sharding import make_mesh  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+SETS = {
+    "gsm8k": SHARED / "gsm8k" / "test.jsonl",
+    "alpaca": SHARED / "alpaca-libre" / "tasks_v1.jsonl",
+}
+# Examples per data set and model: sized so the whole run takes about 10 minutes on 2 CPU cores.
+DEFAULT_N = {
+    ("tiny", "gsm8k"): 512,
+    ("tiny", "alpaca"): 1024,
+    ("smollm2", "gsm8k"): 128,
+    ("smollm2", "alpaca"): 384,
+}
+TINY = ArchConfig(
+    family="llama",
+    vocab_size=49152,
+    hidden_size=256,
+    intermediate_size=768,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_embeddings=True,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# Backend compilations in this process, from jax.monitoring (one event per XLA compile).
+_COMPILES = [0]
+
+
+def _on_event(event: str, duration: float, **kwargs: Any) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+@dataclasses.dataclass
+class Result:
+    """One method's pass over one data set."""
+
+    method: str
+    seconds: float
+    tokens: int
+    nll: np.ndarray
+    note: str = ""
+    compiles_warmup: int | None = None
+    compiles_timed: int | None = None
+    cache_before: int | None = None
+    cache_after: int | None = None
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+# -- ours --------------------------------------------------------------------------------------
+
+
+def score_ours(model: Decoder, data: TokenizedData, chunk: int, method: str) -> Result:
+    """Warm up on one batch of every distinct shape, then time a full pass."""
+    plans = data.plans()
+    fn = nll_step(model.arch, model.run, data.num_segments, chunk)
+    first_of_width: dict[int, batching.BatchPlan] = {}
+    for p in plans:
+        first_of_width.setdefault(p.width, p)
+    c0 = _COMPILES[0]
+    for _, batch in data.batches(list(first_of_width.values())):
+        batch_nll(model, batch, data.num_segments, chunk)
+    warm = _COMPILES[0] - c0
+    cache_before = fn._cache_size()
+    nll = np.full(len(data), np.nan)
+    c0 = _COMPILES[0]
+    t0 = time.perf_counter()
+    for _, batch in data.batches(plans):
+        n, _ = batch_nll(model, batch, data.num_segments, chunk)
+        sel = batch.example_index >= 0
+        nll[batch.example_index[sel]] = n[sel]
+    dt = time.perf_counter() - t0
+    eff = batching.plan_efficiency(plans, data.lengths)
+    shapes = sorted({(len(p.rows), p.width) for p in plans})
+    note = f"{len(plans)} batches, shapes {', '.join(f'{r}x{w}' for r, w in shapes)}; "
+    note += f"{eff:.0%} real tokens"
+    return Result(
+        method,
+        dt,
+        int(data.lengths.sum()),
+        nll,
+        note,
+        warm,
+        _COMPILES[0] - c0,
+        cache_before,
+        fn._cache_size(),
+    )
+
+
+# -- Hugging Face + PyTorch ----------------------------------------------------------------------
+
+
+def load_torch(hf_dir: Path) -> Any:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def hf_loop(model: Any, data: TokenizedData, warmup: int = 3) -> Result:
+    """One example per forward: logits -> cross-entropy at the response positions -> sum."""
+    import torch
+    import torch.nn.functional as F
+
+    def one(i: int) -> float:
+        x, m = data.get([i])[0]
+        ids = torch.from_numpy(x.astype(np.int64))[None]
+        logits = model(input_ids=ids).logits[0, :-1]
+        sel = torch.from_numpy(m[1:] > 0)
+        return float(F.cross_entropy(logits[sel].float(), ids[0, 1:][sel], reduction="sum"))
+
+    nll = np.zeros(len(data))
+    with torch.inference_mode():
+        for i in range(min(warmup, len(data))):
+            one(i)
+        t0 = time.perf_counter()
+        for i in range(len(data)):
+            nll[i] = one(i)
+        dt = time.perf_counter() - t0
+    return Result("HF loop (1 example)", dt, int(data.lengths.sum()), nll)
+
+
+def hf_padded(model: Any, data: TokenizedData, rows: int = 16, sort: bool = False) -> Result:
+    """Batches of `rows` (file order, or sorted by length), right-padded to the batch maximum."""
+    import torch
+    import torch.nn.functional as F
+
+    order = np.argsort(data.lengths, kind="stable") if sort else np.arange(len(data))
+    groups = [order[i : i + rows].tolist() for i in range(0, len(order), rows)]
+
+    def one(idx: list[int]) -> np.ndarray:
+        ex = data.get(idx)
+        width = max(len(x) for x, _ in ex)
+        ids = np.zeros((len(ex), width), np.int64)
+        attn = np.zeros((len(ex), width), np.int64)
+        loss = np.zeros((len(ex), width), bool)
+        for r, (x, m) in enumerate(ex):
+            ids[r, : len(x)], attn[r, : len(x)], loss[r, : len(x)] = x, 1, m > 0
+        tid, tattn = torch.from_numpy(ids), torch.from_numpy(attn)
+        logits = model(input_ids=tid, attention_mask=tattn).logits[:, :-1]
+        sel = torch.from_numpy(loss[:, 1:])
+        tok = F.cross_entropy(logits[sel].float(), tid[:, 1:][sel], reduction="none")
+        row = torch.from_numpy(np.nonzero(loss[:, 1:])[0])
+        return torch.zeros(len(ex), dtype=tok.dtype).index_add_(0, row, tok).numpy()
+
+    nll = np.zeros(len(data))
+    with torch.inference_mode():
+        one(groups[0])  # warm-up
+        t0 = time.perf_counter()
+        for g in groups:
+            nll[g] = one(g)
+        dt = time.perf_counter() - t0
+    pad = sum(len(g) * int(data.lengths[g].max()) for g in groups)
+    name = f"HF padded-{rows}" + (", length-sorted" if sort else "")
+    return Result(name, dt, int(data.lengths.sum()), nll, f"{data.lengths.sum() / pad:.0%} real")
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_probe(rows: int, seq: int, chunk: int, num_segments: int = 16) -> dict[str, Any]:
+    """XLA's memory analysis of SmolLM2's scoring step on `[rows, seq]` and the RSS growth of
+    running it (sampled every millisecond)."""
+    model = load_model("smollm2-135m", "float32", make_mesh(1, 1, 1))
+    rng = np.random.default_rng(0)
+    seg_len = seq // 4
+    batch = batching.Batch(
+        input_ids=rng.integers(3, model.arch.vocab_size, (rows, seq)).astype(np.int32),
+        segment_ids=np.repeat(np.arange(1, 5, dtype=np.int32), seg_len)[None].repeat(rows, 0),
+        positions=np.tile(np.arange(seg_len, dtype=np.int32), 4)[None].repeat(rows, 0),
+        loss_mask=np.ones((rows, seq), np.int32),
+        example_index=np.zeros((rows, num_segments), np.int32),
+        weights=np.zeros((rows, num_segments), np.float32),
+    )
+    _, state = nnx.split(model)
+    arrays = device_batch(batch, model.run.sharder.mesh)
+    fn = nll_step(model.arch, model.run, num_segments, chunk)
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, *arrays).compile()
+    t_compile = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    jax.block_until_ready(compiled(state, *arrays))  # first run: allocator warm-up
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    before = _rss()
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(state, *arrays))
+    t_step = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    return {
+        "rows": rows,
+        "seq": seq,
+        "chunk": chunk,
+        "vocab": model.arch.vocab_size,
+        "temp_bytes": ma.temp_size_in_bytes,
+        "argument_bytes": ma.argument_size_in_bytes,
+        "output_bytes": ma.output_size_in_bytes,
+        "rss_before": before,
+        "rss_growth": max(peak[0] - before, 0),
+        "compile_s": t_compile,
+        "step_s": t_step,
+    }
+
+
+def run_memory(rows: int, seq: int, chunks: list[int]) -> list[dict[str, Any]]:
+    """One fresh subprocess per chunk setting, so RSS growth is not hidden by earlier peaks."""
+    out = []
+    for c in chunks:
+        cmd = [sys.executable, __file__, "--memory-probe", f"{rows},{seq},{c}"]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# -- driver --------------------------------------------------------------------------------------
+
+
+def subset(path: Path, n: int, out_dir: Path) -> Path:
+    """The first `n` lines of a JSONL file (kept in its own format)."""
+    dst = out_dir / f"{path.parent.name}-{path.stem}-first{n}.jsonl"
+    with open(path) as src, open(dst, "w") as f:
+        for i, line in enumerate(src):
+            if i == n:
+                break
+            f.write(line)
+    return dst
+
+
+def prepare_set(
+    path: Path, tok: Any, cache: str, args: argparse.Namespace, pack: bool
+) -> TokenizedData:
+    cfg = DataConfig(
+        path=str(path),
+        template="plain",
+        max_len=args.max_len,
+        cache_dir=cache,
+        pack=pack,
+        row_len=args.row_len if pack else None,
+        max_segments=args.max_segments,
+        batch_rows=args.batch_rows if pack else args.pad_rows,
+        bucket_min=args.bucket_min,
+    )
+    return prepare(cfg, tok, progress=False)
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6)))
+
+
+def bench_model(
+    name: str, model: Decoder, tok: Any, args: argparse.Namespace, work: Path
+) -> list[dict[str, Any]]:
+    hf_dir = export_hf(model, None, work / f"hf-{name}")
+    tm = load_torch(hf_dir)
+    out = []
+    for set_name in args.sets:
+        n = args.n or DEFAULT_N[(name, set_name)]
+        path = subset(SETS[set_name], n, work)
+        cache = str(work / "cache")
+        packed = prepare_set(path, tok, cache, args, pack=True)
+        padded = prepare_set(path, tok, cache, args, pack=False)
+        assert packed.example_ids == padded.example_ids
+        results: list[Result] = []
+        for fn in (
+            lambda: hf_loop(tm, packed),
+            lambda: hf_padded(tm, packed, 16),
+            lambda: hf_padded(tm, packed, 16, sort=True),
+            lambda: score_ours(model, packed, args.chunk, "ours, packed"),
+            lambda: score_ours(model, padded, args.chunk, "ours, bucketed"),
+        ):
+            r = fn()
+            results.append(r)
+            print(
+                f"  {name} {set_name} {r.method}: {r.tok_s:,.0f} tok/s ({r.seconds:.1f} s) {r.note}",
+                flush=True,
+            )
+        loop, pad16 = results[0], results[1]
+        lens = packed.lengths
+        for r in results:
+            out.append(
+                {
+                    "model": name,
+                    "data": f"{set_name} ({len(packed)} ex, {int(lens.sum()):,} tok, "
+                    f"mean {lens.mean():.0f})",
+                    "method": r.method,
+                    "tok_s": r.tok_s,
+                    "seconds": r.seconds,
+                    "vs_loop": r.tok_s / loop.tok_s,
+                    "vs_pad16": r.tok_s / pad16.tok_s,
+                    "rel_diff": rel_diff(r.nll, loop.nll),
+                    "compiles": None
+                    if r.compiles_warmup is None
+                    else f"{r.compiles_warmup} / {r.compiles_timed} "
+                    f"(cache {r.cache_before}->{r.cache_after})",
+                    "note": r.note,
+                }
+            )
+    del tm
+    return out
+
+
+def throughput_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | data | method | real tok/s | s | vs HF loop | vs HF pad-16 | max rel diff "
+        "vs HF loop | compiles warm-up / timed | notes |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['data']} | {r['method']} | {r['tok_s']:,.0f} | "
+            f"{r['seconds']:.1f} | {r['vs_loop']:.2f}x | {r['vs_pad16']:.2f}x | "
+            f"{r['rel_diff']:.1e} | {r['compiles'] or '-'} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(mem: list[dict[str, Any]]) -> str:
+    lines = [
+        "| batch | LM-head chunk | full f32 logits | XLA temp | temp / logits | arguments | "
+        "RSS growth while running | RSS / logits | step s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    mib = 2**20
+    for m in mem:
+        full = m["rows"] * m["seq"] * m["vocab"] * 4
+        lines.append(
+            f"| {m['rows']}x{m['seq']} | {m['chunk']} | {full / mib:,.0f} MiB | "
+            f"{m['temp_bytes'] / mib:,.0f} MiB | {m['temp_bytes'] / full:.2f} | "
+            f"{m['argument_bytes'] / mib:,.0f} MiB | {m['rss_growth'] / mib:,.0f} MiB | "
+            f"{m['rss_growth'] / full:.2f} | {m['step_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}, "
+        f"{jax.device_count()} device); torch {torch.__version__}, "
+        f"torch.get_num_threads()={torch.get_num_threads()}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", default="tiny,smollm2")
+    ap.add_argument("--sets", default="gsm8k,alpaca")
+    ap.add_argument("--n", type=int, default=0, help="examples per set (0: per-model defaults)")
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--row-len", type=int, default=512)
+    ap.add_argument("--batch-rows", type=int, default=8, help="packed rows per batch")
+    ap.add_argument("--pad-rows", type=int, default=16, help="rows per bucketed padded batch")
+    ap.add_argument("--bucket-min", type=int, default=64)
+    ap.add_argument("--max-segments", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=128, help="LM-head chunk of ours")
+    ap.add_argument("--memory", default="8x1024", help="RxT batch for the memory check; '' skips")
+    ap.add_argument("--append-results", action="store_true", help="append to RESULTS.md")
+    ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_probe:
+        r, t, c = (int(v) for v in args.memory_probe.split(","))
+        print(json.dumps(memory_probe(r, t, c)))
+        return
+    args.models = [m for m in args.models.split(",") if m]
+    args.sets = [s for s in args.sets.split(",") if s]
+    missing = [str(SETS[s]) for s in args.sets if not SETS[s].is_file()]
+    if missing:
+        print(f"skipped: the shared data is absent ({', '.join(missing)})")
+        return
+    cmd = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scoring_throughput.py " + " ".join(
+        sys.argv[1:]
+    )
+    info = machine()
+    print(info, flush=True)
+    t_start = time.perf_counter()
+    tok = load_tokenizer("smollm2-135m")
+    mesh = make_mesh(1, 1, 1)
+    builders: dict[str, Callable[[], Decoder]] = {
+        "tiny": lambda: random_model(TINY, "float32", mesh, seed=0),
+        "smollm2": lambda: load_model("smollm2-135m", "float32", mesh),
+    }
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            print(f"{name}:", flush=True)
+            rows += bench_model(name, builders[name](), tok, args, Path(tmp))
+    mem: list[dict[str, Any]] = []
+    if args.memory:
+        r, t = (int(v) for v in args.memory.lower().split("x"))
+        print(f"memory: SmolLM2 step on {r}x{t}, chunk {args.chunk} and {t}", flush=True)
+        mem = run_memory(r, t, [args.chunk, t])
+    total = time.perf_counter() - t_start
+    section = [
+        f"## Scoring throughput vs HF transformers + PyTorch (`benchmarks/scoring_throughput.py`, "
+        f"{datetime.date.today().isoformat()})",
+        "",
+        f"Command: `{cmd.strip()}` ({total / 60:.1f} min).",
+        f"Machine: {info}.",
+        f"Ours: float32, packed rows {args.row_len} x {args.batch_rows} per batch "
+        f"(max {args.max_segments} examples/row) or length buckets from {args.bucket_min} "
+        f"({args.pad_rows} rows), max_len {args.max_len}, LM-head chunk {args.chunk}. "
+        "HF: float32, sdpa attention, inference_mode. Same token ids and masks on both sides; "
+        "tok/s = real (non-pad) tokens / wall time of the pass after warm-up.",
+        "",
+        throughput_table(rows),
+    ]
+    if mem:
+        section += [
+            "",
+            "Peak memory of one SmolLM2 scoring step (XLA compiled memory analysis; RSS sampled "
+            "every ms in a fresh process while the step runs):",
+            "",
+            memory_table(mem),
+        ]
+    text = "\n".join(section) + "\n"
+    print()
+    print(text)
+    if args.append_results:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
