@@ -101,6 +101,37 @@ def _on_event(event: str, duration: float, **kwargs: Any) -> None:
 jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 
+def _busy_s() -> float:
+    """Busy CPU seconds of the whole machine so far (/proc/stat), or NaN where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Cores used by this process, and by everything else on the machine, over a timed span:
+    another job on a 2-core box would silently skew a throughput comparison."""
+
+    def __enter__(self) -> CpuMeter:
+        self.t0, self.own0, self.busy0 = time.perf_counter(), _own_s(), _busy_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        own = _own_s() - self.own0
+        self.own = own / self.seconds
+        self.other = max((_busy_s() - self.busy0 - own) / self.seconds, 0.0)
+
+
+def _own_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 @dataclasses.dataclass
 class Result:
     """One method's pass over one data set."""
@@ -110,6 +141,8 @@ class Result:
     tokens: int
     nll: np.ndarray
     note: str = ""
+    cores: float = float("nan")
+    other: float = float("nan")
     compiles_warmup: int | None = None
     compiles_timed: int | None = None
     cache_before: int | None = None
@@ -137,22 +170,23 @@ def score_ours(model: Decoder, data: TokenizedData, chunk: int, method: str) -> 
     cache_before = fn._cache_size()
     nll = np.full(len(data), np.nan)
     c0 = _COMPILES[0]
-    t0 = time.perf_counter()
-    for _, batch in data.batches(plans):
-        n, _ = batch_nll(model, batch, data.num_segments, chunk)
-        sel = batch.example_index >= 0
-        nll[batch.example_index[sel]] = n[sel]
-    dt = time.perf_counter() - t0
+    with CpuMeter() as cpu:
+        for _, batch in data.batches(plans):
+            n, _ = batch_nll(model, batch, data.num_segments, chunk)
+            sel = batch.example_index >= 0
+            nll[batch.example_index[sel]] = n[sel]
     eff = batching.plan_efficiency(plans, data.lengths)
     shapes = sorted({(len(p.rows), p.width) for p in plans})
     note = f"{len(plans)} batches, shapes {', '.join(f'{r}x{w}' for r, w in shapes)}; "
     note += f"{eff:.0%} real tokens"
     return Result(
         method,
-        dt,
+        cpu.seconds,
         int(data.lengths.sum()),
         nll,
         note,
+        cpu.own,
+        cpu.other,
         warm,
         _COMPILES[0] - c0,
         cache_before,
@@ -187,11 +221,11 @@ def hf_loop(model: Any, data: TokenizedData, warmup: int = 3) -> Result:
     with torch.inference_mode():
         for i in range(min(warmup, len(data))):
             one(i)
-        t0 = time.perf_counter()
-        for i in range(len(data)):
-            nll[i] = one(i)
-        dt = time.perf_counter() - t0
-    return Result("HF loop (1 example)", dt, int(data.lengths.sum()), nll)
+        with CpuMeter() as cpu:
+            for i in range(len(data)):
+                nll[i] = one(i)
+    tokens = int(data.lengths.sum())
+    return Result("HF loop (1 example)", cpu.seconds, tokens, nll, "", cpu.own, cpu.other)
 
 
 def hf_padded(model: Any, data: TokenizedData, rows: int = 16, sort: bool = False) -> Result:
@@ -220,13 +254,13 @@ def hf_padded(model: Any, data: TokenizedData, rows: int = 16, sort: bool = Fals
     nll = np.zeros(len(data))
     with torch.inference_mode():
         one(groups[0])  # warm-up
-        t0 = time.perf_counter()
-        for g in groups:
-            nll[g] = one(g)
-        dt = time.perf_counter() - t0
+        with CpuMeter() as cpu:
+            for g in groups:
+                nll[g] = one(g)
     pad = sum(len(g) * int(data.lengths[g].max()) for g in groups)
     name = f"HF padded-{rows}" + (", length-sorted" if sort else "")
-    return Result(name, dt, int(data.lengths.sum()), nll, f"{data.lengths.sum() / pad:.0%} real")
+    note = f"{data.lengths.sum() / pad:.0%} real tokens"
+    return Result(name, cpu.seconds, int(data.lengths.sum()), nll, note, cpu.own, cpu.other)
 
 
 # -- memory --------------------------------------------------------------------------------------
@@ -348,17 +382,19 @@ def bench_model(
         padded = prepare_set(path, tok, cache, args, pack=False)
         assert packed.example_ids == padded.example_ids
         results: list[Result] = []
-        for fn in (
-            lambda: hf_loop(tm, packed),
-            lambda: hf_padded(tm, packed, 16),
-            lambda: hf_padded(tm, packed, 16, sort=True),
-            lambda: score_ours(model, packed, args.chunk, "ours, packed"),
-            lambda: score_ours(model, padded, args.chunk, "ours, bucketed"),
-        ):
-            r = fn()
+        runs: list[tuple[Callable[..., Result], tuple[Any, ...]]] = [
+            (hf_loop, (tm, packed)),
+            (hf_padded, (tm, packed, 16)),
+            (hf_padded, (tm, packed, 16, True)),
+            (score_ours, (model, packed, args.chunk, "ours, packed")),
+            (score_ours, (model, padded, args.chunk, "ours, bucketed")),
+        ]
+        for fn, fn_args in runs:
+            r = fn(*fn_args)
             results.append(r)
             print(
-                f"  {name} {set_name} {r.method}: {r.tok_s:,.0f} tok/s ({r.seconds:.1f} s) {r.note}",
+                f"  {name} {set_name} {r.method}: {r.tok_s:,.0f} tok/s ({r.seconds:.1f} s, "
+                f"{r.cores:.1f} cores, others {r.other:.1f}) {r.note}",
                 flush=True,
             )
         loop, pad16 = results[0], results[1]
@@ -379,24 +415,24 @@ def bench_model(
                     if r.compiles_warmup is None
                     else f"{r.compiles_warmup} / {r.compiles_timed} "
                     f"(cache {r.cache_before}->{r.cache_after})",
+                    "cores": f"{r.cores:.1f} / {r.other:.1f}",
                     "note": r.note,
                 }
             )
-    del tm
     return out
 
 
 def throughput_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | data | method | real tok/s | s | vs HF loop | vs HF pad-16 | max rel diff "
-        "vs HF loop | compiles warm-up / timed | notes |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "vs HF loop | compiles warm-up / timed | cores used / by others | notes |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['data']} | {r['method']} | {r['tok_s']:,.0f} | "
             f"{r['seconds']:.1f} | {r['vs_loop']:.2f}x | {r['vs_pad16']:.2f}x | "
-            f"{r['rel_diff']:.1e} | {r['compiles'] or '-'} | {r['note']} |"
+            f"{r['rel_diff']:.1e} | {r['compiles'] or '-'} | {r['cores']} | {r['note']} |"
         )
     return "\n".join(lines)
 

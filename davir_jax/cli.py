@@ -112,12 +112,13 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.models import export_hf, load_model, load_tokenizer
+    from davir_jax.models import export_hf, load_model
+    from davir_jax.models.loading import load_tokenizer_for
 
     model = load_model(args.source, args.dtype)
     tok = None
     try:
-        tok = load_tokenizer(args.source)
+        tok = load_tokenizer_for(args.source)
     except (ValueError, OSError) as e:
         print(f"note: no tokenizer exported ({e})", file=sys.stderr)
     out = export_hf(model, tok, args.out)
@@ -180,6 +181,34 @@ def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
         flags.append("--data.strict=true")
     out = sft(_load_cfg(args, flags + overrides), progress=not args.quiet)
     print(f"wrote {out} (metrics.jsonl, checkpoints/, model/)")
+    return 0
+
+
+_EVAL_FLAGS = {
+    "model": "model.source",
+    "data": "data.path",
+    "format": "data.format",
+    "template": "data.template",
+    "max_len": "data.max_len",
+    "out": "eval.out",
+    "generate": "eval.generate",
+    "max_new_tokens": "eval.max_new_tokens",
+}
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from davir_jax.evaluate import run_eval
+
+    flags = [
+        f"--{key}={getattr(args, k)}"
+        for k, key in _EVAL_FLAGS.items()
+        if getattr(args, k) is not None
+    ]
+    res = run_eval(_load_cfg(args, flags + overrides), progress=not args.quiet)
+    line = f"loss {res['loss']:.4f} nats/token ({res['n_examples']:,} examples)"
+    if "accuracy" in res:
+        line += f", {res['answer_check']} accuracy {res['accuracy']:.3f} of {res['n_generated']}"
+    print(line)
     return 0
 
 
@@ -270,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strict", action="store_true", help="any bad input row is an error")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_sft)
+    ev = sub.add_parser(
+        "eval",
+        help="held-out loss, generation (KV cache; greedy or sampled) and exact-match accuracy",
+    )
+    _config_args(ev)
+    ev.add_argument("--model", help="model source (model.source)")
+    ev.add_argument("--data", help="data file (data.path)")
+    ev.add_argument("--format", help="data.format")
+    ev.add_argument("--template", help="data.template")
+    ev.add_argument("--max-len", dest="max_len", type=int, help="data.max_len")
+    ev.add_argument("--out", help="write eval.json and generations.jsonl here (eval.out)")
+    ev.add_argument("--generate", type=int, help="generate answers for the first N examples")
+    ev.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(fn=cmd_eval)
     sel = sub.add_parser(
         "select",
         help="select the top examples by a score (per pool, with budgets)",

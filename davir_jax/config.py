@@ -202,6 +202,30 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`davir eval`: held-out loss on `data.path`, and answers generated for `generate` examples.
+
+    `answer`: how a generation is checked against the reference response: `gsm8k` (the number
+    after ####, compared numerically), `exact` (normalised string equality) or `auto` (gsm8k for
+    the gsm8k format, else exact). `generate: 0` skips generation.
+    """
+
+    out: str | None = None
+    generate: int | None = 0  # None: every example
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    answer: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.answer not in ("auto", "gsm8k", "exact"):
+            raise ValueError(f"answer: {self.answer!r} is not auto, gsm8k or exact")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature: must be >= 0 (and top_p in (0, 1])")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run. Sections for optimizer, training and DPO join here."""
 
@@ -211,6 +235,7 @@ class Config:
     scoring: ScoringConfig = dataclasses.field(default_factory=ScoringConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     seed: int = 0
 
 
@@ -386,6 +411,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimizerConfig",

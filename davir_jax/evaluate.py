@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,3 +29,145 @@ def sequence_losses(
     batch = assemble(rows, width, 1, lambda idx: [items[i] for i in idx])
     nll, n = batch_nll(model, batch, num_segments=1)
     return [float(a) / max(float(c), 1.0) for a, c in zip(nll[: len(sequences), 0], n[:, 0])]
+
+
+def held_out_loss(model: Decoder, data: Any, chunk: int = 128) -> dict[str, Any]:
+    """Response NLL of every example of a prepared data set: the token-weighted mean (nats per
+    response token, the SFT loss) and the mean of per-example means; and the per-example rows."""
+    nll = np.zeros(len(data))
+    cnt = np.zeros(len(data))
+    for _, batch in data.batches(data.plans()):
+        a, n = batch_nll(model, batch, data.num_segments, chunk)
+        sel = batch.example_index >= 0
+        nll[batch.example_index[sel]] = a[sel]
+        cnt[batch.example_index[sel]] = n[sel]
+    return {
+        "loss": float(nll.sum() / max(cnt.sum(), 1.0)),
+        "mean_example_loss": float(np.mean(nll / np.maximum(cnt, 1.0))),
+        "n_examples": len(data),
+        "n_tokens": int(cnt.sum()),
+        "nll": nll,
+        "n_tokens_each": cnt,
+    }
+
+
+def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
+    """`davir eval`: held-out loss, and generated answers with exact-match accuracy."""
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from davir_jax.answers import CHECKERS
+    from davir_jax.data.dataset import prepare
+    from davir_jax.data.readers import read_examples
+    from davir_jax.generation import generate
+    from davir_jax.io_utils import write_atomic
+    from davir_jax.models.loading import load_model, load_tokenizer_for
+    from davir_jax.sharding import make_mesh
+
+    ec, m = cfg.eval, cfg.model
+    if m.source is None or cfg.data.path is None:
+        raise ValueError("davir eval needs model.source and data.path")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    tok = load_tokenizer_for(m.source)
+    model = load_model(m.source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
+    data = prepare(cfg.data, tok, progress=progress)
+    t0 = time.time()
+    loss = held_out_loss(model, data)
+    result: dict[str, Any] = {
+        "model": m.source,
+        "data": str(cfg.data.path),
+        "template": cfg.data.template,
+        "loss": loss["loss"],
+        "mean_example_loss": loss["mean_example_loss"],
+        "n_examples": loss["n_examples"],
+        "n_tokens": loss["n_tokens"],
+        "skipped": dict(data.log.skipped),
+        "loss_s": round(time.time() - t0, 2),
+    }
+    print(
+        f"held-out loss {loss['loss']:.4f} nats/token over {loss['n_tokens']:,} response "
+        f"tokens of {loss['n_examples']:,} examples",
+        file=sys.stderr,
+    )
+    n_gen = len(data) if ec.generate is None else min(ec.generate, len(data))
+    rows = []
+    if n_gen:
+        answer = (
+            ec.answer
+            if ec.answer != "auto"
+            else ("gsm8k" if data.fields["format"] == "gsm8k" else "exact")
+        )
+        check = CHECKERS[answer]
+        wanted = set(data.example_ids[:n_gen])
+        refs = {
+            e.example_id: e.response
+            for e in read_examples(
+                cfg.data.path,
+                data.fields["format"],
+                source=data.source,
+                fields=cfg.data.fields or None,
+            )
+            if e.example_id in wanted
+        }
+        eos = sorted(
+            {tok.eos_token_id}
+            | set(
+                model.arch.eos_token_id
+                if isinstance(model.arch.eos_token_id, tuple)
+                else [model.arch.eos_token_id]
+            )
+            - {None}
+        )
+        t0 = time.time()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_gen, desc="generate", unit="ex", disable=not progress, file=sys.stderr)
+        for s in range(0, n_gen, ec.batch_size):
+            idx = list(range(s, min(s + ec.batch_size, n_gen)))
+            prompts = []
+            for ids, mask in data.get(idx):
+                prompts.append(ids[: int(np.argmax(mask > 0))].tolist())
+            outs = generate(
+                model, prompts, ec.max_new_tokens, eos, ec.temperature, ec.top_p, cfg.seed + s
+            )
+            for i, p, o in zip(idx, prompts, outs):
+                eid = data.example_ids[i]
+                text = tok.decode(o, skip_special_tokens=True)
+                rows.append(
+                    {
+                        "example_id": eid,
+                        "prompt": tok.decode(p, skip_special_tokens=False),
+                        "reference": refs[eid],
+                        "generated": text,
+                        "n_generated": len(o),
+                        "correct": bool(check(text, refs[eid])),
+                    }
+                )
+            bar.update(len(idx))
+        bar.close()
+        result.update(
+            {
+                "answer_check": answer,
+                "n_generated": len(rows),
+                "accuracy": float(np.mean([r["correct"] for r in rows])),
+                "generation": {
+                    "max_new_tokens": ec.max_new_tokens,
+                    "temperature": ec.temperature,
+                    "top_p": ec.top_p,
+                    "seed": cfg.seed,
+                },
+                "generate_s": round(time.time() - t0, 2),
+            }
+        )
+    if ec.out:
+        out = Path(ec.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if rows:
+            write_atomic(
+                out / "generations.jsonl",
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+            )
+        write_atomic(out / "eval.json", json.dumps(result, indent=1))
+    return result

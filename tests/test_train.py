@@ -275,3 +275,22 @@ def test_decay_mask_and_schedule():
     assert float(s(55)) == pytest.approx(0.5, abs=0.02) and float(s(99)) < 0.01
     tx = make_optimizer(OptimizerConfig(), 10)
     assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_trained_run_exports_to_hugging_face(tmp_path, base):
+    import torch
+    import transformers
+
+    from davir_jax.cli import main
+
+    data = _data(tmp_path / "d.jsonl", 8)
+    out = sft(_cfg(tmp_path, base, data, train={"max_steps": 2}), progress=False)
+    assert main(["export", str(out), str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = np.array([[1, 5, 6, 7, 8]])
+    ours = np.asarray(load_model(out)(ids))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok("hello world")["input_ids"] == word_tokenizer(True)("hello world")["input_ids"]

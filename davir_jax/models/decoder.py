@@ -43,6 +43,35 @@ class RunConfig:
     sharder: Sharder = dataclasses.field(default_factory=Sharder)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every layer for `slots` positions, for incremental decoding.
+
+    `k[l]`, `v[l]`: `[B, slots, kv_heads, head_dim]`; `segment_ids`/`positions` `[B, slots]`
+    describe the cached keys (segment 0 = empty or padding, never attended); `index` is the next
+    slot to write (the same for every row: prompts are left-padded).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    segment_ids: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, arch: ArchConfig, batch: int, slots: int, dtype: Any) -> KVCache:
+        shape = (batch, slots, arch.num_kv_heads, arch.resolved_head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(arch.num_layers))
+        return cls(
+            k=zeros,
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(arch.num_layers)),
+            segment_ids=jnp.zeros((batch, slots), jnp.int32),
+            positions=jnp.zeros((batch, slots), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
 def _param(
     rngs: nnx.Rngs | None,
     shape: tuple[int, ...],
@@ -103,15 +132,26 @@ def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray)
 
 
 def attention_mask(
-    segment_ids_bt: jax.Array, positions_bt: jax.Array, window: int | None
+    segment_ids_bt: jax.Array,
+    positions_bt: jax.Array,
+    window: int | None,
+    key_segment_ids: jax.Array | None = None,
+    key_positions: jax.Array | None = None,
+    offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """`[B, T, T]` boolean: causal within a segment, optionally limited to a sliding window."""
-    t = segment_ids_bt.shape[1]
-    idx = jnp.arange(t)
-    mask = (idx[None, :] <= idx[:, None])[None]
-    mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    """`[B, T, S]` boolean: causal within a segment, optionally limited to a sliding window.
+
+    Without a cache the keys are the queries (S = T). With one, the keys are the cache's slots
+    and query t sits in slot `offset + t`: it sees slots up to its own.
+    """
+    if key_segment_ids is None:
+        key_segment_ids, key_positions = segment_ids_bt, positions_bt
+    t, s = segment_ids_bt.shape[1], key_segment_ids.shape[1]
+    q_slot = offset + jnp.arange(t)
+    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None]
+    mask = mask & (segment_ids_bt[:, :, None] == key_segment_ids[:, None, :])
     if window is not None:
-        dist = positions_bt[:, :, None] - positions_bt[:, None, :]
+        dist = positions_bt[:, :, None] - key_positions[:, None, :]
         mask = mask & (dist < window)
     return mask
 
@@ -138,7 +178,9 @@ class Attention(nnx.Module):
         segment_ids_bt: jax.Array,
         positions_bt: jax.Array,
         inv_freq: np.ndarray,
-    ) -> jax.Array:
+        cache: tuple[jax.Array, jax.Array, KVCache] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Attention output, and with `cache = (k_slots, v_slots, cache)` the updated slots."""
         arch, cd = self.arch, to_dtype(self.run.compute_dtype)
 
         def proj(w: nnx.Param, bias_name: str) -> jax.Array:
@@ -152,20 +194,34 @@ class Attention(nnx.Module):
         v = proj(self.v_proj, "v_bias")
         b, t, h, hd = q.shape
         kv = arch.num_kv_heads
+        new_slots = None
+        if cache is None:
+            mask = attention_mask(segment_ids_bt, positions_bt, self.window)
+        else:
+            k_slots, v_slots, c = cache
+            at = (0, c.index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_slots, k.astype(k_slots.dtype), at)
+            v = jax.lax.dynamic_update_slice(v_slots, v.astype(v_slots.dtype), at)
+            new_slots = (k, v)
+            k, v = k.astype(cd), v.astype(cd)
+            mask = attention_mask(
+                segment_ids_bt, positions_bt, self.window, c.segment_ids, c.positions, c.index
+            )
         # Grouped-query attention: query head h reads kv head h // (H / KV), as HF's repeat_kv.
         q = q.reshape(b, t, kv, h // kv, hd)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(arch.attention_scale, cd)
         if arch.attn_logit_softcap is not None:
             cap = arch.attn_logit_softcap
             scores = jnp.tanh(scores / cap) * cap
-        mask = attention_mask(segment_ids_bt, positions_bt, self.window)[:, None, None]
-        scores = jnp.where(mask, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        scores = jnp.where(
+            mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
+        )
         probs = jax.nn.softmax(scores, axis=-1).astype(cd)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.get_value().astype(cd))
         if arch.o_bias:
             y = y + self.o_bias.get_value().astype(cd)
-        return y
+        return y, new_slots
 
 
 def _activation(name: str, x: jax.Array) -> jax.Array:
@@ -220,14 +276,19 @@ class Block(nnx.Module):
         self.mlp = MLP(arch, run, rngs)
 
     def __call__(
-        self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, inv_freq: np.ndarray
-    ) -> jax.Array:
-        h = self.attn(self.input_norm(x), segment_ids, positions, inv_freq)
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        inv_freq: np.ndarray,
+        cache: tuple[jax.Array, jax.Array, KVCache] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        h, slots = self.attn(self.input_norm(x), segment_ids, positions, inv_freq, cache)
         if self.arch.family == "gemma2":
             x = x + self.post_attn_norm(h)
-            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x))), slots
         x = x + h
-        return x + self.mlp(self.post_attn_norm(x))
+        return x + self.mlp(self.post_attn_norm(x)), slots
 
 
 class Decoder(nnx.Module):
@@ -251,8 +312,13 @@ class Decoder(nnx.Module):
         input_ids: jax.Array,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Final-norm hidden states `[B, T, embed]` in the compute dtype."""
+        cache: KVCache | None = None,
+    ) -> Any:
+        """Final-norm hidden states `[B, T, embed]` in the compute dtype.
+
+        With a `cache`, the tokens are appended at `cache.index` (attending to every cached slot
+        of their segment) and `(hidden, updated cache)` is returned: incremental decoding.
+        """
         arch, run = self.arch, self.run
         cd = to_dtype(run.compute_dtype)
         b, t = input_ids.shape
@@ -266,13 +332,32 @@ class Decoder(nnx.Module):
             x = x * jnp.asarray(arch.hidden_size**0.5, dtype=cd)
         x = run.sharder.constrain(x, ("batch", "seq", "embed"))
         inv_freq = rope_inv_freq(arch)  # a trace-time constant
-        for block in self.layers:
-            if run.remat:
-                x = nnx.remat(lambda blk, x_: blk(x_, segment_ids, positions, inv_freq))(block, x)
+        if cache is not None:
+            at = (0, cache.index)
+            cache = dataclasses.replace(
+                cache,
+                segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, at),
+                positions=jax.lax.dynamic_update_slice(cache.positions, positions, at),
+            )
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache)
+            if run.remat and cache is None:
+                x, _ = nnx.remat(lambda blk, x_: blk(x_, segment_ids, positions, inv_freq))(
+                    block, x
+                )
             else:
-                x = block(x, segment_ids, positions, inv_freq)
+                x, slots = block(x, segment_ids, positions, inv_freq, layer_cache)
+                if slots is not None:
+                    new_k.append(slots[0])
+                    new_v.append(slots[1])
             x = run.sharder.constrain(x, ("batch", "seq", "embed"))
-        return self.final_norm(x)
+        h = self.final_norm(x)
+        if cache is None:
+            return h
+        return h, dataclasses.replace(
+            cache, k=tuple(new_k), v=tuple(new_v), index=cache.index + input_ids.shape[1]
+        )
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         """LM-head logits (float32) for any `[..., embed]` slice of hidden states.
