@@ -49,10 +49,10 @@ def peak_flops(kind: str) -> float | None:
     return None
 
 
-def host_random_model(arch, dtype: str, mesh):
+def host_random_model(arch, dtype: str, mesh, compute_dtype: str | None = None, remat=False):
     """A model of `arch` with small pseudo-random weights made on the host (a repeated random
     tile: values do not matter for throughput, and filling 7B normals would take minutes)."""
-    run = RunConfig(dtype, dtype, False, Sharder(mesh))
+    run = RunConfig(dtype, compute_dtype or dtype, remat, Sharder(mesh))
     _, abs_state = abstract_model(arch, run)
     shapes = {p: tuple(v.get_value().shape) for p, v in iter_params(abs_state)}
     tile = (np.random.default_rng(0).standard_normal(1 << 16) * 0.02).astype(np.float32)

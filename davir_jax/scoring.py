@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,6 @@ from jax.sharding import PartitionSpec as P
 
 from davir_jax.config import Config, to_dict
 from davir_jax.data.batching import Batch
-from davir_jax.data.dataset import TokenizedData, prepare
 from davir_jax.data.readers import iter_rows
 from davir_jax.data.skips import SkipLog
 from davir_jax.io_utils import write_atomic
@@ -59,6 +58,9 @@ from davir_jax.models.loading import load_model, load_tokenizer_for, source_fing
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 from davir_jax.models.weights import abstract_model
 from davir_jax.sharding import batch_sharding, make_mesh, state_shardings
+
+if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
+    from davir_jax.data.dataset import TokenizedData
 
 MODELS = ("base", "reference")
 RUN_FILE = "run.json"
@@ -290,6 +292,8 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
                 f"the base ({sc.base}) and reference ({sc.reference}) tokenizers differ; "
                 "scores would compare different token sequences"
             )
+    from davir_jax.data.dataset import prepare
+
     data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0)
     if pi == 0 and progress:
         print(data.log.report(len(data)), file=sys.stderr)

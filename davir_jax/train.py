@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,6 @@ from jax.sharding import PartitionSpec as P
 
 from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
 from davir_jax.data.batching import BatchPlan, assemble, local_rows
-from davir_jax.data.dataset import Mixture, TokenizedData, prepare
 from davir_jax.io_utils import file_sha256, write_atomic
 from davir_jax.losses import sft_loss_sums
 from davir_jax.models.loading import (
@@ -48,6 +47,9 @@ from davir_jax.models.loading import (
     source_fingerprint,
 )
 from davir_jax.sharding import logical_to_spec, make_mesh, state_shardings
+
+if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
+    from davir_jax.data.dataset import Mixture, TokenizedData
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -192,6 +194,8 @@ def training_data(
 ) -> tuple[TokenizedData | Mixture, dict[str, Any]]:
     """The data set to train on (`data.path`, or every pool of `train.selection`) and its
     identity for run.json."""
+    from davir_jax.data.dataset import Mixture, prepare
+
     sel = cfg.train.selection
     if sel is None:
         data = prepare(cfg.data, tokenizer, process_index, process_count, progress)

@@ -1,0 +1,129 @@
+"""Throughput and MFU of the SFT step (`davir_jax.train.make_train_step`: forward, backward,
+AdamW update, gradient accumulation in one jitted, sharded, donated step) on models of real
+shapes with host-filled random weights (see forward_mfu.py).
+
+    python benchmarks/train_mfu.py --preset qwen2-0.5b --rows 8 --seq 2048 --accum 1 \
+        --compute-dtype bfloat16
+
+FLOPs per token: 3 x the forward's (forward + backward = 2 x forward for the weights and the
+activations), i.e. 6 x (non-embedding + LM-head parameters) + 3 x causal attention. With `--remat`
+the recomputed forward is not counted (MFU counts useful work only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from forward_mfu import host_random_model, peak_flops  # noqa: E402
+
+from davir_jax.config import OptimizerConfig, load_config  # noqa: E402
+from davir_jax.sharding import make_mesh, state_shardings  # noqa: E402
+from davir_jax.train import (  # noqa: E402
+    accum_batch_sharding,
+    make_optimizer,
+    make_train_step,
+    optimizer_shardings,
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="smollm2-135m")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="parameter (master weight) dtype")
+    p.add_argument("--compute-dtype", default="bfloat16")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    arch = load_config(ROOT / "configs" / "models" / f"{a.preset}.yaml").model.arch
+    mesh = make_mesh(1, -1, 1)
+    t0 = time.time()
+    model = host_random_model(arch, a.dtype, mesh, a.compute_dtype, a.remat)
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(OptimizerConfig(lr=1e-5, warmup_steps=0), 1000)
+    psh = state_shardings(params, mesh)
+    osh = optimizer_shardings(tx, params, psh, mesh)
+    state = (params, jax.jit(tx.init, out_shardings=osh)(params))
+    jax.block_until_ready(state)
+    init_s = time.time() - t0
+    step = make_train_step(graphdef, tx, a.chunk, (psh, osh), mesh)
+    rng = np.random.default_rng(0)
+    shape = (a.accum, a.rows, a.seq)
+    sh = accum_batch_sharding(mesh)
+    half = (np.arange(a.seq) >= a.seq // 4).astype(np.int32)
+    batch = {
+        "input_ids": rng.integers(0, arch.vocab_size, shape).astype(np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), shape).copy(),
+        "loss_mask": np.broadcast_to(half, shape).copy(),
+        "weights": np.ones((a.accum, a.rows, 1), np.float32),
+    }
+    batch = {k: jax.device_put(v, sh) for k, v in batch.items()}
+    t0 = time.time()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.time() - t0
+    times = []
+    for _ in range(a.iters):
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    tokens = a.accum * a.rows * a.seq
+    n = arch.num_params()
+    embed = arch.vocab_size * arch.hidden_size
+    dense = n - embed * (1 if arch.tie_embeddings else 2)
+    fwd_tok = (
+        2 * (dense + embed) + 2 * arch.num_layers * arch.num_heads * arch.resolved_head_dim * a.seq
+    )
+    achieved = 3 * fwd_tok * tokens / dt
+    kind = jax.devices()[0].device_kind
+    peak = peak_flops(kind)
+    res = {
+        "bench": "train_step",
+        "preset": a.preset,
+        "params": n,
+        "param_dtype": a.dtype,
+        "compute_dtype": a.compute_dtype,
+        "remat": a.remat,
+        "rows": a.rows,
+        "seq": a.seq,
+        "accum": a.accum,
+        "devices": len(jax.devices()),
+        "device_kind": kind,
+        "jax": jax.__version__,
+        "init_s": round(init_s, 2),
+        "compile_s": round(compile_s, 2),
+        "compiles_after_warmup": step._cache_size(),
+        "step_s_median": round(dt, 4),
+        "tokens_per_s": round(tokens / dt, 1),
+        "tflops_per_s": round(achieved / 1e12, 2),
+        "mfu": round(achieved / (peak * len(jax.devices())), 4) if peak else None,
+        "loss": float(m["loss"]),
+    }
+    print(json.dumps(res))
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
