@@ -69,8 +69,8 @@ SETS = {
 DEFAULT_N = {
     ("tiny", "gsm8k"): 512,
     ("tiny", "alpaca"): 1024,
-    ("smollm2", "gsm8k"): 128,
-    ("smollm2", "alpaca"): 384,
+    ("smollm2", "gsm8k"): 96,
+    ("smollm2", "alpaca"): 256,
 }
 TINY = ArchConfig(
     family="llama",
@@ -143,6 +143,7 @@ class Result:
     note: str = ""
     cores: float = float("nan")
     other: float = float("nan")
+    tries: int = 1
     compiles_warmup: int | None = None
     compiles_timed: int | None = None
     cache_before: int | None = None
@@ -292,7 +293,6 @@ def memory_probe(rows: int, seq: int, chunk: int, num_segments: int = 16) -> dic
     compiled = fn.lower(state, *arrays).compile()
     t_compile = time.perf_counter() - t0
     ma = compiled.memory_analysis()
-    jax.block_until_ready(compiled(state, *arrays))  # first run: allocator warm-up
     peak, stop = [0], threading.Event()
 
     def sample() -> None:
@@ -391,6 +391,13 @@ def bench_model(
         ]
         for fn, fn_args in runs:
             r = fn(*fn_args)
+            for _ in range(args.retries):
+                if not r.other > args.busy:
+                    break
+                print(f"  (others used {r.other:.1f} cores during {r.method}: rerun)", flush=True)
+                again, tries = fn(*fn_args), r.tries + 1
+                r = again if again.seconds < r.seconds else r
+                r.tries = tries
             results.append(r)
             print(
                 f"  {name} {set_name} {r.method}: {r.tok_s:,.0f} tok/s ({r.seconds:.1f} s, "
@@ -416,7 +423,7 @@ def bench_model(
                     else f"{r.compiles_warmup} / {r.compiles_timed} "
                     f"(cache {r.cache_before}->{r.cache_after})",
                     "cores": f"{r.cores:.1f} / {r.other:.1f}",
-                    "note": r.note,
+                    "note": r.note + (f"; best of {r.tries} passes" if r.tries > 1 else ""),
                 }
             )
     return out
@@ -485,6 +492,13 @@ def main() -> None:
     ap.add_argument("--bucket-min", type=int, default=64)
     ap.add_argument("--max-segments", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=128, help="LM-head chunk of ours")
+    ap.add_argument(
+        "--busy",
+        type=float,
+        default=0.25,
+        help="rerun a pass when other processes used more than this many cores during it",
+    )
+    ap.add_argument("--retries", type=int, default=1, help="reruns of a disturbed pass")
     ap.add_argument("--memory", default="8x1024", help="RxT batch for the memory check; '' skips")
     ap.add_argument("--append-results", action="store_true", help="append to RESULTS.md")
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
