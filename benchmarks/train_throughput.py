@@ -137,14 +137,22 @@ def main() -> None:
         (Path(tmp) / "gsm.jsonl").write_text("\n".join(lines) + "\n")
         res = {}
         for pack in (True, False):
-            cfg = DataConfig(path=str(Path(tmp) / "gsm.jsonl"), cache_dir=tmp, max_len=256,
-                             batch_rows=2 if pack else 4, pack=pack, max_segments=8)
+            cfg = DataConfig(
+                path=str(Path(tmp) / "gsm.jsonl"),
+                cache_dir=tmp,
+                max_len=256,
+                batch_rows=2 if pack else 4,
+                pack=pack,
+                max_segments=8,
+            )
             data = prepare(cfg, tok, progress=False)
             res["packed" if pack else "padded"] = ours(model, data, args.steps, args.per_step)
         export_hf(model, tok, Path(tmp) / "hf")
         res["torch"] = torch_loop(Path(tmp) / "hf", data, args.steps, args.per_step)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}, jax {jax.__version__}, torch {torch.__version__}"
+    )
     print("| implementation | real tokens/s | vs PyTorch | compiles before / after timing |")
     print("| --- | ---: | ---: | --- |")
     t = res["torch"]

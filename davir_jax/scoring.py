@@ -295,8 +295,6 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     from davir_jax.data.dataset import prepare
 
     data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0)
-    if pi == 0 and progress:
-        print(data.log.report(len(data)), file=sys.stderr)
     out = Path(sc.out)
     identity = run_identity(cfg, data, fingerprints)
     _claim_out_dir(out, identity, sc.overwrite)

@@ -375,8 +375,8 @@ def select_mixture(
                 | ({"value": pool.budget.value} if pool.budget.kind != "all" else {}),
                 "n_pool": len(ids),
                 "n_selected": len(idx),
-                "file": f"{name}.jsonl",
-                "format": "jsonl",
+                "file": f"{name}.jsonl",  # JSON lines, each the source row unchanged
+                "format": manifest["data"].get("format", "auto"),  # the rows' data format
             }
         )
         inputs[name] = {"scores_sha256": file_sha256(f), "fingerprints": manifest["fingerprints"]}

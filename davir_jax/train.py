@@ -452,7 +452,6 @@ def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     data, data_identity = training_data(cfg, tok, pi, pc, progress and pi == 0)
     if len(data) == 0:
         raise ValueError("no training examples left after skipping bad rows")
-    say(data.log.report(len(data)))
     accum = tc.grad_accum
     steps_per_epoch = len(epoch_plans(data, cfg.seed, 0, accum)) // accum
     total = tc.epochs * steps_per_epoch

@@ -243,3 +243,14 @@ def test_no_recompilation_after_warm_up():
         if _ == 0:
             warm = fn._cache_size()
     assert warm - before == len({p.width for p in plans}) and fn._cache_size() == warm
+
+
+def test_prepared_data_set_has_a_manifest_with_skips(tmp_path):
+    tok = word_tokenizer(True)
+    path = tmp_path / "d.jsonl"
+    _write(path, ROWS + [{"prompt": "x"}, {"prompt": "y", "response": ""}])
+    d = prepare(DataConfig(path=str(path), cache_dir=str(tmp_path / "c")), tok, progress=False)
+    m = json.loads((d.directory / "manifest.json").read_text())
+    assert m["n_examples"] == 2 and m["skipped"] == {"missing_field": 1, "empty_response": 1}
+    assert m["where"]["missing_field"][0].startswith(f"{path}:3")
+    assert m["fields"]["template"] == "plain" and m["n_tokens"] == int(d.lengths.sum())

@@ -27,8 +27,12 @@ def test_greedy_equals_transformers_generate(tmp_path, family):
     for p, got in zip(prompts, ours):
         with torch.no_grad():
             want = hf.generate(
-                torch.tensor([p]), max_new_tokens=20, do_sample=False, eos_token_id=None,
-                pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                torch.tensor([p]),
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
             )[0, len(p) :].tolist()
         assert got == want
 
@@ -60,8 +64,12 @@ def test_gsm8k_answers_on_real_lines(shared_data):
     assert gsm8k_answer("#### 1,234") == 1234.0 and gsm8k_answer("so $5.50.") == 5.5
     assert gsm8k_correct("... the answer is 18", first) and not gsm8k_correct("17", first)
     assert gsm8k_correct("#### 18.0", first) and not gsm8k_correct("no number", first)
-    sols = [json.loads(x) for x in
-            (shared_data / "gsm8k" / "example_model_solutions.jsonl").read_text().splitlines()[:50]]
+    sols = [
+        json.loads(x)
+        for x in (shared_data / "gsm8k" / "example_model_solutions.jsonl")
+        .read_text()
+        .splitlines()[:50]
+    ]
     for r in sols:  # the file's own verdicts agree with our checker on its solutions
         for k, v in r.items():
             if isinstance(v, dict):
@@ -77,12 +85,28 @@ def test_davir_eval_cli(tmp_path, capsys):
 
     make_hf_model("llama", tmp_path / "m", seed=0)
     word_tokenizer(True).save_pretrained(tmp_path / "m")
-    rows = [{"question": "add two and three", "answer": "five #### 5"},
-            {"question": "what is two", "answer": "two #### 2"}]
+    rows = [
+        {"question": "add two and three", "answer": "five #### 5"},
+        {"question": "what is two", "answer": "two #### 2"},
+    ]
     (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc = main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "g.jsonl"),
-               "--out", str(tmp_path / "ev"), "--generate", "2", "--max-new-tokens", "5",
-               f"--data.cache_dir={tmp_path / 'c'}", "-q"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "m"),
+            "--data",
+            str(tmp_path / "g.jsonl"),
+            "--out",
+            str(tmp_path / "ev"),
+            "--generate",
+            "2",
+            "--max-new-tokens",
+            "5",
+            f"--data.cache_dir={tmp_path / 'c'}",
+            "-q",
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert res["answer_check"] == "gsm8k" and res["n_generated"] == 2
@@ -94,8 +118,11 @@ def test_davir_eval_cli(tmp_path, capsys):
     from davir_jax.data.dataset import prepare
     from davir_jax.scoring import batch_nll
 
-    data = prepare(DataConfig(path=str(tmp_path / "g.jsonl"), cache_dir=str(tmp_path / "c")),
-                   word_tokenizer(True), progress=False)
+    data = prepare(
+        DataConfig(path=str(tmp_path / "g.jsonl"), cache_dir=str(tmp_path / "c")),
+        word_tokenizer(True),
+        progress=False,
+    )
     model = load_model(tmp_path / "m")
     tot = n = 0.0
     for _, b in data.batches(data.plans()):

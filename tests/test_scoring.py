@@ -345,4 +345,23 @@ def test_score_then_select_a_mixture_through_the_cli(tmp_path, models, capsys):
     back = list(read_examples(tmp_path / "sel" / "a.jsonl", "alpaca"))
     assert [json.loads(e.record) for e in back] == [json.loads(table[k]["record"]) for k in top]
     assert "6 of 24" in capsys.readouterr().out
+    # The SFT trainer reads the selection directly: 6 + 6 examples per epoch.
+    rc = main(
+        [
+            "sft",
+            "--model",
+            str(root / "base"),
+            "--selection",
+            str(tmp_path / "sel"),
+            "--out",
+            str(tmp_path / "sft"),
+            "--train.epochs=1",
+            f"--data.cache_dir={tmp_path / 'c2'}",
+            "--data.max_len=128",
+            "-q",
+        ]
+    )
+    assert rc == 0
+    recs = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["examples_seen"] == 12
     assert main(["score", "--data", str(alpaca), "--out", str(tmp_path / "x"), "-q"]) == 2

@@ -52,8 +52,10 @@ def base(tmp_path_factory):
 def _data(path: Path, n: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     rows = [
-        {"prompt": " ".join(rng.choice(PLAIN, rng.integers(2, 6))),
-         "response": " " + " ".join(rng.choice(PLAIN, rng.integers(2, 8)))}
+        {
+            "prompt": " ".join(rng.choice(PLAIN, rng.integers(2, 6))),
+            "response": " " + " ".join(rng.choice(PLAIN, rng.integers(2, 8))),
+        }
         for _ in range(n)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -63,10 +65,17 @@ def _data(path: Path, n: int, seed: int = 0) -> Path:
 def _cfg(tmp_path, base, data, out="run", **kw) -> Config:
     return Config(
         model=ModelConfig(source=str(base)),
-        data=DataConfig(path=str(data), cache_dir=str(tmp_path / "cache"), batch_rows=8,
-                        max_len=32, **kw.pop("data", {})),
+        data=DataConfig(
+            path=str(data),
+            cache_dir=str(tmp_path / "cache"),
+            batch_rows=8,
+            max_len=32,
+            **kw.pop("data", {}),
+        ),
         optimizer=OptimizerConfig(**{"lr": 3e-3, "warmup_steps": 2, **kw.pop("optimizer", {})}),
-        train=TrainConfig(out=str(tmp_path / out), **{"checkpoint_every": 2, **kw.pop("train", {})}),
+        train=TrainConfig(
+            out=str(tmp_path / out), **{"checkpoint_every": 2, **kw.pop("train", {})}
+        ),
         **kw,
     )
 
@@ -77,8 +86,13 @@ def _losses(out: Path) -> list[float]:
 
 def test_loss_falls_and_a_tiny_set_is_memorised(tmp_path, base):
     data = _data(tmp_path / "d.jsonl", 8)
-    cfg = _cfg(tmp_path, base, data, train={"epochs": 150, "checkpoint_every": 1000},
-               optimizer={"lr": 1e-2, "schedule": "constant"})
+    cfg = _cfg(
+        tmp_path,
+        base,
+        data,
+        train={"epochs": 150, "checkpoint_every": 1000},
+        optimizer={"lr": 1e-2, "schedule": "constant"},
+    )
     out = sft(cfg, progress=False)
     losses = _losses(out)
     assert len(losses) == 150  # 8 examples in one packed row per step
@@ -117,7 +131,10 @@ def _examples(n: int, seed: int = 1):
 
 
 def _step_batch(rows_list, width, segs, data):
-    bs = [batching.assemble(rows, width, segs, lambda idx: [data[i] for i in idx]) for rows in rows_list]
+    bs = [
+        batching.assemble(rows, width, segs, lambda idx: [data[i] for i in idx])
+        for rows in rows_list
+    ]
     keys = ("input_ids", "segment_ids", "positions", "loss_mask", "weights")
     return {k: jax.numpy.asarray(np.stack([getattr(b, k) for b in bs])) for k in keys}
 
@@ -175,8 +192,12 @@ def test_sharded_step_equals_one_device(base):
     batch = _step_batch([rows], 16, 1, data)
     one = _one_step(base, batch, make_mesh(1, 1, 1, jax.devices()[:1]))
     mesh = make_mesh(2, 2, 2)
-    sharded_batch = {k: jax.device_put(v, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))) for k, v in batch.items()}
+    sharded_batch = {
+        k: jax.device_put(
+            v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+        )
+        for k, v in batch.items()
+    }
     eight = _one_step(base, sharded_batch, mesh)
     np.testing.assert_allclose(eight[0], one[0], rtol=1e-5)
     _close(eight[2], one[2], 1e-4)
@@ -216,15 +237,31 @@ def test_checkpoint_restores_onto_another_mesh_and_corrupt_one_is_skipped(tmp_pa
 def _cli(args, env_extra=None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, "-m", "davir_jax.cli", "sft", *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "davir_jax.cli", "sft", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_killed_and_restarted_equals_uninterrupted(tmp_path, base):
     data = _data(tmp_path / "d.jsonl", 64, seed=3)
-    common = ["--model", str(base), "--data", str(data), f"--data.cache_dir={tmp_path / 'c'}",
-              "--data.batch_rows=2", "--data.max_len=32", "--train.epochs=6",
-              "--train.checkpoint_every=3", "--train.grad_accum=2", "--optimizer.lr=1e-3", "-q"]
+    common = [
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        f"--data.cache_dir={tmp_path / 'c'}",
+        "--data.batch_rows=2",
+        "--data.max_len=32",
+        "--train.epochs=6",
+        "--train.checkpoint_every=3",
+        "--train.grad_accum=2",
+        "--optimizer.lr=1e-3",
+        "-q",
+    ]
     full = _cli(common + ["--out", str(tmp_path / "full")])
     assert full.wait(600) == 0, full.stdout.read().decode()
     out = tmp_path / "killed"
@@ -263,11 +300,20 @@ def test_decay_mask_and_schedule():
     from davir_jax.models import ArchConfig, random_model
     from davir_jax.train import decay_mask, lr_schedule
 
-    arch = ArchConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
-                      num_heads=2, num_kv_heads=1, qkv_bias=True)
+    arch = ArchConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        qkv_bias=True,
+    )
     _, params = nnx.split(random_model(arch))
-    mask = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}
+    mask = {
+        jax.tree_util.keystr(p): v
+        for p, v in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
+    }
     assert not any(v for k, v in mask.items() if "norm" in k or "bias" in k)
     assert all(v for k, v in mask.items() if "proj" in k and "bias" not in k)
     s = lr_schedule(OptimizerConfig(lr=1.0, warmup_ratio=0.1), 100)
@@ -294,3 +340,32 @@ def test_trained_run_exports_to_hugging_face(tmp_path, base):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok("hello world")["input_ids"] == word_tokenizer(True)("hello world")["input_ids"]
+
+
+def test_sft_on_a_selection(tmp_path, base):
+    """`davir sft --selection` trains on exactly the selected rows of every pool."""
+    rows = [json.loads(x) for x in _data(tmp_path / "a.jsonl", 10).read_text().splitlines()]
+    sel = tmp_path / "sel"
+    # A hand-made selection output in the layout `davir select` writes.
+    sel.mkdir()
+    (sel / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (sel / "manifest.json").write_text(
+        json.dumps(
+            {
+                "pools": [
+                    {
+                        "name": "a",
+                        "file": "a.jsonl",
+                        "format": "prompt_response",
+                        "template": "plain",
+                    }
+                ]
+            }
+        )
+    )
+    cfg = _cfg(
+        tmp_path, base, tmp_path / "unused.jsonl", train={"selection": str(sel), "epochs": 2}
+    )
+    out = sft(cfg, progress=False)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["examples_seen"] == 8  # 4 selected examples, 2 epochs

@@ -14,6 +14,7 @@ awaited, and the skip accounts of all parts are merged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ from davir_jax.data.storage import (
     wait_for_parts,
 )
 from davir_jax.data.templates import Encoder
-from davir_jax.io_utils import file_sha256
+from davir_jax.io_utils import file_sha256, write_atomic
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 
 # Bump when the tokenized layout or a template's definition changes (invalidates caches).
@@ -220,6 +221,21 @@ def prepare(
     log = SkipLog()
     for info in store.infos:
         log.merge(info.get("log", {}))
+    if process_index == 0:
+        # The data set's own manifest: what it holds and what could not be used, and where.
+        manifest = {
+            "fields": fields,
+            "path": str(Path(cfg.path).resolve()),
+            "n_examples": len(store),
+            "n_tokens": int(store.lengths.sum()),
+            **log.to_dict(),
+        }
+        text = json.dumps(manifest, indent=1, sort_keys=True)
+        mpath = directory / "manifest.json"
+        if not mpath.is_file() or mpath.read_text() != text:
+            write_atomic(mpath, text)
+    if progress and process_index == 0:
+        print(f"{cfg.path}: " + log.report(len(store)), file=sys.stderr)
     if cfg.strict and log.total:
         reason = next(iter(log.skipped))
         raise DataError(
