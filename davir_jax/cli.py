@@ -212,6 +212,35 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+_DPO_FLAGS = {
+    "model": "model.source",
+    "data": "data.path",
+    "format": "data.format",
+    "template": "data.template",
+    "max_len": "data.max_len",
+    "out": "train.out",
+    "objective": "dpo.objective",
+    "beta": "dpo.beta",
+    "reference": "dpo.reference",
+    "reference_scores": "dpo.reference_scores",
+}
+
+
+def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from davir_jax.preference import dpo
+
+    flags = [
+        f"--{key}={getattr(args, k)}"
+        for k, key in _DPO_FLAGS.items()
+        if getattr(args, k) is not None
+    ]
+    if args.overwrite:
+        flags.append("--train.overwrite=true")
+    out = dpo(_load_cfg(args, flags + overrides), progress=not args.quiet)
+    print(f"wrote {out} (metrics.jsonl, eval.json, checkpoints/, model/)")
+    return 0
+
+
 def cmd_select(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.selection import run_select
 
@@ -299,6 +328,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strict", action="store_true", help="any bad input row is an error")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_sft)
+    po = sub.add_parser(
+        "dpo",
+        help="preference training: dpo, ipo, dpo_norm or davir_dpo (resumable)",
+        description="Reference log-probs are precomputed once (or read from a davir score run "
+        "with --reference-scores); --dpo.reference_in_step=true keeps the reference resident.",
+    )
+    _config_args(po)
+    po.add_argument("--model", help="the policy's starting point, usually the SFT model")
+    po.add_argument("--data", help="preference pairs file (data.path)")
+    po.add_argument("--format", help="data.format (preference, hh_rlhf, gsm8k_solutions)")
+    po.add_argument("--template", help="data.template")
+    po.add_argument("--max-len", dest="max_len", type=int, help="data.max_len (per response)")
+    po.add_argument("--out", help="output directory (train.out)")
+    po.add_argument("--objective", help="dpo.objective")
+    po.add_argument("--beta", type=float, help="dpo.beta (default: the objective's)")
+    po.add_argument("--reference", help="reference model (default: --model)")
+    po.add_argument(
+        "--reference-scores",
+        dest="reference_scores",
+        help="a davir score run on the same pairs (its nll_ref column)",
+    )
+    po.add_argument("--overwrite", action="store_true", help="discard another run's outputs")
+    po.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    po.set_defaults(fn=cmd_dpo)
     ev = sub.add_parser(
         "eval",
         help="held-out loss, generation (KV cache; greedy or sampled) and exact-match accuracy",

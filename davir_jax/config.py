@@ -202,6 +202,48 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Preference training (`davir dpo`) on `data.path` (a preference format), from `model.source`.
+
+    `objective`: dpo | ipo | dpo_norm | davir_dpo (`davir_jax.losses.PREFERENCE_OBJECTIVES`);
+    `beta`: None takes the objective's documented default. The reference log-probs are
+    precomputed once (`reference`, default the starting model) and read from the batch, or taken
+    from a `davir score` run on the same pairs (`reference_scores`); `reference_in_step` computes
+    them inside the step instead (reference model resident). `eval_fraction` of the pairs (chosen
+    by a hash of their id) is held out for the end-of-training preference accuracy and the
+    margin-length correlation.
+    """
+
+    objective: str = "davir_dpo"
+    beta: float | None = None
+    label_smoothing: float = 0.0
+    reference: str | None = None
+    reference_scores: str | None = None
+    reference_in_step: bool = False
+    eval_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        from davir_jax.losses import PREFERENCE_OBJECTIVES
+
+        if self.objective not in PREFERENCE_OBJECTIVES:
+            raise ValueError(
+                f"objective: {self.objective!r} is not one of {', '.join(PREFERENCE_OBJECTIVES)}"
+            )
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError(f"beta: must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+
+    @property
+    def resolved_beta(self) -> float:
+        from davir_jax.losses import PREFERENCE_OBJECTIVES
+
+        return self.beta if self.beta is not None else PREFERENCE_OBJECTIVES[self.objective][1]
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """`davir eval`: held-out loss on `data.path`, and answers generated for `generate` examples.
 
@@ -236,6 +278,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     seed: int = 0
 
 
@@ -410,6 +453,7 @@ __all__ = [
     "ArchConfig",
     "Config",
     "ConfigError",
+    "DPOConfig",
     "DataConfig",
     "EvalConfig",
     "MeshConfig",

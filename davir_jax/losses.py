@@ -121,3 +121,67 @@ def sft_loss_sums(
         model, input_ids, segment_ids, positions, loss_mask, weights.shape[1], chunk
     )
     return (nll * weights).sum(), (cnt * weights).sum()
+
+
+# -- preference objectives ----------------------------------------------------------------------
+# Each takes per-pair summed log-probs of the chosen (c) and rejected (r) responses under the
+# policy (`pi_*`) and the frozen reference (`ref_*`), their response-token counts (`n_*`), `beta`
+# and the label smoothing, and returns (per-pair loss, reward of c, reward of r), `[...]` each.
+# The rewards are what TRL logs as rewards/chosen and rewards/rejected for that objective.
+
+# Reference NLLs are floored here (nats) so a response the reference finds certain (NLL rounding
+# to 0 in float32) cannot divide by zero in `davir_dpo`.
+MIN_REF_NLL = 1e-3
+
+
+def _smoothed_sigmoid_loss(z: jax.Array, label_smoothing: float) -> jax.Array:
+    """-(1 - e) log sigmoid(z) - e log sigmoid(-z): DPO's loss with conservative label smoothing
+    (Mitchell 2023, "A note on DPO with noisy preferences")."""
+    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(
+        -z
+    )
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7):
+    -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])."""
+    rc, rr = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    return _smoothed_sigmoid_loss(rc - rr, label_smoothing), rc, rr
+
+
+def ipo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
+    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17), with summed sequence log-probs:
+    (h - 1 / (2 beta))^2 with h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)).
+    At the reference (h = 0) it is 1 / (4 beta^2), not log 2. Label smoothing does not apply."""
+    h = (pi_c - ref_c) - (pi_r - ref_r)
+    return (h - 1.0 / (2.0 * beta)) ** 2, beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+
+
+def dpo_norm_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
+    """Token-normalised DPO: each log-ratio divided by its response's token count,
+    r(y) = beta * (log pi(y|x) - log ref(y|x)) / T(y); loss -log sigmoid(r(y_w) - r(y_l))."""
+    rc = beta * (pi_c - ref_c) / jnp.maximum(n_c, 1.0)
+    rr = beta * (pi_r - ref_r) / jnp.maximum(n_r, 1.0)
+    return _smoothed_sigmoid_loss(rc - rr, label_smoothing), rc, rr
+
+
+def davir_dpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
+    """DavIR-DPO (Zhou et al., arXiv 2310.13008, Sec. 4): each log-ratio divided by the response's
+    own NLL under the frozen reference, L_ref(y|x) = -log ref(y|x) (summed):
+    r(y) = beta * (log pi(y|x) - log ref(y|x)) / L_ref(y|x); loss -log sigmoid(r(y_w) - r(y_l)).
+    The same relative loss reduction as the DavIR selection score."""
+    rc = beta * (pi_c - ref_c) / jnp.maximum(-ref_c, MIN_REF_NLL)
+    rr = beta * (pi_r - ref_r) / jnp.maximum(-ref_r, MIN_REF_NLL)
+    return _smoothed_sigmoid_loss(rc - rr, label_smoothing), rc, rr
+
+
+# name -> (function, default beta). DPO's 0.1 is the paper's and TRL's default; IPO's 0.1 is
+# TRL's; token-normalised log-ratios are ~T times smaller, so dpo_norm's default is larger (the
+# SimPO range, arXiv 2405.14734); davir_dpo's normaliser is tens to hundreds of nats, and its
+# default was chosen by the experiment recorded in benchmarks/RESULTS.md.
+PREFERENCE_OBJECTIVES: dict[str, tuple[Callable[..., Any], float]] = {
+    "dpo": (dpo_loss, 0.1),
+    "ipo": (ipo_loss, 0.1),
+    "dpo_norm": (dpo_norm_loss, 2.0),
+    "davir_dpo": (davir_dpo_loss, 10.0),
+}

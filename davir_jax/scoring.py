@@ -252,8 +252,15 @@ def _load(cfg: Config, source: str, mesh: Mesh) -> Decoder:
     return load_model(source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
 
 
+def scored_models(cfg: Config) -> tuple[str, ...]:
+    """The models this run scores: both, or the reference alone when no base is given (the
+    reference log-probs of preference pairs for DPO)."""
+    return tuple(m for m in MODELS if getattr(cfg.scoring, m) is not None)
+
+
 def _passes(cfg: Config) -> list[tuple[str, ...]]:
-    return [MODELS] if cfg.scoring.resident == "both" else [(m,) for m in MODELS]
+    models = scored_models(cfg)
+    return [models] if cfg.scoring.resident == "both" else [(m,) for m in models]
 
 
 def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
@@ -262,7 +269,7 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     `mesh` defaults to `cfg.mesh` over all devices.
     """
     sc = cfg.scoring
-    missing = [k for k in ("base", "reference", "out") if getattr(sc, k) is None]
+    missing = [k for k in ("reference", "out") if getattr(sc, k) is None]
     if missing or cfg.data.path is None:
         names = [f"scoring.{k}" for k in missing] + (["data.path"] if cfg.data.path is None else [])
         raise ValueError(f"davir score needs {', '.join(names)}")
@@ -276,13 +283,10 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
             f"data.batch_rows={cfg.data.batch_rows} must be a multiple of the data-parallel size "
             f"{dp} (mesh data*fsdp) and of the process count {pc}"
         )
-    tok = load_tokenizer_for(sc.tokenizer or sc.base)
-    fingerprints = {
-        "base": source_fingerprint(sc.base),
-        "reference": source_fingerprint(sc.reference),
-        "tokenizer": tokenizer_fingerprint(tok),
-    }
-    if sc.tokenizer is None:
+    tok = load_tokenizer_for(sc.tokenizer or sc.base or sc.reference)
+    fingerprints = {m: source_fingerprint(getattr(sc, m)) for m in scored_models(cfg)}
+    fingerprints["tokenizer"] = tokenizer_fingerprint(tok)
+    if sc.tokenizer is None and sc.base is not None:
         try:
             ref_tok = load_tokenizer_for(sc.reference)
         except (OSError, ValueError):
@@ -293,8 +297,11 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
                 "scores would compare different token sequences"
             )
     from davir_jax.data.dataset import prepare
+    from davir_jax.data.readers import PAIR_FORMATS, resolve_format
 
-    data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0)
+    # Preference files: both responses of every pair are scored (ids ".../chosen", ".../rejected").
+    pairs = resolve_format(cfg.data.path, cfg.data.format) in PAIR_FORMATS
+    data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0, pairs=pairs)
     out = Path(sc.out)
     identity = run_identity(cfg, data, fingerprints)
     _claim_out_dir(out, identity, sc.overwrite)
@@ -378,8 +385,12 @@ def _merge(
     import hashlib
 
     cols = {}
-    for m in MODELS:
-        t = _read_model_shards(out, m, n_shards, pc).sort_by("index")
+    models = scored_models(cfg)
+    for m in models:
+        # (row, id): the two responses of a preference pair share a row.
+        t = _read_model_shards(out, m, n_shards, pc).sort_by(
+            [("index", "ascending"), ("example_id", "ascending")]
+        )
         ids = t.column("example_id").to_pylist()
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
@@ -388,23 +399,30 @@ def _merge(
             missing = sorted(set(data.example_ids) - set(ids))[:5]
             raise RuntimeError(f"{out}: the {m} shards miss examples, e.g. {missing}")
         cols[m] = t
-    base, ref = cols["base"], cols["reference"]
-    if base.column("example_id").to_pylist() != ref.column("example_id").to_pylist():
+    ref = cols["reference"]
+    base = cols.get("base")
+    if base is not None and (
+        base.column("example_id").to_pylist() != ref.column("example_id").to_pylist()
+    ):
         raise RuntimeError(f"{out}: base and reference shards hold different examples")
-    rows = base.column("index").to_pylist()
+    rows = ref.column("index").to_pylist()
     text = _source_rows(data, set(rows))
     records = [text[r] for r in rows]
     table = pa.table(
         {
-            "example_id": base.column("example_id"),
+            "example_id": ref.column("example_id"),
             "source": pa.array([data.source] * len(rows), pa.string()),
-            "row": base.column("index"),
+            "row": ref.column("index"),
             "content_hash": pa.array(
                 [hashlib.sha256(t.encode()).hexdigest()[:16] for t in records], pa.string()
             ),
-            "n_tokens": base.column("n_tokens"),
-            "nll_base": base.column("nll"),
+            "n_tokens": ref.column("n_tokens"),
+            "nll_base": base.column("nll")
+            if base is not None
+            else pa.nulls(len(rows), pa.float64()),
             "nll_ref": ref.column("nll"),
+            # Summed log-probs, for DPO (log p_ref(y|x) = -nll_ref).
+            "logp_ref": pa.array(-ref.column("nll").to_numpy(), pa.float64()),
             "record": pa.array(records, pa.string()),
         }
     )
@@ -425,6 +443,7 @@ def _merge(
         "template": data.cfg.template,
         "fingerprints": {**identity["models"], "data": data.fields["data_sha256"]},
         "models": {"base": cfg.scoring.base, "reference": cfg.scoring.reference},
+        "pairs": data.fields.get("sides") == "both",
         "skipped": dict(data.log.skipped),
         "warnings": dict(data.log.warnings),
         "skip_locations": data.log.to_dict()["where"],
@@ -434,7 +453,7 @@ def _merge(
         "wall_s": round(time.time() - t_start, 3),
     }
     write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
-    if cfg.scoring.diagnostics:
+    if cfg.scoring.diagnostics and base is not None:
         from davir_jax.diagnostics import write_diagnostics
 
         write_diagnostics(out, echo=False)

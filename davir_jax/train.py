@@ -20,11 +20,13 @@ equal an uninterrupted run's: the data order is a pure function of (seed, epoch,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,52 +120,99 @@ def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec((None, "batch", None), mesh=mesh))
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a training step minimises, over one micro-batch.
+
+    `fn(model, micro, frozen_model) -> (loss_sum, denom, aux_sums)`: the step adds these up over
+    all micro-batches of the global batch and reports `loss_sum / denom` (and every aux sum divided
+    by `denom`). `frozen_model` is the frozen reference model, or None when it is not needed.
+    `batch_keys` are the micro-batch arrays the step receives, `[accum, rows, ...]`.
+    """
+
+    name: str
+    fn: Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+    batch_keys: tuple[str, ...]
+    aux: tuple[str, ...] = ()
+    denom_name: str = "tokens"  # what `denom` counts, as reported in the metrics
+
+
+def sft_objective(chunk: int = 128) -> Objective:
+    """The SFT loss: the mean over every response token of the global batch."""
+
+    def fn(model: Any, micro: dict[str, jax.Array], _frozen: Any = None):
+        loss_sum, tokens = sft_loss_sums(model, *(micro[k] for k in _BATCH_KEYS), chunk=chunk)
+        return loss_sum, tokens, {}
+
+    return Objective("sft", fn, _BATCH_KEYS)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
-    chunk: int,
+    objective: Objective | int,
     shardings: tuple[Any, Any] | None = None,
     mesh: Mesh | None = None,
+    frozen: tuple[nnx.GraphDef, Any] | None = None,
 ) -> Any:
-    """Jitted `((params, opt_state), batch) -> ((params, opt_state), metrics)`.
+    """Jitted `((params, opt_state), batch[, frozen_params]) -> ((params, opt_state), metrics)`.
 
-    `batch` holds `[accum, rows, width]` arrays (`weights`: `[accum, rows, segments]`). With a
-    mesh, the state shardings are declared (and the state donated) and the batch is split over
-    the data-parallel axes.
+    `batch` holds `[accum, rows, ...]` arrays; the micro-batches run in a `lax.scan` and the
+    gradients of the summed loss are divided once by the global `denom` (tokens for SFT, pairs
+    for DPO), so the result does not depend on how the batch was split. An int `objective` is the
+    SFT loss with that LM-head chunk. With a mesh, the state shardings are declared (and the state
+    donated) and the batch is split over the data-parallel axes. `frozen = (graphdef, shardings)`
+    adds a frozen model's parameters as a third argument (an in-step reference).
     """
+    if isinstance(objective, int):
+        objective = sft_objective(objective)
+    frozen_def = None if frozen is None else frozen[0]
 
-    def sums(params: nnx.State, micro: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def sums(params: nnx.State, micro: dict[str, jax.Array], frozen_params: Any):
         model = nnx.merge(graphdef, params)
-        return sft_loss_sums(model, *(micro[k] for k in _BATCH_KEYS), chunk=chunk)
+        ref = None
+        if frozen_params is not None:
+            ref = nnx.merge(frozen_def, jax.lax.stop_gradient(frozen_params))
+        loss_sum, denom, aux = objective.fn(model, micro, ref)
+        return loss_sum, (denom, aux)
 
     grad_fn = jax.value_and_grad(sums, has_aux=True)
 
-    def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array]):
+    def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array], frozen_params=None):
         params, opt_state = state
 
         def micro_step(carry, micro):
-            g_acc, l_acc, n_acc = carry
-            (loss_sum, n), g = grad_fn(params, micro)
+            g_acc, l_acc, n_acc, aux_acc = carry
+            (loss_sum, (denom, aux)), g = grad_fn(params, micro, frozen_params)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, l_acc + loss_sum, n_acc + n), None
+            aux_acc = {k: aux_acc[k] + aux[k] for k in aux_acc}
+            return (g_acc, l_acc + loss_sum, n_acc + denom, aux_acc), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (g, loss_sum, n), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0), batch)
+        aux0 = {k: jnp.zeros((), jnp.float32) for k in objective.aux}
+        (g, loss_sum, n, aux), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0, aux0), batch)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / denom, "tokens": n, "grad_norm": optax.global_norm(grads)}
+        metrics = {
+            "loss": loss_sum / denom,
+            objective.denom_name: n,
+            "grad_norm": optax.global_norm(grads),
+        }
+        metrics.update({k: v / denom for k, v in aux.items()})
         return (params, opt_state), metrics
 
     if mesh is None or shardings is None:
         return jax.jit(step, donate_argnums=0)
     rep = NamedSharding(mesh, P())
-    batch_sh = {k: accum_batch_sharding(mesh) for k in _BATCH_KEYS}
+    batch_sh = {k: accum_batch_sharding(mesh) for k in objective.batch_keys}
+    metric_sh = {k: rep for k in ("loss", objective.denom_name, "grad_norm", *objective.aux)}
+    in_sh = (shardings, batch_sh) if frozen is None else (shardings, batch_sh, frozen[1])
     return jax.jit(
-        step,
-        in_shardings=(shardings, batch_sh),
-        out_shardings=(shardings, {"loss": rep, "tokens": rep, "grad_norm": rep}),
+        step if frozen is not None else (lambda state, batch: step(state, batch)),
+        in_shardings=in_sh,
+        out_shardings=(shardings, metric_sh),
         donate_argnums=0,
     )
 
@@ -430,34 +479,49 @@ def _claim(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
         multihost_utils.sync_global_devices(f"davir sft claim {out}")
 
 
-def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
-    """Run (or resume) supervised fine-tuning as described by `cfg`; returns the output dir."""
-    tc = cfg.train
-    if tc.out is None or cfg.model.source is None:
-        raise ValueError("davir sft needs train.out and model.source")
-    if tc.selection is None and cfg.data.path is None:
-        raise ValueError("davir sft needs data.path or train.selection")
-    pi, pc = jax.process_index(), jax.process_count()
-    if mesh is None:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_batch_rows(cfg: Config, mesh: Mesh) -> None:
+    dp, pc = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
     if cfg.data.batch_rows % dp or cfg.data.batch_rows % pc:
         raise ValueError(
             f"data.batch_rows={cfg.data.batch_rows} must be a multiple of the data-parallel size "
             f"{dp} and of the process count {pc}"
         )
+
+
+@dataclasses.dataclass
+class Job:
+    """What `fit` trains: the objective and how to get each step's batch.
+
+    `plans(epoch)` gives an epoch's global batch plans (a multiple of `grad_accum` long);
+    `batch(plans)` this process's micro-batches for one step as global arrays; `count(plans)`
+    the (examples, real tokens) they hold.
+    """
+
+    name: str
+    objective: Objective
+    plans: Callable[[int], list[BatchPlan]]
+    batch: Callable[[list[BatchPlan]], dict[str, jax.Array]]
+    count: Callable[[list[BatchPlan]], tuple[int, int]]
+    tokenizer: Any
+    identity: dict[str, Any]
+    frozen: Any = None  # (graphdef, params) of an in-step reference model
+    after: Callable[[Any, Path], dict[str, Any]] | None = None  # evaluation at the end
+
+
+def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
+    """The training loop shared by `davir sft` and `davir dpo`: optimizer, sharded jitted step,
+    orbax checkpoints with exact resume, metrics, and the final model in `train.out/model`."""
+    tc, pi = cfg.train, jax.process_index()
     out = Path(tc.out)
     say = (lambda *a: print(*a, file=sys.stderr)) if pi == 0 else (lambda *a: None)
-    tok = load_tokenizer_for(cfg.model.source)
-    data, data_identity = training_data(cfg, tok, pi, pc, progress and pi == 0)
-    if len(data) == 0:
-        raise ValueError("no training examples left after skipping bad rows")
     accum = tc.grad_accum
-    steps_per_epoch = len(epoch_plans(data, cfg.seed, 0, accum)) // accum
+    steps_per_epoch = len(job.plans(0)) // accum
+    if steps_per_epoch == 0:
+        raise ValueError("no training batches: the data set is empty after skipping bad rows")
     total = tc.epochs * steps_per_epoch
     if tc.max_steps is not None:
         total = min(total, tc.max_steps)
-    identity = run_identity(cfg, data_identity, total)
+    identity = {**run_identity(cfg, job.identity, total), "job": job.name}
     _claim(out, identity, tc.overwrite)
 
     m = cfg.model
@@ -466,20 +530,23 @@ def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     tx = make_optimizer(cfg.optimizer, total)
     param_sh = state_shardings(params, mesh)
     opt_sh = optimizer_shardings(tx, params, param_sh, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    state = (params, opt_state)
+    state = (params, jax.jit(tx.init, out_shardings=opt_sh)(params))
     mngr = _manager(out / "checkpoints", tc.keep_checkpoints)
-    step = 0
-    target = {"params": _abstract(params, param_sh), "opt_state": _abstract(opt_state, opt_sh)}
+    step, examples_seen = 0, 0
+    target = {"params": _abstract(params, param_sh), "opt_state": _abstract(state[1], opt_sh)}
     restored = restore_latest(mngr, target, say)
     if restored is not None:
         step, got, meta = restored
-        state = (got["params"], got["opt_state"])
+        state, examples_seen = (got["params"], got["opt_state"]), meta["examples_seen"]
         say(
             f"resumed from checkpoint step {step} (epoch {meta['epoch']}, "
-            f"{meta['examples_seen']:,} examples seen)"
+            f"{examples_seen:,} examples seen)"
         )
-    train_step = make_train_step(graphdef, tx, tc.chunk, (param_sh, opt_sh), mesh)
+    frozen_sh = None
+    if job.frozen is not None:
+        frozen_sh = (job.frozen[0], state_shardings(job.frozen[1], mesh))
+    train_step = make_train_step(graphdef, tx, job.objective, (param_sh, opt_sh), mesh, frozen_sh)
+    extra = () if job.frozen is None else (job.frozen[1],)
     schedule = lr_schedule(cfg.optimizer, total)
     metrics = Metrics(out, step, pi == 0)
     from tqdm.auto import tqdm
@@ -487,62 +554,86 @@ def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     bar = tqdm(
         total=total,
         initial=step,
-        desc="sft",
+        desc=job.name,
         unit="step",
-        disable=not (progress and pi == 0),
         file=sys.stderr,
+        disable=not (progress and pi == 0),
         dynamic_ncols=True,
         mininterval=1.0,
     )
     plans_cache: dict[int, list[BatchPlan]] = {}
-    t0, tokens_run = time.time(), 0.0
-    examples_seen = 0 if restored is None else restored[2]["examples_seen"]
+    t0, tokens_run = time.time(), 0
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         if epoch not in plans_cache:
-            plans_cache = {epoch: epoch_plans(data, cfg.seed, epoch, accum)}
+            plans_cache = {epoch: job.plans(epoch)}
         plans = plans_cache[epoch][k * accum : (k + 1) * accum]
-        batch = step_batch(data, plans, mesh, pi, pc)
-        state, mt = train_step(state, batch)
+        state, mt = train_step(state, job.batch(plans), *extra)
         step += 1
-        examples_seen += sum(len(r) for p in plans for r in p.rows)
+        n_ex, n_tok = job.count(plans)
+        examples_seen += n_ex
+        tokens_run += n_tok
         if step % tc.log_every == 0 or step == total:
-            loss, n = float(mt["loss"]), float(mt["tokens"])
-            tokens_run += n
-            dt = max(time.time() - t0, 1e-9)
-            rec = {
-                "step": step,
-                "epoch": epoch,
-                "loss": loss,
-                "tokens": int(n),
-                "grad_norm": float(mt["grad_norm"]),
-                "lr": float(schedule(step - 1)),
-                "examples_seen": examples_seen,
-                "tokens_per_s": tokens_run / dt,
-            }
+            rec = {"step": step, "epoch": epoch}
+            rec.update({k: float(v) for k, v in mt.items()})
+            rec["lr"] = float(schedule(step - 1))
+            rec["examples_seen"] = examples_seen
+            rec["tokens_per_s"] = tokens_run / max(time.time() - t0, 1e-9)
             metrics.log(rec)
-            bar.set_postfix_str(f"loss {loss:.4f} {rec['tokens_per_s']:,.0f} tok/s", refresh=False)
+            bar.set_postfix_str(
+                f"loss {rec['loss']:.4f} {rec['tokens_per_s']:,.0f} tok/s", refresh=False
+            )
         bar.update(1)
         if step % tc.checkpoint_every == 0 or step == total:
-            save_checkpoint(
-                mngr,
-                step,
-                state,
-                {
-                    "step": step,
-                    "epoch": step // steps_per_epoch,
-                    "examples_seen": examples_seen,
-                    "seed": cfg.seed,
-                    "steps_per_epoch": steps_per_epoch,
-                },
-            )
+            meta = {
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "seed": cfg.seed,
+                "examples_seen": examples_seen,
+                "steps_per_epoch": steps_per_epoch,
+            }
+            save_checkpoint(mngr, step, state, meta)
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
     metrics.close()
     final = nnx.merge(graphdef, state[0])
-    save_model(final, out / "model", tok)
+    if job.after is not None:
+        summary = job.after(final, out)
+        if pi == 0:
+            write_atomic(out / "eval.json", json.dumps(summary, indent=1))
+    save_model(final, out / "model", job.tokenizer)
     if pi == 0:
         plot_losses(out / METRICS_FILE, out / "loss.png")
         say(f"wrote {out / 'model'} (a load_model source) after {step} steps")
     return out
+
+
+def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
+    """Run (or resume) supervised fine-tuning as described by `cfg`; returns the output dir."""
+    tc = cfg.train
+    if tc.out is None or cfg.model.source is None:
+        raise ValueError("davir sft needs train.out and model.source")
+    if tc.selection is None and cfg.data.path is None:
+        raise ValueError("davir sft needs data.path or train.selection")
+    pi, pc = jax.process_index(), jax.process_count()
+    mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    check_batch_rows(cfg, mesh)
+    tok = load_tokenizer_for(cfg.model.source)
+    data, data_identity = training_data(cfg, tok, pi, pc, progress and pi == 0)
+    lengths = data.lengths
+
+    def count(plans: list[BatchPlan]) -> tuple[int, int]:
+        idx = [i for p in plans for r in p.rows for i in r]
+        return len(idx), int(lengths[idx].sum()) if idx else 0
+
+    job = Job(
+        name="sft",
+        objective=sft_objective(tc.chunk),
+        plans=lambda epoch: epoch_plans(data, cfg.seed, epoch, tc.grad_accum),
+        batch=lambda plans: step_batch(data, plans, mesh, pi, pc),
+        count=count,
+        tokenizer=tok,
+        identity=data_identity,
+    )
+    return fit(cfg, job, mesh, progress)

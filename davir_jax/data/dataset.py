@@ -25,7 +25,9 @@ import numpy as np
 from davir_jax.config import DataConfig
 from davir_jax.data import batching
 from davir_jax.data.readers import (
+    PAIR_FORMATS,
     read_examples,
+    read_pairs,
     resolve_format,
     source_name,
 )
@@ -60,12 +62,17 @@ def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     )
 
 
-def store_fields(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
+def store_fields(cfg: DataConfig, tokenizer: Any, pairs: bool = False) -> dict[str, Any]:
     """Everything that determines the tokens of a data set (the cache key)."""
     if cfg.path is None:
         raise DataError("data.path is not set")
     fmt = resolve_format(cfg.path, cfg.format)
+    if pairs and fmt not in PAIR_FORMATS:
+        raise DataError(f"{cfg.path}: format {fmt!r} has no preference pairs")
     return {
+        # A preference file holds both responses of each pair (example index 2*row + side) or,
+        # for SFT and evaluation, the chosen response only (index = row).
+        "sides": "both" if pairs else "chosen",
         "version": STORE_VERSION,
         "data_sha256": file_sha256(cfg.path),
         "format": fmt,
@@ -148,7 +155,9 @@ class TokenizedData(_Batched):
 
     @property
     def rows(self) -> np.ndarray:
-        """Source row index of each example (the store's global `index`)."""
+        """Source row index of each example (from the store's global `index`)."""
+        if self.fields.get("sides") == "both":
+            return self.store.indices // 2
         return self.store.indices
 
     def get(self, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -171,17 +180,21 @@ def prepare(
     process_count: int = 1,
     progress: bool = True,
     wait_timeout_s: float = 3600.0,
+    pairs: bool = False,
 ) -> TokenizedData:
     """Tokenize `cfg.path` into the cache (or reuse it) and open it.
 
+    With `pairs`, a preference file is stored with both responses of every pair (chosen at index
+    2*row, rejected at 2*row + 1); a pair whose either side cannot be used is skipped whole.
     Raises `DataError` in strict mode if any row was skipped, naming the first location.
     """
-    fields = store_fields(cfg, tokenizer)
+    fields = store_fields(cfg, tokenizer, pairs)
     directory = store_dir(cfg.cache_dir, fields["source"], fields)
     if not part_complete(directory, process_index, process_count):
         log = SkipLog(strict=cfg.strict)
         encoder = Encoder(tokenizer, cfg.template, cfg.max_len, cfg.overlong)
-        examples = read_examples(
+        reader = read_pairs if pairs else read_examples
+        examples = reader(
             cfg.path,
             fields["format"],
             log,
@@ -202,15 +215,28 @@ def prepare(
             yield from _encode(chunk)
 
         def _encode(chunk: list) -> Iterator[dict[str, Any]]:
-            for ex, enc in zip(chunk, encoder.encode(chunk, log)):
-                if enc is not None:
-                    yield {
-                        "index": ex.row,
-                        "example_id": enc.example_id,
-                        "input_ids": enc.input_ids,
-                        "loss_mask": enc.loss_mask,
-                    }
+            if pairs:
+                sides = [x for p in chunk for x in (p.chosen, p.rejected)]
+                encs = encoder.encode(sides, log)
+                for k, p in enumerate(chunk):
+                    c, r = encs[2 * k], encs[2 * k + 1]
+                    if c is None or r is None:
+                        continue  # the side's reason is counted; the pair goes whole
+                    for side, enc in ((0, c), (1, r)):
+                        yield _record(2 * p.row + side, enc)
+            else:
+                for ex, enc in zip(chunk, encoder.encode(chunk, log)):
+                    if enc is not None:
+                        yield _record(ex.row, enc)
             bar.update(len(chunk))
+
+        def _record(index: int, enc: Any) -> dict[str, Any]:
+            return {
+                "index": index,
+                "example_id": enc.example_id,
+                "input_ids": enc.input_ids,
+                "loss_mask": enc.loss_mask,
+            }
 
         build_part(
             directory, process_index, process_count, records(), lambda: {"log": log.to_dict()}
