@@ -1,0 +1,262 @@
+"""Preference objectives against NumPy; log 2 at the reference; finite gradients at extremes;
+training raises margin and accuracy; precomputed reference = in-step reference = a davir score
+run; killed-and-resumed DPO equals uninterrupted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from toy_tokenizers import WORDS, word_tokenizer
+
+from davir_jax.config import (
+    Config,
+    DataConfig,
+    DPOConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
+from davir_jax.losses import MIN_REF_NLL, PREFERENCE_OBJECTIVES
+from davir_jax.preference import dpo
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = [w for w in WORDS if w.isalpha()]
+
+
+def _log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def np_objective(name, pc, pr, rc, rr, nc, nr, beta, ls):
+    """Independent float64 NumPy versions of the formulas in method.md and the papers."""
+    pc, pr, rc, rr, nc, nr = (np.asarray(x, np.float64) for x in (pc, pr, rc, rr, nc, nr))
+    if name == "dpo":
+        a, b = beta * (pc - rc), beta * (pr - rr)
+    elif name == "dpo_norm":
+        a, b = beta * (pc - rc) / nc, beta * (pr - rr) / nr
+    elif name == "davir_dpo":
+        a = beta * (pc - rc) / np.maximum(-rc, MIN_REF_NLL)
+        b = beta * (pr - rr) / np.maximum(-rr, MIN_REF_NLL)
+    else:  # ipo
+        h = (pc - rc) - (pr - rr)
+        return (h - 1 / (2 * beta)) ** 2, beta * (pc - rc), beta * (pr - rr)
+    z = a - b
+    return -(1 - ls) * _log_sigmoid(z) - ls * _log_sigmoid(-z), a, b
+
+
+def _inputs(seed=0, n=64):
+    rng = np.random.default_rng(seed)
+    nc, nr = rng.integers(1, 300, n).astype(np.float32), rng.integers(1, 300, n).astype(np.float32)
+    rc, rr = -nc * rng.uniform(0.2, 3, n), -nr * rng.uniform(0.2, 3, n)
+    pc, pr = rc + rng.normal(0, 3, n), rr + rng.normal(0, 3, n)
+    return [x.astype(np.float32) for x in (pc, pr, rc, rr, nc, nr)]
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_OBJECTIVES))
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_objectives_equal_numpy(name, ls):
+    fn, beta = PREFERENCE_OBJECTIVES[name]
+    args = _inputs()
+    got = fn(*(jnp.asarray(a) for a in args), beta, ls)
+    want = np_objective(name, *args, beta, 0.0 if name == "ipo" else ls)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_OBJECTIVES))
+def test_log2_at_the_reference(name):
+    fn, beta = PREFERENCE_OBJECTIVES[name]
+    pc, pr, rc, rr, nc, nr = _inputs(1)
+    loss, a, b = fn(rc, rr, rc, rr, nc, nr, beta, 0.0)  # policy == reference
+    if name == "ipo":  # IPO's loss at the reference is (1 / (2 beta))^2 by its definition
+        np.testing.assert_allclose(np.asarray(loss), (1 / (2 * beta)) ** 2, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(np.asarray(loss), np.log(2.0), rtol=1e-6)
+    assert np.all(np.asarray(a) == 0) and np.all(np.asarray(b) == 0)
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_OBJECTIVES))
+def test_gradients_finite_for_one_token_and_very_long_responses(name):
+    fn, beta = PREFERENCE_OBJECTIVES[name]
+    cases = [  # (pi_c, pi_r, ref_c, ref_r, n_c, n_r)
+        (-1e-9, -0.0, -0.0, -1e-12, 1.0, 1.0),  # a certain one-token response: NLL ~ 0
+        (-2e4, -3e4, -2.1e4, -2.9e4, 8192.0, 8192.0),  # very long responses
+        (-5.0, -4e4, -5.5, -3.9e4, 1.0, 8192.0),
+    ]
+    for c in cases:
+        g = jax.grad(
+            lambda pc, pr: fn(pc, pr, *map(jnp.float32, c[2:]), beta, 0.1)[0].sum(), argnums=(0, 1)
+        )(jnp.float32(c[0]), jnp.float32(c[1]))
+        assert all(np.isfinite(np.asarray(x)) for x in g), (name, c, g)
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from hf_models import make_hf_model
+
+    d = tmp_path_factory.mktemp("base")
+    make_hf_model("llama", d, seed=0)
+    word_tokenizer(True).save_pretrained(d)
+    return d
+
+
+def _pairs(path: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        p = " ".join(rng.choice(PLAIN, 4))
+        rows.append(
+            {
+                "prompt": p,
+                "chosen": " " + " ".join(rng.choice(PLAIN, 3)),
+                "rejected": " " + " ".join(rng.choice(PLAIN, int(rng.integers(2, 9)))),
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, base, data, out="dpo", **kw) -> Config:
+    return Config(
+        model=ModelConfig(source=str(base)),
+        data=DataConfig(
+            path=str(data), cache_dir=str(tmp_path / "cache"), batch_rows=8, max_len=32
+        ),
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=1),
+        train=TrainConfig(out=str(tmp_path / out), **{"epochs": 3, **kw.pop("train", {})}),
+        dpo=DPOConfig(**{"eval_fraction": 0.2, **kw.pop("dpo", {})}),
+    )
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "davir_dpo"])
+def test_training_raises_margin_and_accuracy(tmp_path, base, objective):
+    data = _pairs(tmp_path / "p.jsonl", 60)
+    out = dpo(_cfg(tmp_path, base, data, dpo={"objective": objective}), progress=False)
+    m = _metrics(out)
+    assert m[0]["loss"] == pytest.approx(np.log(2), rel=1e-5)  # the policy starts as the reference
+    assert m[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    late = m[-3:]
+    assert np.mean([r["rewards/margins"] for r in late]) > 0.1
+    assert np.mean([r["rewards/accuracies"] for r in late]) > 0.8
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["objective"] == objective and ev["held_out"]["pairs"] > 0
+    assert set(m[0]) >= {
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "pairs",
+    }
+
+
+def test_precomputed_in_step_and_scored_reference_agree(tmp_path, base):
+    from davir_jax.scoring import score
+
+    data = _pairs(tmp_path / "p.jsonl", 24)
+    cfg = _cfg(tmp_path, base, data, train={"max_steps": 4})
+    pre = _metrics(dpo(cfg, progress=False))
+    in_step = _metrics(
+        dpo(
+            dataclasses.replace(
+                cfg,
+                train=dataclasses.replace(cfg.train, out=str(tmp_path / "in")),
+                dpo=dataclasses.replace(cfg.dpo, reference_in_step=True),
+            ),
+            progress=False,
+        )
+    )
+    from davir_jax.config import ScoringConfig
+
+    scored = score(
+        dataclasses.replace(
+            cfg,
+            scoring=ScoringConfig(
+                reference=str(base), out=str(tmp_path / "scores"), shard_batches=2
+            ),
+        ),
+        progress=False,
+    )
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(scored / "scores.parquet").to_pylist()
+    assert {r["example_id"].rsplit("/", 1)[1] for r in t} == {"chosen", "rejected"}
+    assert all(r["nll_base"] is None and r["logp_ref"] == -r["nll_ref"] for r in t)
+    from_scores = _metrics(
+        dpo(
+            dataclasses.replace(
+                cfg,
+                train=dataclasses.replace(cfg.train, out=str(tmp_path / "sc")),
+                dpo=dataclasses.replace(cfg.dpo, reference_scores=str(scored)),
+            ),
+            progress=False,
+        )
+    )
+    for other in (in_step, from_scores):
+        assert [r["step"] for r in other] == [r["step"] for r in pre]
+        np.testing.assert_allclose([r["loss"] for r in other], [r["loss"] for r in pre], rtol=1e-5)
+
+
+def test_killed_and_resumed_dpo_equals_uninterrupted(tmp_path, base):
+    data = _pairs(tmp_path / "p.jsonl", 80, seed=1)
+    common = [
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        f"--data.cache_dir={tmp_path / 'c'}",
+        "--data.batch_rows=2",
+        "--data.max_len=32",
+        "--train.epochs=4",
+        "--train.checkpoint_every=2",
+        "--optimizer.lr=1e-3",
+        "--objective",
+        "davir_dpo",
+        "-q",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+
+    def cli(out):
+        return subprocess.Popen(
+            [sys.executable, "-m", "davir_jax.cli", "dpo", *common, "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    full = cli(tmp_path / "full")
+    assert full.wait(600) == 0, full.stdout.read().decode()
+    out = tmp_path / "killed"
+    proc = cli(out)
+    ck, deadline = out / "checkpoints", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ck.is_dir() and any(p.name.isdigit() and int(p.name) >= 6 for p in ck.iterdir()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = cli(out)
+    assert again.wait(600) == 0, again.stdout.read().decode()
+    a, b = _metrics(tmp_path / "full"), _metrics(out)
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert [r["rewards/margins"] for r in b] == [r["rewards/margins"] for r in a]
