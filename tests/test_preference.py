@@ -96,7 +96,8 @@ def test_gradients_finite_for_one_token_and_very_long_responses(name):
     ]
     for c in cases:
         g = jax.grad(
-            lambda pc, pr: fn(pc, pr, *map(jnp.float32, c[2:]), beta, 0.1)[0].sum(), argnums=(0, 1)
+            lambda pc, pr, c=c: fn(pc, pr, *map(jnp.float32, c[2:]), beta, 0.1)[0].sum(),
+            argnums=(0, 1),
         )(jnp.float32(c[0]), jnp.float32(c[1]))
         assert all(np.isfinite(np.asarray(x)) for x in g), (name, c, g)
 
