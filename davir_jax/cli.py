@@ -45,7 +45,50 @@ def _model(cfg: Any, mesh: Any) -> Any:
     )
 
 
+def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
+    from davir_jax.pipeline import run_pipeline
+
+    flags = [f"--pipeline.out={args.out}"] if args.out else []
+    if args.data:
+        flags.append(f"--data.path={args.data}")
+    if args.test:
+        flags.append(f"--pipeline.test={args.test}")
+    out = run_pipeline(_load_cfg(args, flags + overrides), progress=not args.quiet)
+    print(f"wrote {out / 'report.md'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    """The embedded default job: the whole pipeline with SmolLM2-135M on generated tasks with
+    planted quality tiers (or on `--data`/`--test` files)."""
+    from pathlib import Path
+
+    from davir_jax.config import load_config
+    from davir_jax.demo_data import generate_demo
+    from davir_jax.pipeline import run_pipeline
+
+    config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    if not Path(config).is_file():  # installed without the repository's configs/
+        config = None
+    cfg = load_config(config, overrides)
+    out = Path(args.out or cfg.pipeline.out or "runs/demo")
+    flags = [f"--pipeline.out={out}"]
+    if args.data:
+        flags.append(f"--data.path={args.data}")
+        if args.test:
+            flags.append(f"--pipeline.test={args.test}")
+    else:
+        paths = generate_demo(out / "data", seed=cfg.seed)
+        flags += [f"--data.path={paths['pool']}", f"--pipeline.test={paths['test']}"]
+    cfg = load_config(config, flags + overrides)
+    t0 = time.time()
+    run_pipeline(cfg, progress=not args.quiet)
+    print(f"wrote {out / 'report.md'} in {time.time() - t0:.0f}s")
+    print((out / "report.md").read_text())
+    return 0
+
+
+def cmd_hello(args: argparse.Namespace, overrides: list[str]) -> int:
     """Load the default model, print per-token losses and a greedy chat answer."""
     import numpy as np
 
@@ -277,11 +320,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     d = sub.add_parser(
-        "demo", help="run the embedded default job (SmolLM2-135M): losses and a greedy chat answer"
+        "demo",
+        help="the embedded default job: the whole DavIR pipeline with SmolLM2-135M on generated "
+        "tasks with planted quality tiers (about 15 minutes on 2 CPU cores)",
     )
     _config_args(d)
-    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument("--out", help="run folder (default runs/demo)")
+    d.add_argument("--data", help="your own pool instead of the generated tasks")
+    d.add_argument("--test", help="held-out file for --data")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
+    pl = sub.add_parser(
+        "pipeline",
+        help="reference SFT -> score -> select (davir, rho, random) -> SFT subsets -> eval -> "
+        "report.md (resumable)",
+    )
+    _config_args(pl)
+    pl.add_argument("--out", help="run folder (pipeline.out)")
+    pl.add_argument("--data", help="the candidate pool (data.path)")
+    pl.add_argument("--test", help="held-out data (pipeline.test)")
+    pl.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pl.set_defaults(fn=cmd_pipeline)
+    h = sub.add_parser("hello", help="load a model: per-token losses and a greedy chat answer")
+    _config_args(h)
+    h.add_argument("--max-new-tokens", type=int, default=24)
+    h.set_defaults(fn=cmd_hello)
     i = sub.add_parser("info", help="architecture, parameter count and shardings of a model")
     _config_args(i)
     i.add_argument("source", nargs="?", help="a model source (default: model.source)")

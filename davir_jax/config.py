@@ -268,6 +268,37 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The whole DavIR experiment (`davir pipeline`, `davir demo`), in `out`:
+
+    1. SFT `model.source` on the pool (`data.path`) -> the reference (or use `reference`);
+    2. score the pool with base and reference; 3. select with every method of `methods` at
+    every budget of `budgets` (`all`, `count=N`, `fraction=F`); `extra_pools` (files) join every
+    selection whole (the paper's Alpaca + GSM8K mixture); 4. SFT the base on each selection;
+    5. evaluate the base, the reference (= SFT on the full pool, when `full`) and every subset
+    model on `test` (held-out loss, and exact-match accuracy on `generate` examples);
+    6. write `report.md`. Each stage is skipped when its outputs exist with the same inputs.
+    """
+
+    out: str | None = None
+    test: str | None = None
+    reference: str | None = None
+    methods: tuple[str, ...] = ("davir", "rho", "random")
+    budgets: tuple[str, ...] = ("fraction=0.25",)
+    extra_pools: tuple[str, ...] = ()
+    full: bool = True
+    generate: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods: at least one selection method")
+        from davir_jax.selection import Budget
+
+        for b in self.budgets:
+            Budget.parse(b)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole run. Sections for optimizer, training and DPO join here."""
 
@@ -279,6 +310,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     seed: int = 0
 
 
@@ -459,6 +491,7 @@ __all__ = [
     "MeshConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "PipelineConfig",
     "RopeScaling",
     "ScoringConfig",
     "TrainConfig",

@@ -15,7 +15,7 @@ def test_help_lists_subcommands():
         text=True,
         check=True,
     ).stdout
-    for cmd in ("demo", "info", "export", "config"):
+    for cmd in ("demo", "pipeline", "score", "select", "sft", "dpo", "eval", "info", "export"):
         assert cmd in out
 
 
