@@ -454,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from davir_jax.config import ConfigError
+    from davir_jax.distributed import init_from_env
 
     args, rest = build_parser().parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
@@ -465,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        init_from_env()
         return args.fn(args, rest)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"davir {args.cmd}: error: {e}", file=sys.stderr)

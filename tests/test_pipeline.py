@@ -39,8 +39,18 @@ def tiny_smol(tmp_path_factory):
     from davir_jax.models import load_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_smol")
-    make_hf_model("llama", d, seed=0, vocab_size=49152, hidden_size=32, intermediate_size=64,
-                  num_attention_heads=2, num_key_value_heads=1, eos_token_id=2, bos_token_id=1)
+    make_hf_model(
+        "llama",
+        d,
+        seed=0,
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     load_tokenizer("smollm2-135m").save_pretrained(d)
     return d
 
@@ -49,14 +59,29 @@ def tiny_smol(tmp_path_factory):
 def test_pipeline_end_to_end_and_resume(tmp_path, tiny_smol, capsys):
     from davir_jax.cli import main
 
-    args = ["demo", "--out", str(tmp_path / "run"), f"--model.source={tiny_smol}",
-            f"--data.cache_dir={tmp_path / 'cache'}", "--data.batch_rows=8", "--train.epochs=1",
-            "--optimizer.lr=1e-3", "--pipeline.generate=8", "--eval.max_new_tokens=4", "-q"]
+    args = [
+        "demo",
+        "--out",
+        str(tmp_path / "run"),
+        f"--model.source={tiny_smol}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.batch_rows=8",
+        "--train.epochs=1",
+        "--optimizer.lr=1e-3",
+        "--pipeline.generate=8",
+        "--eval.max_new_tokens=4",
+        "-q",
+    ]
     assert main(args) == 0
     run = tmp_path / "run"
     report = (run / "report.md").read_text()
-    for section in ("## Scores and response length", "## What each method selected",
-                    "## Training", "## Held-out results", "## Stages"):
+    for section in (
+        "## Scores and response length",
+        "## What each method selected",
+        "## Training",
+        "## Held-out results",
+        "## Stages",
+    ):
         assert section in report, section
     for name in ("base", "full", "davir-fraction0.25", "rho-fraction0.25", "random-fraction0.25"):
         assert f"| {name} |" in report
