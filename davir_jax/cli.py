@@ -303,6 +303,14 @@ def cmd_diagnostics(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from davir_jax.plan import plan, render
+
+    p = plan(_load_cfg(args, overrides), args.job, args.chip, args.devices)
+    print(json.dumps(p, indent=1) if args.json else render(p))
+    return 1 if p["fits"] is False else 0
+
+
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     import yaml
 
@@ -446,6 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--out", default=None, help="default: next to the scores")
     dg.add_argument("-k", type=int, default=5, help="top and bottom examples to show")
     dg.set_defaults(fn=cmd_diagnostics)
+    pn = sub.add_parser(
+        "plan",
+        help="per-device memory, step FLOPs and ideal step time of a config (nothing allocated)",
+    )
+    _config_args(pn)
+    pn.add_argument("--job", default="sft", choices=["sft", "dpo", "score"])
+    pn.add_argument(
+        "--chip", help="accelerator (default: mesh.chip): v4 v5e v5p v6e a100 h100 h200"
+    )
+    pn.add_argument("--devices", type=int, help="device count for a -1 mesh axis")
+    pn.add_argument("--json", action="store_true")
+    pn.set_defaults(fn=cmd_plan)
     c = sub.add_parser("config", help="print the resolved config")
     _config_args(c)
     c.set_defaults(fn=cmd_config)

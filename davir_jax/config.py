@@ -50,11 +50,16 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes; one of them may be -1 (filled from the device count)."""
+    """Mesh axis sizes; one of them may be -1 (filled from the device count).
+
+    `chip` names the accelerator for `davir plan` (v5e, v5p, v4, h100, h200, a100); it does not
+    change how a job runs.
+    """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    chip: str | None = None
 
     def __post_init__(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

@@ -1,0 +1,192 @@
+"""`davir plan`: will a config fit, and how long is a step, before anything is allocated?
+
+From `jax.eval_shape` of the model (no memory) and the rules table, for the mesh of the config on
+its chip (`mesh.chip`, or `--chip`): per-device memory of parameters, optimizer state, gradients
+and activations against the chip's memory, the step's FLOPs and its ideal time at 50% MFU.
+
+Activation memory is an estimate, not a measurement (the compiled program decides): per token and
+layer, the tensors a backward pass keeps (Korthikanti et al. 2022, arXiv 2205.05198, Sec. 4,
+adapted to gated MLPs, grouped-query attention and this code's float32 attention scores):
+`c * (6 d + 2 (H + 2 KV) hd + 3 f) + 8 H T` bytes (c: compute-dtype bytes; `8 H T`: float32 scores
+and probabilities); with `model.remat` only the layer inputs (`c d`) stay, plus one layer's full
+set while it is recomputed. Scoring keeps one layer's forward tensors at a time. The LM head adds
+its `[rows, chunk, vocab]` float32 logits (three copies in training: logits, softmax, gradient).
+A plan fits when the total stays under 90% of the chip's memory (headroom for XLA's buffers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# Memory (GiB) and dense bf16 peak (FLOP/s) per device, from the vendors' spec sheets.
+CHIPS: dict[str, tuple[float, float]] = {
+    "v4": (32, 275e12),
+    "v5e": (16, 197e12),
+    "v5p": (95, 459e12),
+    "v6e": (32, 918e12),
+    "a100": (80, 312e12),
+    "h100": (80, 989e12),
+    "h200": (141, 989e12),
+}
+HEADROOM = 0.9
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class _Mesh:
+    """Just the axis sizes: planning needs no devices."""
+
+    def __init__(self, shape: dict[str, int]) -> None:
+        self.shape = shape
+
+
+def mesh_shape(cfg: Any, devices: int | None) -> dict[str, int]:
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    if -1 in sizes.values():
+        known = math.prod(v for v in sizes.values() if v != -1)
+        n = devices if devices is not None else known
+        if n % known:
+            raise ValueError(f"{n} devices are not divisible by the fixed mesh axes ({known})")
+        sizes = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
+    return sizes
+
+
+def _arch(cfg: Any) -> Any:
+    from davir_jax.models.loading import load_arch
+
+    if cfg.model.arch is not None:
+        return cfg.model.arch
+    return load_arch(cfg.model.source)
+
+
+def per_device_params(arch: Any, dtype: str, mesh: _Mesh) -> tuple[int, int]:
+    """(parameter count, bytes of one device's shards) from the abstract model."""
+    from davir_jax.models.decoder import RunConfig
+    from davir_jax.models.weights import abstract_model, iter_params
+    from davir_jax.sharding import logical_to_spec
+
+    _, abs_state = abstract_model(arch, RunConfig(param_dtype=dtype))
+    count, local = 0, 0
+    for _, var in iter_params(abs_state):
+        shape = tuple(var.get_value().shape)
+        axes = var.get_metadata().get("logical_axes")
+        spec = logical_to_spec(axes, shape, mesh)
+        shard = list(shape)
+        for i, part in enumerate(spec):
+            names = (part,) if isinstance(part, str) else (part or ())
+            shard[i] = shape[i] // math.prod(mesh.shape[n] for n in names)
+        count += math.prod(shape)
+        local += math.prod(shard)
+    return count, local * _BYTES[dtype]
+
+
+def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | None = None) -> dict:
+    """The plan of `job` (sft, dpo or score) for `cfg`; see the module docstring."""
+    if job not in ("sft", "dpo", "score"):
+        raise ValueError(f"job {job!r} is not sft, dpo or score")
+    chip = (chip or cfg.mesh.chip or "").lower() or None
+    if chip is not None and chip not in CHIPS:
+        raise ValueError(f"chip {chip!r} is not one of {', '.join(CHIPS)}")
+    shape = mesh_shape(cfg, devices)
+    mesh = _Mesh(shape)
+    n_dev = math.prod(shape.values())
+    arch = _arch(cfg)
+    m, d = cfg.model, cfg.data
+    pdt, cdt = m.dtype, m.compute_dtype or m.dtype
+    n_params, param_bytes = per_device_params(arch, pdt, mesh)
+    dp = shape["data"] * shape["fsdp"]
+    seq = d.packed_row_len if d.pack else d.max_len
+    if job == "dpo":
+        seq = max(d.packed_row_len, 2 * d.max_len)
+    rows_dev = max(d.batch_rows // dp, 1)
+    tok_dev = rows_dev * seq
+    c = _BYTES[cdt]
+    L, D, F = arch.num_layers, arch.hidden_size, arch.intermediate_size
+    H, KV, hd, V = arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim, arch.vocab_size
+    heads_dev = max(H // shape["tensor"], 1)
+    per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / shape["tensor"] + 3 * F / shape["tensor"])
+    scores = 8 * heads_dev * seq  # float32 scores and probabilities, per token
+    chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
+    logits = rows_dev * min(chunk, seq) * V * 4
+    out: dict[str, Any] = {
+        "job": job,
+        "chip": chip,
+        "mesh": shape,
+        "devices": n_dev,
+        "params": n_params,
+        "param_dtype": pdt,
+        "compute_dtype": cdt,
+        "rows_per_device": rows_dev,
+        "seq": seq,
+    }
+    mem = {"params": param_bytes}
+    if job == "score":
+        resident = 2 if cfg.scoring.resident == "both" else 1
+        mem["params"] = param_bytes * resident
+        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / shape["tensor"]) + scores)
+        mem["logits"] = logits
+        fwd = _forward_flops(arch, seq)
+        flops = 2 * fwd * d.batch_rows * seq  # base and reference
+    else:
+        mem["optimizer"] = 2 * param_bytes  # AdamW moments in the parameter dtype
+        mem["gradients"] = param_bytes + param_bytes * 4 // _BYTES[pdt]  # grads + f32 accumulator
+        if job == "dpo" and cfg.dpo.reference_in_step:
+            mem["reference"] = param_bytes
+        if m.remat:
+            act = tok_dev * (L * c * D + per_tok_layer + scores)
+        else:
+            act = tok_dev * L * (per_tok_layer + scores)
+        mem["activations"] = act
+        mem["logits"] = 3 * logits
+        tokens = d.batch_rows * seq * cfg.train.grad_accum
+        flops = 3 * _forward_flops(arch, seq) * tokens
+        if job == "dpo" and cfg.dpo.reference_in_step:
+            flops += _forward_flops(arch, seq) * tokens
+    total = sum(mem.values())
+    out["memory_bytes"] = {k: int(v) for k, v in mem.items()}
+    out["memory_total_bytes"] = int(total)
+    out["step_flops"] = float(flops)
+    out["tokens_per_step"] = d.batch_rows * seq * (cfg.train.grad_accum if job != "score" else 1)
+    if chip is not None:
+        gib, peak = CHIPS[chip]
+        out["chip_memory_bytes"] = int(gib * 2**30)
+        out["fits"] = bool(total <= HEADROOM * gib * 2**30)
+        out["ideal_step_s_at_50pct_mfu"] = flops / (0.5 * peak * n_dev)
+    else:
+        out["fits"] = None
+    return out
+
+
+def _forward_flops(arch: Any, seq: int) -> float:
+    """Forward FLOPs per token: 2 x (non-embedding + LM head) parameters + causal attention."""
+    n = arch.num_params()
+    embed = arch.vocab_size * arch.hidden_size
+    dense = n - embed * (1 if arch.tie_embeddings else 2)
+    return 2 * (dense + embed) + 2 * arch.num_layers * arch.num_heads * arch.resolved_head_dim * seq
+
+
+def render(p: dict[str, Any]) -> str:
+    gib = 2**30
+    lines = [
+        f"{p['job']} on {p['devices']} x {p['chip'] or 'unspecified chip'}, mesh {p['mesh']}, "
+        f"{p['params']:,} parameters ({p['param_dtype']}, compute {p['compute_dtype']}), "
+        f"{p['rows_per_device']} rows x {p['seq']} tokens per device",
+        "per-device memory:",
+    ]
+    for k, v in p["memory_bytes"].items():
+        lines.append(f"  {k:12s} {v / gib:9.2f} GiB")
+    lines.append(f"  {'total':12s} {p['memory_total_bytes'] / gib:9.2f} GiB")
+    if p.get("chip_memory_bytes"):
+        cap = p["chip_memory_bytes"] / gib
+        verdict = "fits" if p["fits"] else "DOES NOT FIT"
+        lines.append(f"  chip memory  {cap:9.2f} GiB -> {verdict} (limit {HEADROOM:.0%})")
+        lines.append(
+            f"step: {p['step_flops'] / 1e12:,.1f} TFLOP for {p['tokens_per_step']:,} tokens; "
+            f"ideal {p['ideal_step_s_at_50pct_mfu']:.3f} s at 50% MFU"
+        )
+    else:
+        lines.append(f"step: {p['step_flops'] / 1e12:,.1f} TFLOP (no chip named: --chip)")
+    return "\n".join(lines)
+
+
+__all__ = ["CHIPS", "plan", "render"]
