@@ -67,8 +67,8 @@ SETS = {
 }
 # Examples per data set and model: sized so the whole run takes about 10 minutes on 2 CPU cores.
 DEFAULT_N = {
-    ("tiny", "gsm8k"): 256,
-    ("tiny", "alpaca"): 768,
+    ("tiny", "gsm8k"): 192,
+    ("tiny", "alpaca"): 512,
     ("smollm2", "gsm8k"): 96,
     ("smollm2", "alpaca"): 256,
 }
@@ -199,12 +199,12 @@ def score_ours(model: Decoder, data: TokenizedData, chunk: int, method: str) -> 
         int(data.lengths.sum()),
         nll,
         note,
-        cpu.own,
-        cpu.other,
-        warm,
-        _COMPILES[0] - c0,
-        cache_before,
-        fn._cache_size(),
+        cores=cpu.own,
+        other=cpu.other,
+        compiles_warmup=warm,
+        compiles_timed=_COMPILES[0] - c0,
+        cache_before=cache_before,
+        cache_after=fn._cache_size(),
     )
 
 
@@ -239,7 +239,7 @@ def hf_loop(model: Any, data: TokenizedData, warmup: int = 3) -> Result:
             for i in range(len(data)):
                 nll[i] = one(i)
     tokens = int(data.lengths.sum())
-    return Result("HF loop (1 example)", cpu.seconds, tokens, nll, "", cpu.own, cpu.other)
+    return Result("HF loop (1 example)", cpu.seconds, tokens, nll, cores=cpu.own, other=cpu.other)
 
 
 def hf_padded(model: Any, data: TokenizedData, rows: int = 16, sort: bool = False) -> Result:
@@ -274,7 +274,8 @@ def hf_padded(model: Any, data: TokenizedData, rows: int = 16, sort: bool = Fals
     pad = sum(len(g) * int(data.lengths[g].max()) for g in groups)
     name = f"HF padded-{rows}" + (", length-sorted" if sort else "")
     note = f"{data.lengths.sum() / pad:.0%} real tokens"
-    return Result(name, cpu.seconds, int(data.lengths.sum()), nll, note, cpu.own, cpu.other)
+    tokens = int(data.lengths.sum())
+    return Result(name, cpu.seconds, tokens, nll, note, cores=cpu.own, other=cpu.other)
 
 
 # -- memory --------------------------------------------------------------------------------------
@@ -285,27 +286,58 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_probe(rows: int, seq: int, chunk: int, num_segments: int = 16) -> dict[str, Any]:
-    """XLA's memory analysis of SmolLM2's scoring step on `[rows, seq]` and the RSS growth of
-    running it (sampled every millisecond)."""
-    model = load_model("smollm2-135m", "float32", make_mesh(1, 1, 1))
+def synthetic_batch(rows: int, seq: int, num_segments: int, vocab: int = 49152) -> batching.Batch:
+    """A packed batch of random tokens: four examples of seq/4 tokens per row, all scored."""
     rng = np.random.default_rng(0)
     seg_len = seq // 4
-    batch = batching.Batch(
-        input_ids=rng.integers(3, model.arch.vocab_size, (rows, seq)).astype(np.int32),
+    return batching.Batch(
+        input_ids=rng.integers(3, vocab, (rows, seq)).astype(np.int32),
         segment_ids=np.repeat(np.arange(1, 5, dtype=np.int32), seg_len)[None].repeat(rows, 0),
         positions=np.tile(np.arange(seg_len, dtype=np.int32), 4)[None].repeat(rows, 0),
         loss_mask=np.ones((rows, seq), np.int32),
         example_index=np.zeros((rows, num_segments), np.int32),
         weights=np.zeros((rows, num_segments), np.float32),
     )
-    _, state = nnx.split(model)
-    arrays = device_batch(batch, model.run.sharder.mesh)
+
+
+def breakdown(model: Decoder, rows: int, seq: int, chunk: int, iters: int = 2) -> dict[str, Any]:
+    """Where a packed step's time goes: the full step, the transformer body alone (the rest is
+    the chunked LM head + loss), and the body on 4x shorter rows (same tokens; attention is
+    quadratic in the row length, everything else is not)."""
+    graphdef, state = nnx.split(model)
+    body = jax.jit(lambda st, i, sg, ps: nnx.merge(graphdef, st).hidden_states(i, sg, ps))
+    full = nll_step(model.arch, model.run, 16, chunk)
+    out: dict[str, Any] = {"shape": f"{rows}x{seq}"}
+    cases = [
+        ("full step", full, (rows, seq), 4),
+        ("body only", body, (rows, seq), 3),
+        (f"body only, {rows * 4}x{seq // 4} rows", body, (rows * 4, seq // 4), 3),
+    ]
+    for name, fn, (r, t), n_args in cases:
+        arrays = device_batch(synthetic_batch(r, t, 16), None)[:n_args]
+        jax.block_until_ready(fn(state, *arrays))
+        wait_quiet(10.0)
+        with CpuMeter() as cpu:
+            for _ in range(iters):
+                jax.block_until_ready(fn(state, *arrays))
+        out[name] = (r * t * iters / cpu.seconds, cpu.own, cpu.other)
+    return out
+
+
+def memory_probe(rows: int, seq: int, chunk: int, num_segments: int = 16) -> dict[str, Any]:
+    """XLA's memory analysis of SmolLM2's scoring step on `[rows, seq]` and the RSS growth of
+    running it (sampled every millisecond)."""
+    model = load_model("smollm2-135m", "float32", make_mesh(1, 1, 1))
+    graphdef, state = nnx.split(model)
+    arrays = device_batch(synthetic_batch(rows, seq, num_segments), model.run.sharder.mesh)
     fn = nll_step(model.arch, model.run, num_segments, chunk)
     t0 = time.perf_counter()
     compiled = fn.lower(state, *arrays).compile()
     t_compile = time.perf_counter() - t0
     ma = compiled.memory_analysis()
+    # The transformer body alone (no LM head): what the attention and MLP activations need.
+    body = jax.jit(lambda st, i, sg, ps: nnx.merge(graphdef, st).hidden_states(i, sg, ps))
+    body_temp = body.lower(state, *arrays[:3]).compile().memory_analysis().temp_size_in_bytes
     peak, stop = [0], threading.Event()
 
     def sample() -> None:
@@ -327,6 +359,7 @@ def memory_probe(rows: int, seq: int, chunk: int, num_segments: int = 16) -> dic
         "chunk": chunk,
         "vocab": model.arch.vocab_size,
         "temp_bytes": ma.temp_size_in_bytes,
+        "body_temp_bytes": body_temp,
         "argument_bytes": ma.argument_size_in_bytes,
         "output_bytes": ma.output_size_in_bytes,
         "rss_before": before,
@@ -383,7 +416,8 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def bench_model(
     name: str, model: Decoder, tok: Any, args: argparse.Namespace, work: Path
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The throughput rows of one model over every data set, and its step-time breakdown."""
     hf_dir = export_hf(model, None, work / f"hf-{name}")
     tm = load_torch(hf_dir)
     out = []
@@ -421,12 +455,13 @@ def bench_model(
             )
         loop, pad16 = results[0], results[1]
         lens = packed.lengths
+        resp = packed.n_response_tokens().sum() / lens.sum()
         for r in results:
             out.append(
                 {
                     "model": name,
                     "data": f"{set_name} ({len(packed)} ex, {int(lens.sum()):,} tok, "
-                    f"mean {lens.mean():.0f})",
+                    f"mean {lens.mean():.0f}, {resp:.0%} response)",
                     "method": r.method,
                     "tok_s": r.tok_s,
                     "seconds": r.seconds,
@@ -438,10 +473,14 @@ def bench_model(
                     else f"{r.compiles_warmup} / {r.compiles_timed} "
                     f"(cache {r.cache_before}->{r.cache_after})",
                     "cores": f"{r.cores:.1f} / {r.other:.1f}",
-                    "note": r.note + (f"; best of {r.tries} passes" if r.tries > 1 else ""),
+                    "note": "; ".join(
+                        x for x in (r.note, f"best of {r.tries} passes" * (r.tries > 1)) if x
+                    ),
                 }
             )
-    return out
+    del tm
+    print(f"  {name}: step breakdown on {args.batch_rows}x{args.row_len}", flush=True)
+    return out, {"model": name, **breakdown(model, args.batch_rows, args.row_len, args.chunk)}
 
 
 def throughput_table(rows: list[dict[str, Any]]) -> str:
@@ -459,11 +498,24 @@ def throughput_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(rows: list[dict[str, Any]]) -> str:
+    keys = [k for k in rows[0] if k not in ("model", "shape")]
+    lines = [
+        "| model | packed batch | " + " | ".join(f"{k}: tok/s (cores)" for k in keys) + " |",
+        "| --- | --- |" + " ---: |" * len(keys),
+    ]
+    for b in rows:
+        cells = " | ".join(f"{b[k][0]:,.0f} ({b[k][1]:.1f})" for k in keys)
+        lines.append(f"| {b['model']} | {b['shape']} | {cells} |")
+    return "\n".join(lines)
+
+
 def memory_table(mem: list[dict[str, Any]]) -> str:
     lines = [
-        "| batch | LM-head chunk | full f32 logits | XLA temp | temp / logits | arguments | "
-        "RSS growth while running | RSS / logits | step s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| batch | LM-head chunk | full f32 logits | XLA temp (whole step) | temp / logits | "
+        "temp of the body alone | arguments (weights + batch) | RSS growth while running | "
+        "RSS growth / logits | step s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     mib = 2**20
     for m in mem:
@@ -471,6 +523,7 @@ def memory_table(mem: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {m['rows']}x{m['seq']} | {m['chunk']} | {full / mib:,.0f} MiB | "
             f"{m['temp_bytes'] / mib:,.0f} MiB | {m['temp_bytes'] / full:.2f} | "
+            f"{m['body_temp_bytes'] / mib:,.0f} MiB | "
             f"{m['argument_bytes'] / mib:,.0f} MiB | {m['rss_growth'] / mib:,.0f} MiB | "
             f"{m['rss_growth'] / full:.2f} | {m['step_s']:.1f} |"
         )
@@ -544,15 +597,19 @@ def main() -> None:
         "smollm2": lambda: load_model("smollm2-135m", "float32", mesh),
     }
     rows: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             print(f"{name}:", flush=True)
-            rows += bench_model(name, builders[name](), tok, args, Path(tmp))
+            model_rows, part = bench_model(name, builders[name](), tok, args, Path(tmp))
+            rows += model_rows
+            parts.append(part)
     mem: list[dict[str, Any]] = []
     if args.memory:
         r, t = (int(v) for v in args.memory.lower().split("x"))
-        print(f"memory: SmolLM2 step on {r}x{t}, chunk {args.chunk} and {t}", flush=True)
-        mem = run_memory(r, t, [args.chunk, t])
+        chunks = sorted({32, args.chunk, t})
+        print(f"memory: SmolLM2 step on {r}x{t}, chunks {chunks}", flush=True)
+        mem = run_memory(r, t, chunks)
     total = time.perf_counter() - t_start
     section = [
         f"## Scoring throughput vs HF transformers + PyTorch (`benchmarks/scoring_throughput.py`, "
@@ -567,6 +624,13 @@ def main() -> None:
         "tok/s = real (non-pad) tokens / wall time of the pass after warm-up.",
         "",
         throughput_table(rows),
+        "",
+        "Where ours spends a packed step (random tokens, 4 examples per row; tok/s and the cores "
+        "this process used): the full step, the transformer body alone (the remainder is the "
+        "chunked LM head + loss), and the body on 4x shorter rows of the same tokens (attention "
+        "cost is quadratic in the row length):",
+        "",
+        breakdown_table(parts),
     ]
     if mem:
         section += [
