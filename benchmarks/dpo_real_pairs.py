@@ -54,22 +54,40 @@ def subset(src: Path, dst: Path, n: int, max_chars: int) -> Path:
 def run(name: str, data: Path, out: Path, objective: str, beta: float, args, extra=()) -> dict:
     from davir_jax.preference import dpo
 
-    cfg = load_config(ROOT / "configs" / "default.yaml", [
-        f"--data.path={data}", f"--data.cache_dir={out / 'cache'}", "--data.template=chat",
-        f"--data.max_len={args.max_len}", f"--data.row_len={2 * args.max_len}",
-        "--data.max_segments=8", "--data.batch_rows=4", f"--train.out={out / name}",
-        "--train.epochs=1", "--train.checkpoint_every=1000", f"--optimizer.lr={args.lr}",
-        "--optimizer.warmup_ratio=0.1", f"--dpo.objective={objective}", f"--dpo.beta={beta}",
-        f"--dpo.eval_fraction={args.eval / (args.train + args.eval)}", "--train.overwrite=true",
-        *extra,
-    ])
+    cfg = load_config(
+        ROOT / "configs" / "default.yaml",
+        [
+            f"--data.path={data}",
+            f"--data.cache_dir={out / 'cache'}",
+            "--data.template=chat",
+            f"--data.max_len={args.max_len}",
+            f"--data.row_len={2 * args.max_len}",
+            "--data.max_segments=8",
+            "--data.batch_rows=4",
+            f"--train.out={out / name}",
+            "--train.epochs=1",
+            "--train.checkpoint_every=1000",
+            f"--optimizer.lr={args.lr}",
+            "--optimizer.warmup_ratio=0.1",
+            f"--dpo.objective={objective}",
+            f"--dpo.beta={beta}",
+            f"--dpo.eval_fraction={args.eval / (args.train + args.eval)}",
+            "--train.overwrite=true",
+            *extra,
+        ],
+    )
     t0 = time.time()
     dpo(cfg, progress=False)
     ev = json.loads((out / name / "eval.json").read_text())
     rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
-    return {"name": name, "objective": objective, "beta": beta, "seconds": time.time() - t0,
-            "train_acc_last": float(np.mean([r["rewards/accuracies"] for r in rows[-4:]])),
-            **ev["held_out"]}
+    return {
+        "name": name,
+        "objective": objective,
+        "beta": beta,
+        "seconds": time.time() - t0,
+        "train_acc_last": float(np.mean([r["rewards/accuracies"] for r in rows[-4:]])),
+        **ev["held_out"],
+    }
 
 
 def step_times(data: Path, out: Path, args) -> dict[str, float]:
@@ -81,10 +99,18 @@ def step_times(data: Path, out: Path, args) -> dict[str, float]:
     from davir_jax.sharding import make_mesh, state_shardings
     from davir_jax.train import make_optimizer, make_train_step, optimizer_shardings
 
-    cfg = lc(ROOT / "configs" / "default.yaml", [
-        f"--data.path={data}", f"--data.cache_dir={out / 'cache'}", "--data.template=chat",
-        f"--data.max_len={args.max_len}", f"--data.row_len={2 * args.max_len}",
-        "--data.max_segments=8", "--data.batch_rows=4"])
+    cfg = lc(
+        ROOT / "configs" / "default.yaml",
+        [
+            f"--data.path={data}",
+            f"--data.cache_dir={out / 'cache'}",
+            "--data.template=chat",
+            f"--data.max_len={args.max_len}",
+            f"--data.row_len={2 * args.max_len}",
+            "--data.max_segments=8",
+            "--data.batch_rows=4",
+        ],
+    )
     mesh = make_mesh(1, 1, 1)
     tok = load_tokenizer("smollm2-135m")
     data_ = prepare(cfg.data, tok, progress=False, pairs=True)
@@ -104,14 +130,17 @@ def step_times(data: Path, out: Path, args) -> dict[str, float]:
         state = (params, jax.jit(tx.init, out_shardings=osh)(params))
         frozen = nnx.split(load_model("smollm2-135m", "float32", mesh)) if in_step else None
         fsh = None if frozen is None else (frozen[0], state_shardings(frozen[1], mesh))
-        fn = make_train_step(graphdef, tx, preference_objective("davir_dpo", 10.0), (psh, osh),
-                             mesh, fsh)
+        fn = make_train_step(
+            graphdef, tx, preference_objective("davir_dpo", 10.0), (psh, osh), mesh, fsh
+        )
         extra = () if frozen is None else (frozen[1],)
         batches = []
         for p in plans:
             b = assemble(p.rows, 2 * args.max_len, pairs.num_segments, data_.get)
-            arr = {k: np.asarray(getattr(b, k))[None] for k in
-                   ("input_ids", "segment_ids", "positions", "loss_mask", "weights")}
+            arr = {
+                k: np.asarray(getattr(b, k))[None]
+                for k in ("input_ids", "segment_ids", "positions", "loss_mask", "weights")
+            }
             arr["ref_nll"] = np.full(b.weights.shape, 50.0, np.float32)[None]
             batches.append({k: jax.device_put(v) for k, v in arr.items()})
         state, m = fn(state, batches[0], *extra)  # compile
@@ -140,14 +169,16 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="dpo-bench-"))
     out.mkdir(parents=True, exist_ok=True)
     n = args.train + args.eval
-    gsm = subset(SHARED / "gsm8k" / "example_model_solutions.jsonl", out / "gsm_pairs.jsonl",
-                 n + 40, 2500)
-    hh = subset(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz", out / "hh_pairs.jsonl",
-                n, 1200)
+    gsm = subset(
+        SHARED / "gsm8k" / "example_model_solutions.jsonl", out / "gsm_pairs.jsonl", n + 40, 2500
+    )
+    hh = subset(SHARED / "hh-rlhf" / "harmless-base-test.jsonl.gz", out / "hh_pairs.jsonl", n, 1200)
     st = step_times(gsm, out, args)
-    print(f"step time (davir_dpo, SmolLM2, 4 rows x {2 * args.max_len}): precomputed "
-          f"{st['precomputed']:.3f} s, in-step {st['in_step']:.3f} s, ratio "
-          f"{st['precomputed'] / st['in_step']:.2f}")
+    print(
+        f"step time (davir_dpo, SmolLM2, 4 rows x {2 * args.max_len}): precomputed "
+        f"{st['precomputed']:.3f} s, in-step {st['in_step']:.3f} s, ratio "
+        f"{st['precomputed'] / st['in_step']:.2f}"
+    )
     results = [run("gsm-dpo", gsm, out, "dpo", 0.1, args)]
     for beta in [float(b) for b in args.betas.split(",")]:
         results.append(run(f"gsm-davir-b{beta:g}", gsm, out, "davir_dpo", beta, args))
@@ -155,17 +186,25 @@ def main() -> None:
     best = max(davir, key=lambda r: (r["accuracy"] or 0, -abs(r["margin_length_pearson"] or 0)))
     results.append(run("hh-dpo", hh, out, "dpo", 0.1, args))
     results.append(run("hh-davir", hh, out, "davir_dpo", best["beta"], args))
-    print(f"machine: {os.cpu_count()} cores, jax {jax.__version__}; {args.train} train / "
-          f"{args.eval} held-out pairs each, 1 epoch, lr {args.lr}, max_len {args.max_len}")
-    print("| run | objective | beta | held-out pairs | held-out accuracy | margin-length "
-          "Pearson | train accuracy (last 4 steps) | seconds |")
+    print(
+        f"machine: {os.cpu_count()} cores, jax {jax.__version__}; {args.train} train / "
+        f"{args.eval} held-out pairs each, 1 epoch, lr {args.lr}, max_len {args.max_len}"
+    )
+    print(
+        "| run | objective | beta | held-out pairs | held-out accuracy | margin-length "
+        "Pearson | train accuracy (last 4 steps) | seconds |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         corr = "n/a" if r["margin_length_pearson"] is None else f"{r['margin_length_pearson']:.3f}"
-        print(f"| {r['name']} | {r['objective']} | {r['beta']:g} | {r['pairs']} | "
-              f"{r['accuracy']:.3f} | {corr} | {r['train_acc_last']:.2f} | {r['seconds']:.0f} |")
-    print(f"davir_dpo beta chosen on GSM8K (held-out accuracy, then smaller |correlation|): "
-          f"{best['beta']:g}")
+        print(
+            f"| {r['name']} | {r['objective']} | {r['beta']:g} | {r['pairs']} | "
+            f"{r['accuracy']:.3f} | {corr} | {r['train_acc_last']:.2f} | {r['seconds']:.0f} |"
+        )
+    print(
+        f"davir_dpo beta chosen on GSM8K (held-out accuracy, then smaller |correlation|): "
+        f"{best['beta']:g}"
+    )
     (out / "results.json").write_text(json.dumps({"step_times": st, "runs": results}, indent=1))
 
 

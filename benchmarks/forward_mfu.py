@@ -29,23 +29,28 @@ from flax import nnx  # noqa: E402
 from davir_jax.config import load_config  # noqa: E402
 from davir_jax.models.decoder import RunConfig  # noqa: E402
 from davir_jax.models.weights import abstract_model, build_model, iter_params, param_table  # noqa: E402
+from davir_jax.plan import CHIPS, forward_flops  # noqa: E402
 from davir_jax.scoring import nll_step  # noqa: E402
 from davir_jax.sharding import Sharder, batch_sharding, make_mesh  # noqa: E402
 
-PEAK_BF16 = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v4": 275e12,
+# device_kind spellings -> davir_jax.plan.CHIPS names (the one table of chip peaks)
+_KIND_ALIASES = {
+    "v5 lite": "v5e",
+    "v5e": "v5e",
+    "v5p": "v5p",
+    "v4": "v4",
+    "v6": "v6e",
+    "a100": "a100",
+    "h100": "h100",
+    "h200": "h200",
 }
 
 
 def peak_flops(kind: str) -> float | None:
-    for k, v in PEAK_BF16.items():
-        if k.lower() in kind.lower():
-            return v
+    """Dense bf16 peak FLOP/s of a device kind, or None for CPUs and unknown chips."""
+    for alias, chip in _KIND_ALIASES.items():
+        if alias in kind.lower():
+            return CHIPS[chip][1]
     return None
 
 
@@ -107,11 +112,7 @@ def main() -> None:
     step = float(np.median(times))
     tokens = a.batch * a.seq
     n = arch.num_params()
-    embed = arch.vocab_size * arch.hidden_size
-    dense = n - embed * (1 if arch.tie_embeddings else 2)  # non-embedding parameters
-    flops_tok = (
-        2 * (dense + embed) + 2 * arch.num_layers * arch.num_heads * arch.resolved_head_dim * a.seq
-    )  # 2*2*L*H*hd*T/2 (causal)
+    flops_tok = forward_flops(arch, a.seq)
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind)
     achieved = flops_tok * tokens / step

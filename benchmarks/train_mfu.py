@@ -30,6 +30,7 @@ from flax import nnx  # noqa: E402
 from forward_mfu import host_random_model, peak_flops  # noqa: E402
 
 from davir_jax.config import OptimizerConfig, load_config  # noqa: E402
+from davir_jax.plan import forward_flops  # noqa: E402
 from davir_jax.sharding import make_mesh, state_shardings  # noqa: E402
 from davir_jax.train import (  # noqa: E402
     accum_batch_sharding,
@@ -89,11 +90,7 @@ def main() -> None:
     dt = float(np.median(times))
     tokens = a.accum * a.rows * a.seq
     n = arch.num_params()
-    embed = arch.vocab_size * arch.hidden_size
-    dense = n - embed * (1 if arch.tie_embeddings else 2)
-    fwd_tok = (
-        2 * (dense + embed) + 2 * arch.num_layers * arch.num_heads * arch.resolved_head_dim * a.seq
-    )
+    fwd_tok = forward_flops(arch, a.seq)
     achieved = 3 * fwd_tok * tokens / dt
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind)

@@ -169,8 +169,35 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-# Flags of `davir score` that are shorthands for config keys (every option is a config key).
+def _flags(args: argparse.Namespace, table: dict[str, str]) -> list[str]:
+    """Command-line shorthands -> config overrides (every option is also a config key).
+
+    `table` maps argparse names to config keys; `overwrite` and `strict` are switches.
+    """
+    out = []
+    for name, key in table.items():
+        value = getattr(args, name, None)
+        if name in ("overwrite", "strict"):
+            if value:
+                out.append(f"--{key}=true")
+        elif value is not None:
+            out.append(f"--{key}={value}")
+    return out
+
+
+# Shorthands shared by the commands that read a model and a data file.
+_DATA_FLAGS = {
+    "model": "model.source",
+    "data": "data.path",
+    "format": "data.format",
+    "template": "data.template",
+    "max_len": "data.max_len",
+}
+
+# Flags of `davir score` that are shorthands for config keys.
 _SCORE_FLAGS = {
+    "overwrite": "scoring.overwrite",
+    "strict": "data.strict",
     "data": "data.path",
     "format": "data.format",
     "template": "data.template",
@@ -184,15 +211,7 @@ _SCORE_FLAGS = {
 def cmd_score(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.scoring import score
 
-    flags = [
-        f"--{key}={getattr(args, k)}"
-        for k, key in _SCORE_FLAGS.items()
-        if getattr(args, k) is not None
-    ]
-    if args.overwrite:
-        flags.append("--scoring.overwrite=true")
-    if args.strict:
-        flags.append("--data.strict=true")
+    flags = _flags(args, _SCORE_FLAGS)
     cfg = _load_cfg(args, flags + overrides)
     out = score(cfg, progress=not args.quiet)
     print(f"wrote {out / 'scores.parquet'} and {out / 'manifest.json'}")
@@ -200,11 +219,9 @@ def cmd_score(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 _SFT_FLAGS = {
-    "model": "model.source",
-    "data": "data.path",
-    "format": "data.format",
-    "template": "data.template",
-    "max_len": "data.max_len",
+    "overwrite": "train.overwrite",
+    "strict": "data.strict",
+    **_DATA_FLAGS,
     "selection": "train.selection",
     "out": "train.out",
 }
@@ -213,26 +230,14 @@ _SFT_FLAGS = {
 def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.train import sft
 
-    flags = [
-        f"--{key}={getattr(args, k)}"
-        for k, key in _SFT_FLAGS.items()
-        if getattr(args, k) is not None
-    ]
-    if args.overwrite:
-        flags.append("--train.overwrite=true")
-    if args.strict:
-        flags.append("--data.strict=true")
+    flags = _flags(args, _SFT_FLAGS)
     out = sft(_load_cfg(args, flags + overrides), progress=not args.quiet)
     print(f"wrote {out} (metrics.jsonl, checkpoints/, model/)")
     return 0
 
 
 _EVAL_FLAGS = {
-    "model": "model.source",
-    "data": "data.path",
-    "format": "data.format",
-    "template": "data.template",
-    "max_len": "data.max_len",
+    **_DATA_FLAGS,
     "out": "eval.out",
     "generate": "eval.generate",
     "max_new_tokens": "eval.max_new_tokens",
@@ -242,11 +247,7 @@ _EVAL_FLAGS = {
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.evaluate import run_eval
 
-    flags = [
-        f"--{key}={getattr(args, k)}"
-        for k, key in _EVAL_FLAGS.items()
-        if getattr(args, k) is not None
-    ]
+    flags = _flags(args, _EVAL_FLAGS)
     res = run_eval(_load_cfg(args, flags + overrides), progress=not args.quiet)
     line = f"loss {res['loss']:.4f} nats/token ({res['n_examples']:,} examples)"
     if "accuracy" in res:
@@ -256,11 +257,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 _DPO_FLAGS = {
-    "model": "model.source",
-    "data": "data.path",
-    "format": "data.format",
-    "template": "data.template",
-    "max_len": "data.max_len",
+    "overwrite": "train.overwrite",
+    "strict": "data.strict",
+    **_DATA_FLAGS,
     "out": "train.out",
     "objective": "dpo.objective",
     "beta": "dpo.beta",
@@ -272,13 +271,7 @@ _DPO_FLAGS = {
 def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.preference import dpo
 
-    flags = [
-        f"--{key}={getattr(args, k)}"
-        for k, key in _DPO_FLAGS.items()
-        if getattr(args, k) is not None
-    ]
-    if args.overwrite:
-        flags.append("--train.overwrite=true")
+    flags = _flags(args, _DPO_FLAGS)
     out = dpo(_load_cfg(args, flags + overrides), progress=not args.quiet)
     print(f"wrote {out} (metrics.jsonl, eval.json, checkpoints/, model/)")
     return 0

@@ -125,7 +125,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
         mem["params"] = param_bytes * resident
         mem["activations"] = tok_dev * (c * (4 * D + 2 * F / shape["tensor"]) + scores)
         mem["logits"] = logits
-        fwd = _forward_flops(arch, seq)
+        fwd = forward_flops(arch, seq)
         flops = 2 * fwd * d.batch_rows * seq  # base and reference
     else:
         mem["optimizer"] = 2 * param_bytes  # AdamW moments in the parameter dtype
@@ -139,9 +139,9 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
         mem["activations"] = act
         mem["logits"] = 3 * logits
         tokens = d.batch_rows * seq * cfg.train.grad_accum
-        flops = 3 * _forward_flops(arch, seq) * tokens
+        flops = 3 * forward_flops(arch, seq) * tokens
         if job == "dpo" and cfg.dpo.reference_in_step:
-            flops += _forward_flops(arch, seq) * tokens
+            flops += forward_flops(arch, seq) * tokens
     total = sum(mem.values())
     out["memory_bytes"] = {k: int(v) for k, v in mem.items()}
     out["memory_total_bytes"] = int(total)
@@ -157,7 +157,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     return out
 
 
-def _forward_flops(arch: Any, seq: int) -> float:
+def forward_flops(arch: Any, seq: int) -> float:
     """Forward FLOPs per token: 2 x (non-embedding + LM head) parameters + causal attention."""
     n = arch.num_params()
     embed = arch.vocab_size * arch.hidden_size
@@ -189,4 +189,4 @@ def render(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CHIPS", "plan", "render"]
+__all__ = ["CHIPS", "forward_flops", "plan", "render"]

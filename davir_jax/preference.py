@@ -36,8 +36,9 @@ from davir_jax.data.batching import BatchPlan, assemble, local_rows
 from davir_jax.io_utils import write_atomic
 from davir_jax.losses import PREFERENCE_OBJECTIVES, example_nll
 from davir_jax.models.loading import load_model, load_tokenizer_for, source_fingerprint
+from davir_jax.runs import check_batch_rows
 from davir_jax.sharding import make_mesh
-from davir_jax.train import Job, Objective, accum_batch_sharding, check_batch_rows, fit
+from davir_jax.train import Job, Objective, accum_batch_sharding, fit
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "weights", "ref_nll")
 METRICS = (

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -57,20 +56,16 @@ from davir_jax.models.decoder import Decoder, RunConfig
 from davir_jax.models.loading import load_model, load_tokenizer_for, source_fingerprint
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 from davir_jax.models.weights import abstract_model
+from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
 from davir_jax.sharding import batch_sharding, make_mesh, state_shardings
 
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
     from davir_jax.data.dataset import TokenizedData
 
 MODELS = ("base", "reference")
-RUN_FILE = "run.json"
 SCORES_FILE = "scores.parquet"
 MANIFEST_FILE = "manifest.json"
 _BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
-
-
-class MixedRunError(ValueError):
-    """The output directory holds another run's results (other models, data or settings)."""
 
 
 # -- the jitted step -----------------------------------------------------------------------
@@ -184,52 +179,14 @@ def _barrier(name: str) -> None:
 
 def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str]) -> dict[str, Any]:
     """What must be equal for two runs' shards to be mixed."""
-    d = cfg.data
     return {
         "data": data.fields,
         "models": fingerprints,
         "dtype": [cfg.model.dtype, cfg.model.compute_dtype or cfg.model.dtype],
-        "batching": {
-            "pack": d.pack,
-            "row_len": d.packed_row_len,
-            "max_segments": d.max_segments,
-            "bucket_min": d.bucket_min,
-            "batch_rows": d.batch_rows,
-            "shard_batches": cfg.scoring.shard_batches,
-        },
+        "batching": {**batching_identity(cfg), "shard_batches": cfg.scoring.shard_batches},
         "resident": cfg.scoring.resident,
         "process_count": jax.process_count(),
     }
-
-
-def _claim_out_dir(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to mix outputs of different runs; start afresh with `overwrite`."""
-    run_file = out / RUN_FILE
-    if jax.process_index() == 0:
-        if run_file.is_file():
-            old = json.loads(run_file.read_text())
-            if old != identity:
-                if not overwrite:
-                    diff = sorted(
-                        k for k in set(old) | set(identity) if old.get(k) != identity.get(k)
-                    )
-                    raise MixedRunError(
-                        f"{out} holds results of another run (different {', '.join(diff)}); "
-                        "use another --out, or --overwrite to discard them"
-                    )
-                shutil.rmtree(out)
-        elif out.exists() and any(out.iterdir()) and not overwrite:
-            raise MixedRunError(
-                f"{out} is not empty and is not a scoring run; use another --out or --overwrite"
-            )
-        elif out.exists() and overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not run_file.is_file():
-            write_atomic(run_file, json.dumps(identity, indent=1, sort_keys=True))
-    _barrier(f"davir score claim {out}")
-    if jax.process_index() != 0 and json.loads(run_file.read_text()) != identity:
-        raise MixedRunError(f"{out}: process {jax.process_index()} sees a different run")
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
@@ -277,12 +234,7 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     pi, pc = jax.process_index(), jax.process_count()
     if mesh is None:
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    dp = data_parallel_size(mesh)
-    if cfg.data.batch_rows % dp or cfg.data.batch_rows % pc:
-        raise ValueError(
-            f"data.batch_rows={cfg.data.batch_rows} must be a multiple of the data-parallel size "
-            f"{dp} (mesh data*fsdp) and of the process count {pc}"
-        )
+    check_batch_rows(cfg, mesh)
     tok = load_tokenizer_for(sc.tokenizer or sc.base or sc.reference)
     fingerprints = {m: source_fingerprint(getattr(sc, m)) for m in scored_models(cfg)}
     fingerprints["tokenizer"] = tokenizer_fingerprint(tok)
@@ -304,7 +256,7 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0, pairs=pairs)
     out = Path(sc.out)
     identity = run_identity(cfg, data, fingerprints)
-    _claim_out_dir(out, identity, sc.overwrite)
+    claim_run_dir(out, identity, sc.overwrite, "scoring run")
     plans = data.plans(shuffle=False)
     k = sc.shard_batches
     n_shards = math.ceil(len(plans) / k)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -48,18 +47,18 @@ from davir_jax.models.loading import (
     save_model,
     source_fingerprint,
 )
+from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
 from davir_jax.sharding import logical_to_spec, make_mesh, state_shardings
 
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
     from davir_jax.data.dataset import Mixture, TokenizedData
 
-RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 _BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "weights")
 
 
 class TrainRunError(ValueError):
-    """The output directory holds another run, or no checkpoint in it can be restored."""
+    """No checkpoint in the output directory can be restored."""
 
 
 # -- optimizer -------------------------------------------------------------------------------
@@ -428,18 +427,11 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 
 def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -> dict[str, Any]:
-    d = cfg.data
     return {
         "model": source_fingerprint(cfg.model.source),
         "dtype": [cfg.model.dtype, cfg.model.compute_dtype or cfg.model.dtype],
         **data_identity,
-        "batching": {
-            "pack": d.pack,
-            "row_len": d.packed_row_len,
-            "max_segments": d.max_segments,
-            "bucket_min": d.bucket_min,
-            "batch_rows": d.batch_rows,
-        },
+        "batching": batching_identity(cfg),
         "optimizer": to_dict(cfg.optimizer),
         "train": {
             k: v
@@ -449,43 +441,6 @@ def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -
         "total_steps": total_steps,
         "seed": cfg.seed,
     }
-
-
-def _claim(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    run_file = out / RUN_FILE
-    if jax.process_index() == 0:
-        if run_file.is_file():
-            old = json.loads(run_file.read_text())
-            if old != identity and not overwrite:
-                diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-                raise TrainRunError(
-                    f"{out} holds another training run (different {', '.join(diff)}); use "
-                    "another --out, or --overwrite to discard it"
-                )
-            if old != identity:
-                shutil.rmtree(out)
-        elif out.exists() and any(out.iterdir()):
-            if not overwrite:
-                raise TrainRunError(
-                    f"{out} is not empty and is not a training run; use --overwrite"
-                )
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if not run_file.is_file():
-            write_atomic(run_file, json.dumps(identity, indent=1, sort_keys=True))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"davir sft claim {out}")
-
-
-def check_batch_rows(cfg: Config, mesh: Mesh) -> None:
-    dp, pc = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
-    if cfg.data.batch_rows % dp or cfg.data.batch_rows % pc:
-        raise ValueError(
-            f"data.batch_rows={cfg.data.batch_rows} must be a multiple of the data-parallel size "
-            f"{dp} and of the process count {pc}"
-        )
 
 
 @dataclasses.dataclass
@@ -522,7 +477,7 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     if tc.max_steps is not None:
         total = min(total, tc.max_steps)
     identity = {**run_identity(cfg, job.identity, total), "job": job.name}
-    _claim(out, identity, tc.overwrite)
+    claim_run_dir(out, identity, tc.overwrite, "training run")
 
     m = cfg.model
     model = load_model(m.source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)

@@ -33,3 +33,33 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (tests read ../shared/data)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny random transformers Llama saved with the BOS-adding word tokenizer: a model
+    source that trains, scores and generates in seconds."""
+    from hf_models import make_hf_model
+    from toy_tokenizers import word_tokenizer
+
+    d = tmp_path_factory.mktemp("base")
+    make_hf_model("llama", d, seed=0)
+    word_tokenizer(True).save_pretrained(d)
+    return d
+
+
+def run_cli(command: str, args: list[str], env_extra: dict[str, str] | None = None):
+    """`python -m davir_jax.cli COMMAND ARGS` in a fresh process (one CPU device), for kill and
+    resume tests; returns the Popen."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "davir_jax.cli", command, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )

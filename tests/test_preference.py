@@ -8,8 +8,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from toy_tokenizers import WORDS, word_tokenizer
+from conftest import run_cli
+from toy_tokenizers import WORDS
 
 from davir_jax.config import (
     Config,
@@ -103,16 +102,6 @@ def test_gradients_finite_for_one_token_and_very_long_responses(name):
 
 
 # -- training ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from hf_models import make_hf_model
-
-    d = tmp_path_factory.mktemp("base")
-    make_hf_model("llama", d, seed=0)
-    word_tokenizer(True).save_pretrained(d)
-    return d
 
 
 def _pairs(path: Path, n: int, seed: int = 0) -> Path:
@@ -232,17 +221,9 @@ def test_killed_and_resumed_dpo_equals_uninterrupted(tmp_path, base):
         "davir_dpo",
         "-q",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
 
     def cli(out):
-        return subprocess.Popen(
-            [sys.executable, "-m", "davir_jax.cli", "dpo", *common, "--out", str(out)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        return run_cli("dpo", [*common, "--out", str(out)])
 
     full = cli(tmp_path / "full")
     assert full.wait(600) == 0, full.stdout.read().decode()

@@ -17,10 +17,12 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 from toy_tokenizers import WORDS, word_tokenizer
 
 from davir_jax.config import Config, DataConfig, ScoringConfig
-from davir_jax.scoring import MixedRunError, score
+from davir_jax.runs import MixedRunError
+from davir_jax.scoring import score
 from davir_jax.sharding import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,17 +171,8 @@ def test_mixing_is_refused_unless_overwrite(tmp_path, models):
         )
 
 
-def _cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "davir_jax.cli", "score", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        **kw,
-    )
+def _cli(args: list[str]):
+    return run_cli("score", args)
 
 
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, models):

@@ -9,8 +9,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from conftest import run_cli
 from flax import nnx
 from toy_tokenizers import WORDS, word_tokenizer
 
@@ -37,16 +36,6 @@ from davir_jax.train import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = [w for w in WORDS if w.isalpha()]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from hf_models import make_hf_model
-
-    d = tmp_path_factory.mktemp("base")
-    make_hf_model("llama", d, seed=0)
-    word_tokenizer(True).save_pretrained(d)
-    return d
 
 
 def _data(path: Path, n: int, seed: int = 0) -> Path:
@@ -234,16 +223,8 @@ def test_checkpoint_restores_onto_another_mesh_and_corrupt_one_is_skipped(tmp_pa
     assert _losses(again) == first
 
 
-def _cli(args, env_extra=None) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    env.pop("XLA_FLAGS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "davir_jax.cli", "sft", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+def _cli(args):
+    return run_cli("sft", args)
 
 
 def test_killed_and_restarted_equals_uninterrupted(tmp_path, base):
@@ -287,12 +268,12 @@ def test_killed_and_restarted_equals_uninterrupted(tmp_path, base):
 
 
 def test_other_run_is_refused(tmp_path, base):
-    from davir_jax.train import TrainRunError
+    from davir_jax.runs import MixedRunError
 
     data = _data(tmp_path / "d.jsonl", 8)
     cfg = _cfg(tmp_path, base, data, train={"max_steps": 1})
     sft(cfg, False)
-    with pytest.raises(TrainRunError, match="optimizer"):
+    with pytest.raises(MixedRunError, match="optimizer"):
         sft(dataclasses.replace(cfg, optimizer=OptimizerConfig(lr=1e-4)), False)
 
 

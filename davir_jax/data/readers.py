@@ -496,15 +496,27 @@ def read_examples(
 
     Preference formats yield their chosen side (for SFT on preferred answers).
     """
+
+    def parse(raw: RawRow, fmt: str, f: Mapping[str, str], source: str) -> Example:
+        if fmt in PAIR_FORMATS:
+            return _parse_pair(raw, fmt, f, source).chosen
+        return _parse_sft(raw, fmt, f, source)
+
+    yield from _stream(parse, path, fmt, log, source, fields, part, num_parts)
+
+
+def _stream(parse, path, fmt, log, source, fields, part, num_parts, pairs_only=False):
+    """Rows of this process's part, parsed; a row-level problem is counted in `log`."""
     log = SkipLog() if log is None else log
     fmt, f, rows = _resolve(path, fmt, fields, log, part, num_parts)
+    if pairs_only and fmt not in PAIR_FORMATS:
+        raise DataError(
+            f"{path}: format {fmt!r} has no preference pairs (use {', '.join(PAIR_FORMATS)})"
+        )
     source = source or source_name(path)
     for raw in rows:
         try:
-            if fmt in PAIR_FORMATS:
-                yield _parse_pair(raw, fmt, f, source).chosen
-            else:
-                yield _parse_sft(raw, fmt, f, source)
+            yield parse(raw, fmt, f, source)
         except _Bad as b:
             log.skip(b.reason, raw.location, b.detail)
 
@@ -519,15 +531,4 @@ def read_pairs(
     num_parts: int = 1,
 ) -> Iterator[PreferencePair]:
     """Stream preference pairs of a file; bad rows go to `log`."""
-    log = SkipLog() if log is None else log
-    fmt, f, rows = _resolve(path, fmt, fields, log, part, num_parts)
-    if fmt not in PAIR_FORMATS:
-        raise DataError(
-            f"{path}: format {fmt!r} has no preference pairs (use {', '.join(PAIR_FORMATS)})"
-        )
-    source = source or source_name(path)
-    for raw in rows:
-        try:
-            yield _parse_pair(raw, fmt, f, source)
-        except _Bad as b:
-            log.skip(b.reason, raw.location, b.detail)
+    yield from _stream(_parse_pair, path, fmt, log, source, fields, part, num_parts, True)
