@@ -94,7 +94,7 @@ def cmd_hello(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from davir_jax.evaluate import sequence_losses as sentence_losses
     from davir_jax.generation import greedy_generate
-    from davir_jax.models import load_tokenizer
+    from davir_jax.models.loading import load_tokenizer_for as load_tokenizer
 
     cfg = _load_cfg(args, overrides)
     if cfg.model.source is None:

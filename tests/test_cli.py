@@ -42,3 +42,9 @@ def test_export_from_hf_dir(tmp_path):
     make_hf_model("qwen2", tmp_path / "src")
     assert main(["export", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_hello_on_a_tiny_model(base, capsys):
+    assert main(["hello", f"--model.source={base}", "--max-new-tokens=3"]) == 0
+    out = capsys.readouterr().out
+    assert "per-token loss" in out and "Q: What is the capital of France?" in out
