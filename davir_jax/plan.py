@@ -16,6 +16,7 @@ A plan fits when the total stays under 90% of the chip's memory (headroom for XL
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -51,25 +52,36 @@ def mesh_shape(cfg: Any, devices: int | None) -> dict[str, int]:
     return sizes
 
 
-def _arch(cfg: Any) -> Any:
+@functools.lru_cache(maxsize=16)
+def _source_arch(source: str) -> Any:
     from davir_jax.models.loading import load_arch
 
-    if cfg.model.arch is not None:
-        return cfg.model.arch
-    return load_arch(cfg.model.source)
+    return load_arch(source)  # a GGUF header parse takes seconds: plan once per source
+
+
+def _arch(cfg: Any) -> Any:
+    return cfg.model.arch if cfg.model.arch is not None else _source_arch(cfg.model.source)
+
+
+@functools.lru_cache(maxsize=16)
+def _param_table(arch: Any, dtype: str) -> tuple[tuple[tuple[int, ...], Any], ...]:
+    """(shape, logical axes) of every parameter, from `jax.eval_shape` (nothing allocated)."""
+    from davir_jax.models.decoder import RunConfig
+    from davir_jax.models.weights import abstract_model, iter_params
+
+    _, abs_state = abstract_model(arch, RunConfig(param_dtype=dtype))
+    return tuple(
+        (tuple(v.get_value().shape), v.get_metadata().get("logical_axes"))
+        for _, v in iter_params(abs_state)
+    )
 
 
 def per_device_params(arch: Any, dtype: str, mesh: _Mesh) -> tuple[int, int]:
     """(parameter count, bytes of one device's shards) from the abstract model."""
-    from davir_jax.models.decoder import RunConfig
-    from davir_jax.models.weights import abstract_model, iter_params
     from davir_jax.sharding import logical_to_spec
 
-    _, abs_state = abstract_model(arch, RunConfig(param_dtype=dtype))
     count, local = 0, 0
-    for _, var in iter_params(abs_state):
-        shape = tuple(var.get_value().shape)
-        axes = var.get_metadata().get("logical_axes")
+    for shape, axes in _param_table(arch, dtype):
         spec = logical_to_spec(axes, shape, mesh)
         shard = list(shape)
         for i, part in enumerate(spec):
