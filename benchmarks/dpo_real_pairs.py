@@ -51,19 +51,26 @@ def subset(src: Path, dst: Path, n: int, max_chars: int) -> Path:
     return dst
 
 
+def data_overrides(data: Path, out: Path, args) -> list[str]:
+    """The data section every run and the step-time check share."""
+    return [
+        f"--data.path={data}",
+        f"--data.cache_dir={out / 'cache'}",
+        f"--data.template={args.template}",
+        f"--data.max_len={args.max_len}",
+        f"--data.row_len={2 * args.max_len}",
+        "--data.max_segments=8",
+        "--data.batch_rows=4",
+    ]
+
+
 def run(name: str, data: Path, out: Path, objective: str, beta: float, args, extra=()) -> dict:
     from davir_jax.preference import dpo
 
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
         [
-            f"--data.path={data}",
-            f"--data.cache_dir={out / 'cache'}",
-            f"--data.template={args.template}",
-            f"--data.max_len={args.max_len}",
-            f"--data.row_len={2 * args.max_len}",
-            "--data.max_segments=8",
-            "--data.batch_rows=4",
+            *data_overrides(data, out, args),
             f"--train.out={out / name}",
             "--train.epochs=1",
             "--train.checkpoint_every=1000",
@@ -102,13 +109,7 @@ def step_times(data: Path, out: Path, args) -> dict[str, float]:
     cfg = lc(
         ROOT / "configs" / "default.yaml",
         [
-            f"--data.path={data}",
-            f"--data.cache_dir={out / 'cache'}",
-            f"--data.template={args.template}",
-            f"--data.max_len={args.max_len}",
-            f"--data.row_len={2 * args.max_len}",
-            "--data.max_segments=8",
-            "--data.batch_rows=4",
+            *data_overrides(data, out, args),
         ],
     )
     mesh = make_mesh(1, 1, 1)

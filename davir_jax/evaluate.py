@@ -10,7 +10,7 @@ import numpy as np
 
 from davir_jax.data.batching import assemble
 from davir_jax.models.decoder import Decoder
-from davir_jax.scoring import batch_nll, data_parallel_size
+from davir_jax.scoring import batch_nll, data_parallel_size, dataset_nll
 
 
 def sequence_losses(
@@ -34,13 +34,7 @@ def sequence_losses(
 def held_out_loss(model: Decoder, data: Any, chunk: int = 128) -> dict[str, Any]:
     """Response NLL of every example of a prepared data set: the token-weighted mean (nats per
     response token, the SFT loss) and the mean of per-example means; and the per-example rows."""
-    nll = np.zeros(len(data))
-    cnt = np.zeros(len(data))
-    for _, batch in data.batches(data.plans()):
-        a, n = batch_nll(model, batch, data.num_segments, chunk)
-        sel = batch.example_index >= 0
-        nll[batch.example_index[sel]] = a[sel]
-        cnt[batch.example_index[sel]] = n[sel]
+    nll, cnt = dataset_nll(model, data.plans(), data.num_segments, data.get, len(data), chunk)
     return {
         "loss": float(nll.sum() / max(cnt.sum(), 1.0)),
         "mean_example_loss": float(np.mean(nll / np.maximum(cnt, 1.0))),

@@ -133,6 +133,7 @@ class PairData:
         rows = sorted({int(ix) // 2 for ix in data.store.indices})
         c = np.array([pos[2 * r] for r in rows], np.int64)
         r_ = np.array([pos[2 * r + 1] for r in rows], np.int64)
+        self._all = keep is None
         if keep is not None:
             c, r_ = c[keep], r_[keep]
         self.chosen, self.rejected = c, r_
@@ -152,7 +153,7 @@ class PairData:
 
     def split(self, fraction: float) -> tuple[PairData, PairData]:
         """(training pairs, held-out pairs) of all the data set's pairs."""
-        if len(self) != len(PairData(self.data)):
+        if not self._all:
             raise ValueError("split() applies to all pairs of a data set")
         ev = np.array([held_out(p, fraction) for p in self.pair_ids], bool)
         return PairData(self.data, ~ev), PairData(self.data, ev)
@@ -208,30 +209,15 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
         t = pq.read_table(cache)
         if t.column("example_id").to_pylist() == list(ids):
             return t.column("nll").to_numpy()
-    from davir_jax.scoring import batch_nll
+    from davir_jax.scoring import dataset_nll
 
     m = cfg.model
     model = load_model(ref, m.dtype, mesh, compute_dtype=m.compute_dtype)
-    nll = np.zeros(len(ids))
-    pi, pc = jax.process_index(), jax.process_count()
-    plans = data.plans()
-    from tqdm.auto import tqdm
-
-    for _, batch in tqdm(
-        data.batches(plans, pi, pc),
-        total=len(plans),
-        desc="reference",
-        disable=not (progress and pi == 0),
-        file=sys.stderr,
-    ):
-        a, _ = batch_nll(model, batch, data.num_segments, cfg.train.chunk)
-        sel = batch.example_index >= 0
-        nll[batch.example_index[sel]] = a[sel]
-    if pc > 1:  # every process scored its own rows: gather them all
-        from jax.experimental import multihost_utils
-
-        nll = np.max(multihost_utils.process_allgather(nll), axis=0)
-    if pi == 0:
+    desc = "reference" if progress else None
+    nll, _ = dataset_nll(
+        model, data.plans(), data.num_segments, data.get, len(ids), cfg.train.chunk, desc
+    )
+    if jax.process_index() == 0:
         Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table({"example_id": ids, "nll": nll}), sink)
@@ -248,17 +234,10 @@ def evaluate_pairs(
     """Preference accuracy, mean margin and the Pearson correlation of the margin with the
     chosen-minus-rejected length difference (tokens) on `pairs` (method.md: 0.38 for DPO vs
     0.07 for DavIR-DPO in the paper)."""
-    from davir_jax.scoring import batch_nll
+    from davir_jax.scoring import dataset_nll
 
     data = pairs.data
-    nll = np.zeros(len(data))
-    cnt = np.zeros(len(data))
-    for p in pairs.plans():
-        batch = assemble(p.rows, p.width, pairs.num_segments, data.get)
-        a, c = batch_nll(model, batch, pairs.num_segments, chunk)
-        sel = batch.example_index >= 0
-        nll[batch.example_index[sel]] = a[sel]
-        cnt[batch.example_index[sel]] = c[sel]
+    nll, cnt = dataset_nll(model, pairs.plans(), pairs.num_segments, data.get, len(data), chunk)
     c, r = pairs.chosen, pairs.rejected
     fn = PREFERENCE_OBJECTIVES[name][0]
     _, rc, rr = fn(-nll[c], -nll[r], -ref_nll[c], -ref_nll[r], cnt[c], cnt[r], beta, 0.0)
@@ -331,15 +310,16 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     def after(model: Any, out: Path) -> dict[str, Any]:
         ev_ref = ref
         if frozen is not None:  # no precomputed array: the reference scores the held-out pairs
-            ev_ref = np.zeros(len(data))
-            rmodel = nnx.merge(*frozen)
-            from davir_jax.scoring import batch_nll
+            from davir_jax.scoring import dataset_nll
 
-            for p in eval_pairs.plans():
-                b = assemble(p.rows, p.width, eval_pairs.num_segments, data.get)
-                a, _ = batch_nll(rmodel, b, eval_pairs.num_segments, tc.chunk)
-                sel = b.example_index >= 0
-                ev_ref[b.example_index[sel]] = a[sel]
+            ev_ref, _ = dataset_nll(
+                nnx.merge(*frozen),
+                eval_pairs.plans(),
+                eval_pairs.num_segments,
+                data.get,
+                len(data),
+                tc.chunk,
+            )
         res = {"objective": dc.objective, "beta": beta, "train_pairs": len(train_pairs)}
         if len(eval_pairs):
             res["held_out"] = evaluate_pairs(

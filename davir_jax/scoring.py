@@ -123,6 +123,39 @@ def batch_nll(
     return np.asarray(nll)[lo : lo + r], np.asarray(cnt)[lo : lo + r]
 
 
+def dataset_nll(
+    model: Decoder,
+    plans: list[Any],
+    num_segments: int,
+    get: Any,
+    n_examples: int,
+    chunk: int = 128,
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every example's summed response NLL and token count `([N], [N])` over global batch
+    `plans`: each process runs its own rows of every batch, and the arrays are gathered so every
+    process gets all of them. `get(indices)` gives (input_ids, loss_mask) per example."""
+    from davir_jax.data.batching import assemble, local_rows
+
+    pi, pc = jax.process_index(), jax.process_count()
+    nll, cnt = np.zeros(n_examples), np.zeros(n_examples)
+    bar = _progress(len(plans), 0, desc is not None and pi == 0, desc or "nll")
+    for plan in plans:
+        batch = assemble(local_rows(plan, pi, pc), plan.width, num_segments, get)
+        a, c = batch_nll(model, batch, num_segments, chunk)
+        sel = batch.example_index >= 0
+        nll[batch.example_index[sel]] = a[sel]
+        cnt[batch.example_index[sel]] = c[sel]
+        bar.update(1)
+    bar.close()
+    if pc > 1:  # rows scored elsewhere are 0 here; NLLs and counts are >= 0
+        from jax.experimental import multihost_utils
+
+        nll = np.max(multihost_utils.process_allgather(nll), axis=0)
+        cnt = np.max(multihost_utils.process_allgather(cnt), axis=0)
+    return nll, cnt
+
+
 # -- the job -------------------------------------------------------------------------------
 
 
@@ -189,13 +222,13 @@ def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str])
     }
 
 
-def _progress(total: int, initial: int, enabled: bool) -> Any:
+def _progress(total: int, initial: int, enabled: bool, desc: str = "score") -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
-        desc="score",
+        desc=desc,
         unit="batch",
         disable=not enabled,
         file=sys.stderr,
