@@ -56,7 +56,7 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
     from davir_jax.data.dataset import prepare
     from davir_jax.data.readers import read_examples
     from davir_jax.generation import generate
-    from davir_jax.io_utils import write_atomic
+    from davir_jax.io_utils import progress_bar, write_atomic
     from davir_jax.models.loading import load_model, load_tokenizer_for
     from davir_jax.sharding import make_mesh
 
@@ -115,9 +115,7 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
             - {None}
         )
         t0 = time.time()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_gen, desc="generate", unit="ex", disable=not progress, file=sys.stderr)
+        bar = progress_bar(n_gen, "generate", "ex", progress)
         for s in range(0, n_gen, ec.batch_size):
             idx = list(range(s, min(s + ec.batch_size, n_gen)))
             prompts = []

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -49,3 +51,21 @@ def publish_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old.exists():
         shutil.rmtree(old)
+
+
+def progress_bar(
+    total: int | None, desc: str, unit: str, enabled: bool = True, initial: int = 0
+) -> Any:
+    """The one progress bar of long work (rate and ETA on stderr, refreshed at most each second)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )

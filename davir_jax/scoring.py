@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +48,7 @@ from davir_jax.config import Config, to_dict
 from davir_jax.data.batching import Batch
 from davir_jax.data.readers import iter_rows
 from davir_jax.data.skips import SkipLog
-from davir_jax.io_utils import write_atomic
+from davir_jax.io_utils import progress_bar, write_atomic
 from davir_jax.losses import example_nll
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig
@@ -139,7 +138,7 @@ def dataset_nll(
 
     pi, pc = jax.process_index(), jax.process_count()
     nll, cnt = np.zeros(n_examples), np.zeros(n_examples)
-    bar = _progress(len(plans), 0, desc is not None and pi == 0, desc or "nll")
+    bar = progress_bar(len(plans), desc or "nll", "batch", desc is not None and pi == 0)
     for plan in plans:
         batch = assemble(local_rows(plan, pi, pc), plan.width, num_segments, get)
         a, c = batch_nll(model, batch, num_segments, chunk)
@@ -222,21 +221,6 @@ def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str])
     }
 
 
-def _progress(total: int, initial: int, enabled: bool, desc: str = "score") -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="batch",
-        disable=not enabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
-
-
 def _load(cfg: Config, source: str, mesh: Mesh) -> Decoder:
     m = cfg.model
     return load_model(source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
@@ -316,7 +300,7 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         timings["load_" + "+".join(models)] = time.time() - t0
         t0 = time.time()
         n_ex = n_tok = 0
-        bar = _progress(len(plans), first * k, progress and pi == 0)
+        bar = progress_bar(len(plans), "score", "batch", progress and pi == 0, first * k)
         for s in range(first, n_shards):
             shards = {m: _Shard() for m in models}
             for _, batch in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k):

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
 from davir_jax.data.batching import BatchPlan, assemble, local_rows
-from davir_jax.io_utils import file_sha256, write_atomic
+from davir_jax.io_utils import file_sha256, progress_bar, write_atomic
 from davir_jax.losses import sft_loss_sums
 from davir_jax.models.loading import (
     load_model,
@@ -504,18 +504,7 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     extra = () if job.frozen is None else (job.frozen[1],)
     schedule = lr_schedule(cfg.optimizer, total)
     metrics = Metrics(out, step, pi == 0)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        initial=step,
-        desc=job.name,
-        unit="step",
-        file=sys.stderr,
-        disable=not (progress and pi == 0),
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
+    bar = progress_bar(total, job.name, "step", progress and pi == 0, step)
     plans_cache: dict[int, list[BatchPlan]] = {}
     t0, tokens_run = time.time(), 0
     while step < total:

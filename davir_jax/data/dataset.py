@@ -40,26 +40,12 @@ from davir_jax.data.storage import (
     wait_for_parts,
 )
 from davir_jax.data.templates import Encoder
-from davir_jax.io_utils import file_sha256, write_atomic
+from davir_jax.io_utils import file_sha256, progress_bar, write_atomic
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 
 # Bump when the tokenized layout or a template's definition changes (invalidates caches).
 STORE_VERSION = 1
 _ENCODE_CHUNK = 1024
-
-
-def _progress(total: int | None, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="ex",
-        disable=not enabled,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
 
 
 def store_fields(cfg: DataConfig, tokenizer: Any, pairs: bool = False) -> dict[str, Any]:
@@ -203,7 +189,7 @@ def prepare(
             process_index,
             process_count,
         )
-        bar = _progress(None, f"tokenize {fields['source']} ({cfg.template})", progress)
+        bar = progress_bar(None, f"tokenize {fields['source']} ({cfg.template})", "ex", progress)
 
         def records() -> Iterator[dict[str, Any]]:
             chunk = []
