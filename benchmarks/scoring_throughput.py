@@ -52,9 +52,10 @@ import jax.monitoring  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from davir_jax.config import DataConfig  # noqa: E402
+from davir_jax.config import DataConfig, ModelConfig  # noqa: E402
 from davir_jax.data import batching  # noqa: E402
 from davir_jax.data.dataset import TokenizedData, prepare  # noqa: E402
+from davir_jax.losses import LM_HEAD_CHUNK  # noqa: E402
 from davir_jax.models import ArchConfig, export_hf, load_model, load_tokenizer, random_model  # noqa: E402
 from davir_jax.models.decoder import Decoder  # noqa: E402
 from davir_jax.scoring import batch_nll, device_batch, nll_step  # noqa: E402
@@ -581,7 +582,10 @@ def main() -> None:
     ap.add_argument("--pad-rows", type=int, default=16, help="rows per bucketed padded batch")
     ap.add_argument("--bucket-min", type=int, default=64)
     ap.add_argument("--max-segments", type=int, default=32)
-    ap.add_argument("--chunk", type=int, default=128, help="LM-head chunk of ours")
+    ap.add_argument("--chunk", type=int, default=LM_HEAD_CHUNK, help="LM-head chunk of ours")
+    ap.add_argument(
+        "--attn-block", type=int, default=ModelConfig().attn_block, help="0: dense attention"
+    )
     ap.add_argument(
         "--busy",
         type=float,
@@ -615,8 +619,8 @@ def main() -> None:
     tok = load_tokenizer("smollm2-135m")
     mesh = make_mesh(1, 1, 1)
     builders: dict[str, Callable[[], Decoder]] = {
-        "tiny": lambda: random_model(TINY, "float32", mesh, seed=0),
-        "smollm2": lambda: load_model("smollm2-135m", "float32", mesh),
+        "tiny": lambda: random_model(TINY, "float32", mesh, seed=0, attn_block=args.attn_block),
+        "smollm2": lambda: load_model("smollm2-135m", "float32", mesh, attn_block=args.attn_block),
     }
     rows: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
@@ -641,8 +645,10 @@ def main() -> None:
         f"Machine: {info}.",
         f"Ours: float32, packed rows {args.row_len} x {args.batch_rows} per batch "
         f"(max {args.max_segments} examples/row) or length buckets from {args.bucket_min} "
-        f"({args.pad_rows} rows), max_len {args.max_len}, LM-head chunk {args.chunk}. "
-        "HF: float32, sdpa attention, inference_mode. Same token ids and masks on both sides; "
+        f"({args.pad_rows} rows), max_len {args.max_len}, LM-head chunk {args.chunk} "
+        "(response positions only), attention "
+        + (f"in {args.attn_block}-token blocks. " if args.attn_block else "dense. ")
+        + "HF: float32, sdpa attention, inference_mode. Same token ids and masks on both sides; "
         "tok/s = real (non-pad) tokens / wall time of the pass after warm-up.",
     ]
     if rows:

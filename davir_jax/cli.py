@@ -39,10 +39,8 @@ def _model(cfg: Any, mesh: Any) -> Any:
 
     m = cfg.model
     if m.source is not None:
-        return load_model(m.source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
-    return random_model(
-        m.arch, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat, seed=cfg.seed
-    )
+        return load_model(m.source, m.dtype, mesh, **m.run_options())
+    return random_model(m.arch, m.dtype, mesh, seed=cfg.seed, **m.run_options())
 
 
 def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -38,14 +38,27 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype (master weights)
     compute_dtype: str | None = None  # None: same as dtype
     remat: bool = False
+    attn_block: int = 64  # blocked attention that skips invisible key blocks; 0: dense
 
     def __post_init__(self) -> None:
+        if self.attn_block < 0:
+            raise ValueError(
+                f"attn_block: must be 0 (dense) or a block size, got {self.attn_block}"
+            )
         for name in ("dtype", "compute_dtype"):
             v = getattr(self, name)
             if v is not None and v not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name}: {v!r} is not float32, bfloat16 or float16")
         if self.source is None and self.arch is None:
             raise ValueError("source: one of model.source or model.arch must be set")
+
+    def run_options(self) -> dict[str, Any]:
+        """How to run the model (`load_model`/`random_model` keywords), besides `dtype`."""
+        return {
+            "compute_dtype": self.compute_dtype,
+            "remat": self.remat,
+            "attn_block": self.attn_block,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +141,8 @@ class ScoringConfig:
     `resident`: `both` (both models in memory, each batch through both) or `sequential` (base
     over all batches, then reference; for when both do not fit).
     `shard_batches`: batches per output shard (the unit of resumption).
-    `chunk`: sequence chunk of the LM head (peak logits memory = rows * chunk * vocab floats).
+    `chunk`: response positions per row in one LM-head application (`losses.LM_HEAD_CHUNK`);
+    peak logits memory = rows * chunk * vocab floats.
     """
 
     base: str | None = None
@@ -137,7 +151,7 @@ class ScoringConfig:
     out: str | None = None
     resident: str = "both"
     shard_batches: int = 16
-    chunk: int = 128
+    chunk: int = 16  # losses.LM_HEAD_CHUNK
     overwrite: bool = False
     diagnostics: bool = True
 
@@ -197,7 +211,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 1
-    chunk: int = 128
+    chunk: int = 16  # losses.LM_HEAD_CHUNK
     overwrite: bool = False
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from davir_jax.data.batching import assemble
+from davir_jax.losses import LM_HEAD_CHUNK
 from davir_jax.models.decoder import Decoder
 from davir_jax.scoring import batch_nll, data_parallel_size, dataset_nll
 
@@ -31,7 +32,7 @@ def sequence_losses(
     return [float(a) / max(float(c), 1.0) for a, c in zip(nll[: len(sequences), 0], n[:, 0])]
 
 
-def held_out_loss(model: Decoder, data: Any, chunk: int = 128) -> dict[str, Any]:
+def held_out_loss(model: Decoder, data: Any, chunk: int = LM_HEAD_CHUNK) -> dict[str, Any]:
     """Response NLL of every example of a prepared data set: the token-weighted mean (nats per
     response token, the SFT loss) and the mean of per-example means; and the per-example rows."""
     nll, cnt = dataset_nll(model, data.plans(), data.num_segments, data.get, len(data), chunk)
@@ -65,7 +66,7 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
         raise ValueError("davir eval needs model.source and data.path")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tok = load_tokenizer_for(m.source)
-    model = load_model(m.source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
+    model = load_model(m.source, m.dtype, mesh, **m.run_options())
     data = prepare(cfg.data, tok, progress=progress)
     t0 = time.time()
     loss = held_out_loss(model, data)

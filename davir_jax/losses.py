@@ -13,18 +13,51 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+# Response positions per row in one LM-head application. Small on purpose: `rows * chunk` logits
+# rows of the vocabulary stay in cache for the log-softmax (on 2 CPU cores, 8 rows x 16 positions
+# scored 1.4x the tokens/s of 8 x 128 for a 49K vocabulary; benchmarks/RESULTS.md).
+LM_HEAD_CHUNK = 16
+
 
 def token_logprobs(
     logits_fn: Callable[[jax.Array], jax.Array],
     hidden_btd: jax.Array,
     targets_bt: jax.Array,
-    chunk: int = 128,
+    chunk: int = LM_HEAD_CHUNK,
+    mask_bt: jax.Array | None = None,
 ) -> jax.Array:
     """log p(target_t | prefix) `[B, T]` float32, from final hidden states `[B, T, D]`.
 
     `logits_fn` maps `[..., D]` hidden states to float32 logits `[..., V]` (the model's head).
     `targets_bt[:, t]` is the token predicted at position t (i.e. input_ids shifted left).
+
+    With `mask_bt`, only the masked positions are computed (the others are 0): each row's masked
+    positions are moved to its front (a stable sort, so the batch axis and its sharding stay as
+    they are) and the chunks past the longest row's count are skipped by `lax.cond`. Scoring and
+    SFT need log-probs at response tokens only, so prompt and padding tokens cost no LM-head
+    matmul or log-softmax over the vocabulary, the largest cost of a small model's step.
     """
+    if mask_bt is None:
+        return _chunked_logprobs(logits_fn, hidden_btd, targets_bt, chunk, None)
+    keep = mask_bt > 0
+    order = jnp.argsort(~keep, axis=1, stable=True)  # [B, T]: masked positions first
+    h = jnp.take_along_axis(hidden_btd, order[..., None], axis=1)
+    y = jnp.take_along_axis(targets_bt, order, axis=1)
+    needed = keep.sum(axis=1).max()
+    lp = _chunked_logprobs(logits_fn, h, y, chunk, needed)
+    rows = jnp.arange(lp.shape[0])[:, None]
+    return jnp.zeros_like(lp).at[rows, order].set(lp) * keep
+
+
+def _chunked_logprobs(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    hidden_btd: jax.Array,
+    targets_bt: jax.Array,
+    chunk: int,
+    needed: jax.Array | None,
+) -> jax.Array:
+    """`token_logprobs` of positions `[0, needed)` of every row (all with `needed=None`), one
+    `[B, chunk]` slice of the sequence at a time; the rest is 0."""
     b, t, d = hidden_btd.shape
     chunk = min(chunk, t)
     n = -(-t // chunk)
@@ -34,13 +67,22 @@ def token_logprobs(
     h = h.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, c, D]
     y = y.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, c]
 
-    def one(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        hc, yc = args
+    # Rematerialised: under a gradient, the backward pass recomputes one chunk's logits instead
+    # of the scan keeping every chunk's `[B, c, V]` logits (the whole `[B, T, V]` again).
+    @jax.checkpoint
+    def one(hc: jax.Array, yc: jax.Array) -> jax.Array:
         logits = logits_fn(hc).astype(jnp.float32)  # [B, c, V]
         picked = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    lp = jax.lax.map(one, (h, y))  # [n, B, c]
+    def step(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        i, hc, yc = args
+        if needed is None:
+            return one(hc, yc)
+        skip = lambda hc, yc: jnp.zeros(yc.shape, jnp.float32)  # noqa: E731
+        return jax.lax.cond(i * chunk < needed, one, skip, hc, yc)
+
+    lp = jax.lax.map(step, (jnp.arange(n), h, y))  # [n, B, c]
     return lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
@@ -92,13 +134,13 @@ def example_nll(
     positions: jax.Array,
     loss_mask: jax.Array,
     num_segments: int,
-    chunk: int = 128,
+    chunk: int = LM_HEAD_CHUNK,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed response NLL and response-token count of every example in a (packed or padded)
     batch, `([B, S], [B, S])`: the one function scoring and training share."""
     targets, mask = shift_targets(input_ids, loss_mask, segment_ids)
     hidden = model.hidden_states(input_ids, segment_ids, positions)
-    lp = token_logprobs(model.logits, hidden, targets, chunk)
+    lp = token_logprobs(model.logits, hidden, targets, chunk, mask)
     return segment_nll(lp, mask, segment_ids, num_segments)
 
 
@@ -109,7 +151,7 @@ def sft_loss_sums(
     positions: jax.Array,
     loss_mask: jax.Array,
     weights: jax.Array,
-    chunk: int = 128,
+    chunk: int = LM_HEAD_CHUNK,
 ) -> tuple[jax.Array, jax.Array]:
     """(weighted summed response NLL, weighted response-token count) of a batch.
 

@@ -9,7 +9,8 @@ layer, the tensors a backward pass keeps (Korthikanti et al. 2022, arXiv 2205.05
 adapted to gated MLPs, grouped-query attention and this code's float32 attention scores):
 `c * (6 d + 2 (H + 2 KV) hd + 3 f) + 8 H T` bytes (c: compute-dtype bytes; `8 H T`: float32 scores
 and probabilities); with `model.remat` only the layer inputs (`c d`) stay, plus one layer's full
-set while it is recomputed. Scoring keeps one layer's forward tensors at a time. The LM head adds
+set while it is recomputed. Scoring keeps one layer's forward tensors at a time, and with blocked
+attention (`model.attn_block`) the scores of one key block (`T` -> the block). The LM head adds
 its `[rows, chunk, vocab]` float32 logits (three copies in training: logits, softmax, gradient).
 A plan fits when the total stays under 90% of the chip's memory (headroom for XLA's buffers).
 """
@@ -118,6 +119,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     heads_dev = max(H // shape["tensor"], 1)
     per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / shape["tensor"] + 3 * F / shape["tensor"])
     scores = 8 * heads_dev * seq  # float32 scores and probabilities, per token
+    blocked = 0 < m.attn_block < seq and seq % m.attn_block == 0
     chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
     logits = rows_dev * min(chunk, seq) * V * 4
     out: dict[str, Any] = {
@@ -135,7 +137,8 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     if job == "score":
         resident = 2 if cfg.scoring.resident == "both" else 1
         mem["params"] = param_bytes * resident
-        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / shape["tensor"]) + scores)
+        live = 8 * heads_dev * m.attn_block if blocked else scores  # forward: one block at a time
+        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / shape["tensor"]) + live)
         mem["logits"] = logits
         fwd = forward_flops(arch, seq)
         flops = 2 * fwd * d.batch_rows * seq  # base and reference

@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from davir_jax.config import Config, to_dict
 from davir_jax.data.batching import BatchPlan, assemble, local_rows
 from davir_jax.io_utils import write_atomic
-from davir_jax.losses import PREFERENCE_OBJECTIVES, example_nll
+from davir_jax.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, example_nll
 from davir_jax.models.loading import load_model, load_tokenizer_for, source_fingerprint
 from davir_jax.runs import check_batch_rows
 from davir_jax.sharding import make_mesh
@@ -95,7 +95,7 @@ def pair_values(
 
 
 def preference_objective(
-    name: str, beta: float, label_smoothing: float = 0.0, chunk: int = 128
+    name: str, beta: float, label_smoothing: float = 0.0, chunk: int = LM_HEAD_CHUNK
 ) -> Objective:
     """The mean over the pairs of the global batch of objective `name`'s per-pair loss."""
 
@@ -212,7 +212,7 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
     from davir_jax.scoring import dataset_nll
 
     m = cfg.model
-    model = load_model(ref, m.dtype, mesh, compute_dtype=m.compute_dtype)
+    model = load_model(ref, m.dtype, mesh, **m.run_options())
     desc = "reference" if progress else None
     nll, _ = dataset_nll(
         model, data.plans(), data.num_segments, data.get, len(ids), cfg.train.chunk, desc
@@ -229,7 +229,12 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
 
 
 def evaluate_pairs(
-    model: Any, pairs: PairData, ref_nll: np.ndarray, name: str, beta: float, chunk: int = 128
+    model: Any,
+    pairs: PairData,
+    ref_nll: np.ndarray,
+    name: str,
+    beta: float,
+    chunk: int = LM_HEAD_CHUNK,
 ) -> dict[str, Any]:
     """Preference accuracy, mean margin and the Pearson correlation of the margin with the
     chosen-minus-rejected length difference (tokens) on `pairs` (method.md: 0.38 for DPO vs
@@ -277,7 +282,7 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     frozen = None
     ref = np.zeros(len(data))
     if dc.reference_in_step:
-        r = load_model(ref_source, cfg.model.dtype, mesh, compute_dtype=cfg.model.compute_dtype)
+        r = load_model(ref_source, cfg.model.dtype, mesh, **cfg.model.run_options())
         frozen = nnx.split(r)
     else:
         ref = reference_nll(cfg, data, mesh, progress)

@@ -49,7 +49,7 @@ from davir_jax.data.batching import Batch
 from davir_jax.data.readers import iter_rows
 from davir_jax.data.skips import SkipLog
 from davir_jax.io_utils import progress_bar, write_atomic
-from davir_jax.losses import example_nll
+from davir_jax.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig
 from davir_jax.models.loading import load_model, load_tokenizer_for, source_fingerprint
@@ -110,7 +110,7 @@ def device_batch(batch: Batch, mesh: Mesh | None) -> list[jax.Array]:
 
 
 def batch_nll(
-    model: Decoder, batch: Batch, num_segments: int, chunk: int = 128
+    model: Decoder, batch: Batch, num_segments: int, chunk: int = LM_HEAD_CHUNK
 ) -> tuple[np.ndarray, np.ndarray]:
     """(summed NLL, token count) `[R_local, S]` of this process's rows of one batch."""
     mesh = model.run.sharder.mesh
@@ -128,7 +128,7 @@ def dataset_nll(
     num_segments: int,
     get: Any,
     n_examples: int,
-    chunk: int = 128,
+    chunk: int = LM_HEAD_CHUNK,
     desc: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every example's summed response NLL and token count `([N], [N])` over global batch
@@ -223,7 +223,7 @@ def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str])
 
 def _load(cfg: Config, source: str, mesh: Mesh) -> Decoder:
     m = cfg.model
-    return load_model(source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
+    return load_model(source, m.dtype, mesh, **m.run_options())
 
 
 def scored_models(cfg: Config) -> tuple[str, ...]:

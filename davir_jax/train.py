@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
 from davir_jax.data.batching import BatchPlan, assemble, local_rows
 from davir_jax.io_utils import file_sha256, progress_bar, write_atomic
-from davir_jax.losses import sft_loss_sums
+from davir_jax.losses import LM_HEAD_CHUNK, sft_loss_sums
 from davir_jax.models.loading import (
     load_model,
     load_tokenizer_for,
@@ -136,7 +136,7 @@ class Objective:
     denom_name: str = "tokens"  # what `denom` counts, as reported in the metrics
 
 
-def sft_objective(chunk: int = 128) -> Objective:
+def sft_objective(chunk: int = LM_HEAD_CHUNK) -> Objective:
     """The SFT loss: the mean over every response token of the global batch."""
 
     def fn(model: Any, micro: dict[str, jax.Array], _frozen: Any = None):
@@ -480,7 +480,7 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     claim_run_dir(out, identity, tc.overwrite, "training run")
 
     m = cfg.model
-    model = load_model(m.source, m.dtype, mesh, compute_dtype=m.compute_dtype, remat=m.remat)
+    model = load_model(m.source, m.dtype, mesh, **m.run_options())
     graphdef, params = nnx.split(model)
     tx = make_optimizer(cfg.optimizer, total)
     param_sh = state_shardings(params, mesh)

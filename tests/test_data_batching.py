@@ -16,7 +16,7 @@ from davir_jax.config import DataConfig
 from davir_jax.data import batching
 from davir_jax.data.dataset import prepare
 from davir_jax.data.skips import DataError
-from davir_jax.losses import example_nll
+from davir_jax.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.models import ArchConfig, random_model
 
 
@@ -235,7 +235,7 @@ def test_no_recompilation_after_warm_up():
     model = random_model(ARCHS["llama"], "float32")
     widths = batching.bucket_widths(128, 32)
     plans = batching.padded_plan(lengths, 4, widths)
-    fn = nll_step(model.arch, model.run, 1, 128)
+    fn = nll_step(model.arch, model.run, 1, LM_HEAD_CHUNK)
     before = fn._cache_size()
     for _ in range(2):
         for p in plans:

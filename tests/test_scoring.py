@@ -20,7 +20,7 @@ import pytest
 from conftest import run_cli
 from toy_tokenizers import WORDS, word_tokenizer
 
-from davir_jax.config import Config, DataConfig, ScoringConfig
+from davir_jax.config import Config, DataConfig, ModelConfig, ScoringConfig
 from davir_jax.runs import MixedRunError
 from davir_jax.scoring import score
 from davir_jax.sharding import make_mesh
@@ -63,7 +63,8 @@ def _cfg(tmp_path, root, path, out="out", **kw) -> Config:
         "shard_batches": 2,
     }
     s.update(kw.pop("scoring", {}))
-    return Config(data=DataConfig(**d), scoring=ScoringConfig(**s))
+    model = ModelConfig(**kw.pop("model", {}))
+    return Config(model=model, data=DataConfig(**d), scoring=ScoringConfig(**s))
 
 
 def _write(path: Path, rows) -> Path:
@@ -92,11 +93,12 @@ def _torch_nll(model, tok, prompt: str, response: str) -> tuple[float, int]:
     return nll, len(ids) - n_prompt
 
 
-def test_nll_equals_transformers_pytorch(tmp_path, models):
+@pytest.mark.parametrize("attn_block", [0, 16])  # dense [T, T] scores; 16-token blocks
+def test_nll_equals_transformers_pytorch(tmp_path, models, attn_block):
     root, hf, tok = models
     rows = _rows(30) + [{"prompt": "hello", "response": ""}]  # one bad row: counted
     data = _write(tmp_path / "pool.jsonl", rows)
-    out = score(_cfg(tmp_path, root, data), progress=False)
+    out = score(_cfg(tmp_path, root, data, model={"attn_block": attn_block}), progress=False)
     table = _table(out)
     assert len(table) == 30
     manifest = json.loads((out / "manifest.json").read_text())
@@ -120,7 +122,9 @@ def test_eight_devices_equal_one_and_packed_equals_padded(tmp_path, models):
     one = _table(
         score(_cfg(tmp_path, root, data, "one"), False, make_mesh(1, 1, 1, jax.devices()[:1]))
     )
-    eight = _table(score(_cfg(tmp_path, root, data, "eight"), False, make_mesh(1, 4, 2)))
+    # 8 devices also run the blocked attention (64-token rows, 16-token blocks), sharded.
+    cfg8 = _cfg(tmp_path, root, data, "eight", model={"attn_block": 16})
+    eight = _table(score(cfg8, False, make_mesh(1, 4, 2)))
     padded = _table(score(_cfg(tmp_path, root, data, "pad", data={"pack": False}), False))
     assert one.keys() == eight.keys() == padded.keys() and len(one) == 37
     for k in one:

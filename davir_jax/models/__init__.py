@@ -19,14 +19,16 @@ def random_model(
     *,
     compute_dtype: str | None = None,
     remat: bool = False,
+    attn_block: int = 64,
     seed: int = 0,
 ) -> Decoder:
     """A randomly initialised decoder, every parameter born in its sharding."""
     from flax import nnx
 
-    from davir_jax.sharding import Sharder, create_sharded
+    from davir_jax.models.loading import run_config
+    from davir_jax.sharding import create_sharded
 
-    run = RunConfig(dtype, compute_dtype or dtype, remat, Sharder(mesh))
+    run = run_config(dtype, compute_dtype, remat, mesh, attn_block)
     return create_sharded(lambda: Decoder(arch, run, rngs=nnx.Rngs(seed)), mesh)
 
 

@@ -12,6 +12,7 @@ one row, segment ids 1, 2, ...; 0 = padding) computes exactly what separate rows
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -41,6 +42,10 @@ class RunConfig:
     compute_dtype: str = "float32"
     remat: bool = False
     sharder: Sharder = dataclasses.field(default_factory=Sharder)
+    # Query/key block of attention over a whole sequence (no cache): key blocks that no query of
+    # the block may see (causal, another packed example, outside the window) are skipped.
+    # 0: one dense [T, T] score matrix.
+    attn_block: int = 64
 
 
 @jax.tree_util.register_dataclass
@@ -156,6 +161,89 @@ def attention_mask(
     return mask
 
 
+def _scores(
+    q: jax.Array, k: jax.Array, mask: jax.Array, scale: float, softcap: float | None
+) -> jax.Array:
+    """Masked float32 attention logits `[B, KV, G, Tq, Tk]` of `q` `[B, Tq, KV, G, hd]` against
+    `k` `[B, Tk, KV, hd]`; `mask` `[B, Tq, Tk]`."""
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(scale, q.dtype)
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    return jnp.where(mask[:, None, None], s.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+
+
+def dense_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Softmax attention `[B, T, KV, G, hd]` over every key at once (one `[T, S]` score matrix)."""
+    probs = jax.nn.softmax(_scores(q, k, mask, scale, softcap), axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    softcap: float | None = None,
+    *,
+    block: int = 64,
+) -> jax.Array:
+    """The same result as `dense_attention` (keys = queries, `[B, T, ...]`), block by block.
+
+    Query block i visits key blocks i, i-1, ..., 0 with an online softmax (running max and sum,
+    as in FlashAttention) and skips, by `lax.cond`, every key block that no query of block i may
+    see in any row of the batch: the causal upper triangle, and in packed rows the blocks of
+    other examples. On packed rows of short examples most key blocks are skipped, which the dense
+    `[T, T]` form cannot do; the diagonal block always has a visible key (each token sees itself)
+    so the running max starts finite.
+    """
+    b, t = q.shape[:2]
+    nb = t // block
+    needed = mask.reshape(b, nb, block, nb, block).any(axis=(0, 2, 4))  # [nb, nb], replicated
+    f32 = jnp.float32
+
+    def sl(x: jax.Array, i: int) -> jax.Array:
+        return x[:, i * block : (i + 1) * block]
+
+    def pv(p: jax.Array, j: int) -> jax.Array:
+        return jnp.einsum(
+            "bkgts,bskd->bkgtd", p.astype(v.dtype), sl(v, j), preferred_element_type=f32
+        )
+
+    outs = []
+    for i in range(nb):
+        qi, mi = sl(q, i), sl(mask, i)
+
+        def scores(j: int, qi: jax.Array = qi, mi: jax.Array = mi) -> jax.Array:
+            return _scores(qi, sl(k, j), mi[:, :, j * block : (j + 1) * block], scale, softcap)
+
+        s = scores(i)
+        m = s.max(-1)
+        p = jnp.exp(s - m[..., None])
+        carry = (m, p.sum(-1), pv(p, i))
+        for j in range(i - 1, -1, -1):
+
+            def visit(c: tuple, j: int = j, scores: Any = scores) -> tuple:
+                m, total, acc = c
+                s = scores(j)
+                m_new = jnp.maximum(m, s.max(-1))
+                a = jnp.exp(m - m_new)
+                p = jnp.exp(s - m_new[..., None])
+                return m_new, total * a + p.sum(-1), acc * a[..., None] + pv(p, j)
+
+            carry = jax.lax.cond(needed[i, j], visit, lambda c: c, carry)
+        _, total, acc = carry
+        outs.append((acc / total[..., None]).astype(q.dtype))  # [B, KV, G, block, hd]
+    return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4)
+
+
 class Attention(nnx.Module):
     def __init__(self, arch: ArchConfig, run: RunConfig, layer: int, rngs: nnx.Rngs):
         d, h, k, hd = arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim
@@ -209,15 +297,12 @@ class Attention(nnx.Module):
             )
         # Grouped-query attention: query head h reads kv head h // (H / KV), as HF's repeat_kv.
         q = q.reshape(b, t, kv, h // kv, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(arch.attention_scale, cd)
-        if arch.attn_logit_softcap is not None:
-            cap = arch.attn_logit_softcap
-            scores = jnp.tanh(scores / cap) * cap
-        scores = jnp.where(
-            mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
-        )
-        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+        blk = self.run.attn_block
+        attend = dense_attention
+        if cache is None and blk > 0 and t > blk and t % blk == 0:
+            attend = functools.partial(blocked_attention, block=blk)
+        out = attend(q, k, v, mask, arch.attention_scale, arch.attn_logit_softcap)
+        out = out.reshape(b, t, h, hd)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.get_value().astype(cd))
         if arch.o_bias:
             y = y + self.o_bias.get_value().astype(cd)

@@ -33,9 +33,19 @@ MODEL_META = "davir_model.json"
 FORMAT_VERSION = 1
 
 
-def _run_config(dtype: str, compute_dtype: str | None, remat: bool, mesh: Mesh | None) -> RunConfig:
+def run_config(
+    dtype: str,
+    compute_dtype: str | None = None,
+    remat: bool = False,
+    mesh: Mesh | None = None,
+    attn_block: int = 64,
+) -> RunConfig:
     return RunConfig(
-        param_dtype=dtype, compute_dtype=compute_dtype or dtype, remat=remat, sharder=Sharder(mesh)
+        param_dtype=dtype,
+        compute_dtype=compute_dtype or dtype,
+        remat=remat,
+        sharder=Sharder(mesh),
+        attn_block=attn_block,
     )
 
 
@@ -115,13 +125,14 @@ def load_model(
     *,
     compute_dtype: str | None = None,
     remat: bool = False,
+    attn_block: int = 64,
 ) -> Decoder:
     """Load a decoder from any supported source, each parameter placed in its sharding.
 
     `dtype` is the parameter dtype; `compute_dtype` defaults to it. With a `mesh`, parameters are
     sharded by the logical-axis rules in `davir_jax.sharding`; without, they live on one device.
     """
-    run = _run_config(dtype, compute_dtype, remat, mesh)
+    run = run_config(dtype, compute_dtype, remat, mesh, attn_block)
     kind, path = resolve_source(source)
     if kind == "gguf":
         w = GGUFWeights(path)
