@@ -2,7 +2,8 @@
 
 `token_logprobs` never builds the whole `[batch, seq, vocab]` float32 log-softmax: it applies the
 LM head to one chunk of the sequence at a time (`jax.lax.map`), so peak memory is
-`batch * chunk * vocab` floats.
+`batch * chunk * vocab` floats, and given the loss mask only to the positions that count (the
+response tokens).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def token_logprobs(
     needed = keep.sum(axis=1).max()
     lp = _chunked_logprobs(logits_fn, h, y, chunk, needed)
     rows = jnp.arange(lp.shape[0])[:, None]
-    return jnp.zeros_like(lp).at[rows, order].set(lp) * keep
+    return jnp.where(keep, jnp.zeros_like(lp).at[rows, order].set(lp), 0.0)
 
 
 def _chunked_logprobs(
