@@ -59,22 +59,24 @@ def test_export_roundtrip_gives_pytorch_same_logits(family_model, tmp_path):
     np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
 
 
-def test_packed_rows_equal_separate_rows(family_model):
-    _, d, _ = family_model
-    model = load_model(d)
-    rng = np.random.default_rng(3)
-    seqs = [rng.integers(0, model.arch.vocab_size, n).astype(np.int32) for n in (6, 9, 4)]
-    width = 24
-    ids = np.zeros((1, width), np.int32)
-    seg = np.zeros((1, width), np.int32)
-    pos = np.zeros((1, width), np.int32)
+def _pack(seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One packed row `(ids, segment_ids, positions)` `[1, width]` of `seqs`, then padding."""
+    ids, seg, pos = (np.zeros((1, width), np.int32) for _ in range(3))
     start = 0
     for k, s in enumerate(seqs, start=1):
         ids[0, start : start + len(s)] = s
         seg[0, start : start + len(s)] = k
         pos[0, start : start + len(s)] = np.arange(len(s))
         start += len(s)
-    packed = np.asarray(model(ids, segment_ids=seg, positions=pos))[0]
+    return ids, seg, pos
+
+
+def test_packed_rows_equal_separate_rows(family_model):
+    _, d, _ = family_model
+    model = load_model(d)
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, model.arch.vocab_size, n).astype(np.int32) for n in (6, 9, 4)]
+    packed = np.asarray(model(*_pack(seqs, 24)))[0]
     start = 0
     for s in seqs:
         alone = np.asarray(model(s[None]))[0]
@@ -90,16 +92,7 @@ def test_blocked_attention_on_packed_rows_matches_pytorch(family_model):
     model = load_model(d, attn_block=8)
     rng = np.random.default_rng(4)
     seqs = [rng.integers(0, model.arch.vocab_size, n).astype(np.int32) for n in (3, 10, 5, 13)]
-    ids = np.zeros((1, 32), np.int32)
-    seg = np.zeros((1, 32), np.int32)
-    pos = np.zeros((1, 32), np.int32)
-    start = 0
-    for k, s in enumerate(seqs, start=1):
-        ids[0, start : start + len(s)] = s
-        seg[0, start : start + len(s)] = k
-        pos[0, start : start + len(s)] = np.arange(len(s))
-        start += len(s)
-    packed = np.asarray(model(ids, segment_ids=seg, positions=pos))[0]
+    packed = np.asarray(model(*_pack(seqs, 32)))[0]
     start = 0
     for s in seqs:
         ref = hf_logits(hf, s[None], np.ones((1, len(s)), np.int32))[0]
