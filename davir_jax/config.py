@@ -38,7 +38,7 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype (master weights)
     compute_dtype: str | None = None  # None: same as dtype
     remat: bool = False
-    attn_block: int = 64  # blocked attention that skips invisible key blocks; 0: dense
+    attn_block: int = 64  # models.decoder.ATTN_BLOCK: blocked attention; 0: dense
 
     def __post_init__(self) -> None:
         if self.attn_block < 0:

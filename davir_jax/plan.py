@@ -119,7 +119,9 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     heads_dev = max(H // shape["tensor"], 1)
     per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / shape["tensor"] + 3 * F / shape["tensor"])
     scores = 8 * heads_dev * seq  # float32 scores and probabilities, per token
-    blocked = 0 < m.attn_block < seq and seq % m.attn_block == 0
+    from davir_jax.models.decoder import uses_blocked_attention
+
+    blocked = uses_blocked_attention(m.attn_block, seq)
     chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
     logits = rows_dev * min(chunk, seq) * V * 4
     out: dict[str, Any] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from davir_jax.models.arch import ArchConfig, RopeScaling, UnsupportedConfigError
-from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.models.decoder import ATTN_BLOCK, Decoder, RunConfig
 from davir_jax.models.loading import load_arch, load_model, save_model
 from davir_jax.models.safetensors_io import WeightFileError
 from davir_jax.models.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -19,7 +19,7 @@ def random_model(
     *,
     compute_dtype: str | None = None,
     remat: bool = False,
-    attn_block: int = 64,
+    attn_block: int = ATTN_BLOCK,
     seed: int = 0,
 ) -> Decoder:
     """A randomly initialised decoder, every parameter born in its sharding."""

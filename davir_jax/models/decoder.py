@@ -34,6 +34,15 @@ def to_dtype(name: str | Any) -> Any:
     return name
 
 
+# Default query/key block (tokens) of `blocked_attention`: `RunConfig` and `model.attn_block`.
+ATTN_BLOCK = 64
+
+
+def uses_blocked_attention(block: int, seq: int) -> bool:
+    """Whether attention over a `seq`-token sequence (no cache) runs in `block`-token blocks."""
+    return 0 < block < seq and seq % block == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """How the decoder runs, as opposed to what it is (`ArchConfig`)."""
@@ -45,7 +54,7 @@ class RunConfig:
     # Query/key block of attention over a whole sequence (no cache): key blocks that no query of
     # the block may see (causal, another packed example, outside the window) are skipped.
     # 0: one dense [T, T] score matrix.
-    attn_block: int = 64
+    attn_block: int = ATTN_BLOCK
 
 
 @jax.tree_util.register_dataclass
@@ -299,7 +308,7 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, kv, h // kv, hd)
         blk = self.run.attn_block
         attend = dense_attention
-        if cache is None and blk > 0 and t > blk and t % blk == 0:
+        if cache is None and uses_blocked_attention(blk, t):
             attend = functools.partial(blocked_attention, block=blk)
         out = attend(q, k, v, mask, arch.attention_scale, arch.attn_logit_softcap)
         out = out.reshape(b, t, h, hd)

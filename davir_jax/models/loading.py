@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from davir_jax.io_utils import publish_dir
 from davir_jax.models.arch import ArchConfig
-from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.models.decoder import ATTN_BLOCK, Decoder, RunConfig
 from davir_jax.models.gguf_io import GGUFWeights
 from davir_jax.models.safetensors_io import WeightFileError
 from davir_jax.models.tokenizer import load_tokenizer, resolve_registered
@@ -38,7 +38,7 @@ def run_config(
     compute_dtype: str | None = None,
     remat: bool = False,
     mesh: Mesh | None = None,
-    attn_block: int = 64,
+    attn_block: int = ATTN_BLOCK,
 ) -> RunConfig:
     return RunConfig(
         param_dtype=dtype,
@@ -125,7 +125,7 @@ def load_model(
     *,
     compute_dtype: str | None = None,
     remat: bool = False,
-    attn_block: int = 64,
+    attn_block: int = ATTN_BLOCK,
 ) -> Decoder:
     """Load a decoder from any supported source, each parameter placed in its sharding.
 
