@@ -13,7 +13,10 @@ example's summed response NLL from the same token ids and masks (`data.get`):
 * ours, bucketed: the same on length-bucketed padded batches (`pack=False`, `--pad-rows` rows);
 * HF loop: one example at a time, logits -> cross-entropy at the response positions -> sum;
 * HF padded-16: batches of 16 in file order, right padding to the batch maximum + attention_mask;
-* HF padded-16, length-sorted: the same after sorting the examples by length (a stronger baseline).
+* HF padded-16, length-sorted: the same after sorting the examples by length (a stronger baseline);
+* ours, packed, attention removed (`--bound`): the packed pass again with attention replaced by a
+  no-op (its NLLs are meaningless), an upper bound that no attention implementation can beat:
+  the rest of the step (projections, MLP, LM head) alone.
 
 Throughput = real (non-pad) tokens of all examples / wall time of the pass (host batch assembly
 included). Compilations are counted with `jax.monitoring` (backend compile events) and the jitted
@@ -29,6 +32,7 @@ and at chunk = seq, against the `rows * seq * vocab * 4` bytes of full float32 l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -66,12 +70,13 @@ SETS = {
     "gsm8k": SHARED / "gsm8k" / "test.jsonl",
     "alpaca": SHARED / "alpaca-libre" / "tasks_v1.jsonl",
 }
-# Examples per data set and model: sized so the whole run takes about 10 minutes on 2 CPU cores.
+# Examples per data set and model: enough for several full packed batches, so that the last,
+# partly filled batch weighs little (as in a real scoring job), within ~20 minutes on 2 CPU cores.
 DEFAULT_N = {
     ("tiny", "gsm8k"): 192,
     ("tiny", "alpaca"): 512,
-    ("smollm2", "gsm8k"): 96,
-    ("smollm2", "alpaca"): 256,
+    ("smollm2", "gsm8k"): 192,
+    ("smollm2", "alpaca"): 512,
 }
 TINY = ArchConfig(
     family="llama",
@@ -158,6 +163,7 @@ class Result:
     cores: float = float("nan")
     other: float = float("nan")
     tries: int = 1
+    bound: bool = False  # not a method: NLLs are not compared
     compiles_warmup: int | None = None
     compiles_timed: int | None = None
     cache_before: int | None = None
@@ -207,6 +213,30 @@ def score_ours(model: Decoder, data: TokenizedData, chunk: int, method: str) -> 
         cache_before=cache_before,
         cache_after=fn._cache_size(),
     )
+
+
+@contextlib.contextmanager
+def attention_removed() -> Any:
+    """Attention as a no-op (its output = the queries) while traced inside: what the step costs
+    without it. Only for the `--bound` row; its NLLs are meaningless."""
+    from davir_jax.models import decoder
+
+    saved = decoder.blocked_attention, decoder.dense_attention
+    decoder.blocked_attention = decoder.dense_attention = lambda q, *a, **kw: q
+    nll_step.cache_clear()  # traced anew with the no-op, and again after
+    try:
+        yield
+    finally:
+        decoder.blocked_attention, decoder.dense_attention = saved
+        nll_step.cache_clear()
+
+
+def score_without_attention(model: Decoder, data: TokenizedData, chunk: int) -> Result:
+    with attention_removed():
+        r = score_ours(model, data, chunk, "ours, packed, attention removed (bound)")
+    r.note = "upper bound: attention replaced by a no-op, NLLs meaningless; " + r.note
+    r.bound = True
+    return r
 
 
 # -- Hugging Face + PyTorch ----------------------------------------------------------------------
@@ -452,6 +482,8 @@ def bench_model(
             (score_ours, (model, packed, args.chunk, "ours, packed")),
             (score_ours, (model, padded, args.chunk, "ours, bucketed")),
         ]
+        if args.bound:
+            runs.append((score_without_attention, (model, packed, args.chunk)))
         for fn, fn_args in runs:
             wait_quiet(args.quiet_wait)
             r = fn(*fn_args)
@@ -483,7 +515,7 @@ def bench_model(
                     "seconds": r.seconds,
                     "vs_loop": r.tok_s / loop.tok_s,
                     "vs_pad16": r.tok_s / pad16.tok_s,
-                    "rel_diff": rel_diff(r.nll, loop.nll),
+                    "rel_diff": None if r.bound else rel_diff(r.nll, loop.nll),
                     "compiles": None
                     if r.compiles_warmup is None
                     else f"{r.compiles_warmup} / {r.compiles_timed} "
@@ -516,7 +548,8 @@ def throughput_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['data']} | {r['method']} | {r['tok_s']:,.0f} | "
             f"{r['seconds']:.1f} | {r['vs_loop']:.2f}x | {r['vs_pad16']:.2f}x | "
-            f"{r['rel_diff']:.1e} | {r['compiles'] or '-'} | {r['cores']} | {r['note']} |"
+            f"{'-' if r['rel_diff'] is None else format(r['rel_diff'], '.1e')} | "
+            f"{r['compiles'] or '-'} | {r['cores']} | {r['note']} |"
         )
     return "\n".join(lines)
 
@@ -611,6 +644,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=LM_HEAD_CHUNK, help="LM-head chunk of ours")
     ap.add_argument(
         "--attn-block", type=int, default=ModelConfig().attn_block, help="0: dense attention"
+    )
+    ap.add_argument(
+        "--bound",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time ours with attention removed (an upper bound for any attention kernel)",
     )
     ap.add_argument(
         "--busy",

@@ -58,7 +58,8 @@ def test_blocked_equals_dense_and_numpy(block, window, softcap):
     np.testing.assert_allclose(np.asarray(dense), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(blocked), want, rtol=1e-5, atol=1e-5)
 
-    # Gradients flow through the skipped blocks' conditionals exactly as through dense scores.
+    # Gradients flow through the switch over each query block's first visible key block exactly
+    # as through dense scores.
     w = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
 
     def loss(fn, q, k, v):
@@ -75,13 +76,21 @@ def test_blocked_equals_dense_and_numpy(block, window, softcap):
 
 
 def test_skipped_blocks_are_the_invisible_ones():
-    """The block table the conditionals read: packed short examples leave most of the causal
-    lower triangle invisible, and no block above the diagonal is ever visited."""
+    """The block table the switch reads: packed short examples leave most of the causal lower
+    triangle invisible, no block above the diagonal is ever visited, and the visible key blocks
+    of each query block are one run ending at the diagonal (what a query block computes)."""
     seg, pos = _packed(1, 32, [[5, 3, 9, 2, 7, 6]])
     mask = np.asarray(attention_mask(jnp.asarray(seg), jnp.asarray(pos), None))
     needed = mask.reshape(1, 8, 4, 8, 4).any(axis=(0, 2, 4))
     assert not np.triu(needed, 1).any() and np.diag(needed).all()
     assert needed.sum() < 8 * 9 // 2  # fewer than every causal block
+    seg, pos = _packed(3, 32, LENGTHS)
+    for window in (None, 6):
+        mask = np.asarray(attention_mask(jnp.asarray(seg), jnp.asarray(pos), window))
+        needed = mask.reshape(3, 8, 4, 8, 4).any(axis=(0, 2, 4))
+        for i in range(8):
+            first = int(np.argmax(needed[i]))
+            assert needed[i, first : i + 1].all() and not needed[i, :first].any()
 
 
 def test_model_blocked_equals_dense_on_packed_rows():

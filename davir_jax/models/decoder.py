@@ -204,52 +204,41 @@ def blocked_attention(
     *,
     block: int = 64,
 ) -> jax.Array:
-    """The same result as `dense_attention` (keys = queries, `[B, T, ...]`), block by block.
+    """The same result as `dense_attention` (keys = queries, `[B, T, ...]`), one query block at
+    a time, over only the keys that block may see.
 
-    Query block i visits key blocks i, i-1, ..., 0 with an online softmax (running max and sum,
-    as in FlashAttention) and skips, by `lax.cond`, every key block that no query of block i may
-    see in any row of the batch: the causal upper triangle, and in packed rows the blocks of
-    other examples. On packed rows of short examples most key blocks are skipped, which the dense
-    `[T, T]` form cannot do; the diagonal block always has a visible key (each token sees itself)
-    so the running max starts finite.
+    Every query sees one contiguous run of keys that ends at itself (causal, within its packed
+    example, within the sliding window), so the key blocks that some query of block i may see,
+    in any row of the batch, are the contiguous blocks `first_i .. i`. A `lax.switch` on
+    `first_i` (read from the mask) runs one plain softmax over exactly those keys: on packed rows
+    of short examples most of the causal triangle is never computed, which the dense `[T, T]`
+    form cannot avoid. One pass per query block, with no running max to rescale, measured
+    faster on CPU than visiting the key blocks one by one with an online softmax.
     """
     b, t = q.shape[:2]
     nb = t // block
     needed = mask.reshape(b, nb, block, nb, block).any(axis=(0, 2, 4))  # [nb, nb], replicated
-    f32 = jnp.float32
-
-    def sl(x: jax.Array, i: int) -> jax.Array:
-        return x[:, i * block : (i + 1) * block]
-
-    def pv(p: jax.Array, j: int) -> jax.Array:
-        return jnp.einsum(
-            "bkgts,bskd->bkgtd", p.astype(v.dtype), sl(v, j), preferred_element_type=f32
-        )
-
     outs = []
     for i in range(nb):
-        qi, mi = sl(q, i), sl(mask, i)
+        end = (i + 1) * block
+        qi, mi = q[:, i * block : end], mask[:, i * block : end]
 
-        def scores(j: int, qi: jax.Array = qi, mi: jax.Array = mi) -> jax.Array:
-            return _scores(qi, sl(k, j), mi[:, :, j * block : (j + 1) * block], scale, softcap)
+        def from_block(first: int, qi: jax.Array = qi, mi: jax.Array = mi, end: int = end) -> Any:
+            def attend() -> jax.Array:
+                keys = slice(first * block, end)
+                s = _scores(qi, k[:, keys], mi[:, :, keys], scale, softcap)
+                p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+                out = jnp.einsum(
+                    "bkgts,bskd->bkgtd", p, v[:, keys], preferred_element_type=jnp.float32
+                )
+                return out.astype(q.dtype)  # [B, KV, G, block, hd]
 
-        s = scores(i)
-        m = s.max(-1)
-        p = jnp.exp(s - m[..., None])
-        carry = (m, p.sum(-1), pv(p, i))
-        for j in range(i - 1, -1, -1):
+            return attend
 
-            def visit(c: tuple, j: int = j, scores: Any = scores) -> tuple:
-                m, total, acc = c
-                s = scores(j)
-                m_new = jnp.maximum(m, s.max(-1))
-                a = jnp.exp(m - m_new)
-                p = jnp.exp(s - m_new[..., None])
-                return m_new, total * a + p.sum(-1), acc * a[..., None] + pv(p, j)
-
-            carry = jax.lax.cond(needed[i, j], visit, lambda c: c, carry)
-        _, total, acc = carry
-        outs.append((acc / total[..., None]).astype(q.dtype))  # [B, KV, G, block, hd]
+        # The diagonal block is always visible (each token sees itself), so argmax finds the
+        # first visible block of the run.
+        first = jnp.argmax(needed[i, : i + 1])
+        outs.append(jax.lax.switch(first, [from_block(f) for f in range(i + 1)]))
     return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4)
 
 
