@@ -16,7 +16,8 @@ example's summed response NLL from the same token ids and masks (`data.get`):
 * HF padded-16, length-sorted: the same after sorting the examples by length (a stronger baseline);
 * ours, packed, attention removed (`--bound`): the packed pass again with attention replaced by a
   no-op (its NLLs are meaningless), an upper bound that no attention implementation can beat:
-  the rest of the step (projections, MLP, LM head) alone.
+  the rest of the step alone (query/output projections, MLP, LM head; the key/value projections,
+  which only attention reads, drop out with it).
 
 Throughput = real (non-pad) tokens of all examples / wall time of the pass (host batch assembly
 included). Compilations are counted with `jax.monitoring` (backend compile events) and the jitted
