@@ -35,7 +35,7 @@ def _np_attention(q, k, v, mask, scale, softcap):
 
 
 # Rows: short examples (most key blocks skipped), one long example across every block, and a
-# row ending in padding (segment 0, which only sees padding).
+# row ending in padding (segment 0, which only sees itself).
 LENGTHS = [[5, 3, 9, 2, 7, 6], [32], [12, 11]]
 
 
@@ -91,6 +91,10 @@ def test_skipped_blocks_are_the_invisible_ones():
         for i in range(8):
             first = int(np.argmax(needed[i]))
             assert needed[i, first : i + 1].all() and not needed[i, :first].any()
+    # A filler row (all padding) costs only the diagonal blocks, not its causal triangle.
+    filler = jnp.zeros((1, 32), jnp.int32)
+    mask = np.asarray(attention_mask(filler, filler, None))
+    assert (mask[0] == np.eye(32, dtype=bool)).all()
 
 
 def test_model_blocked_equals_dense_on_packed_rows():

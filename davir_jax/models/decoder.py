@@ -156,14 +156,19 @@ def attention_mask(
     """`[B, T, S]` boolean: causal within a segment, optionally limited to a sliding window.
 
     Without a cache the keys are the queries (S = T). With one, the keys are the cache's slots
-    and query t sits in slot `offset + t`: it sees slots up to its own.
+    and query t sits in slot `offset + t`: it sees slots up to its own. A padding query (segment
+    0) sees only its own slot: its output is never used, and letting it see the whole run of
+    padding before it would make `blocked_attention` compute that run (the full causal triangle
+    of a filler row).
     """
     if key_segment_ids is None:
         key_segment_ids, key_positions = segment_ids_bt, positions_bt
     t, s = segment_ids_bt.shape[1], key_segment_ids.shape[1]
     q_slot = offset + jnp.arange(t)
     mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None]
-    mask = mask & (segment_ids_bt[:, :, None] == key_segment_ids[:, None, :])
+    same = segment_ids_bt[:, :, None] == key_segment_ids[:, None, :]
+    own = (jnp.arange(s)[None, :] == q_slot[:, None])[None]
+    mask = mask & jnp.where(segment_ids_bt[:, :, None] == 0, own, same)
     if window is not None:
         dist = positions_bt[:, :, None] - key_positions[:, None, :]
         mask = mask & (dist < window)
