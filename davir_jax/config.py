@@ -142,7 +142,8 @@ class ScoringConfig:
     over all batches, then reference; for when both do not fit).
     `shard_batches`: batches per output shard (the unit of resumption).
     `chunk`: response positions per row in one LM-head application (`losses.LM_HEAD_CHUNK`);
-    peak logits memory = rows * chunk * vocab floats.
+    peak logits memory = rows * chunk * 4096 floats (`losses.VOCAB_BLOCK`; the whole vocabulary
+    where it is split over devices).
     """
 
     base: str | None = None
@@ -151,7 +152,7 @@ class ScoringConfig:
     out: str | None = None
     resident: str = "both"
     shard_batches: int = 16
-    chunk: int = 16  # losses.LM_HEAD_CHUNK
+    chunk: int = 32  # losses.LM_HEAD_CHUNK
     overwrite: bool = False
     diagnostics: bool = True
 
@@ -211,7 +212,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 1
-    chunk: int = 16  # losses.LM_HEAD_CHUNK
+    chunk: int = 32  # losses.LM_HEAD_CHUNK
     overwrite: bool = False
 
     def __post_init__(self) -> None:

@@ -123,7 +123,11 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
 
     blocked = uses_blocked_attention(m.attn_block, seq)
     chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
-    logits = rows_dev * min(chunk, seq) * V * 4
+    from davir_jax.losses import VOCAB_BLOCK
+
+    # The head's log-sum-exp holds one vocabulary block, unless the vocabulary is split.
+    live_vocab = V if shape["tensor"] > 1 and V % shape["tensor"] == 0 else min(V, VOCAB_BLOCK)
+    logits = rows_dev * min(chunk, seq) * live_vocab * 4
     out: dict[str, Any] = {
         "job": job,
         "chip": chip,

@@ -158,6 +158,12 @@ class Sharder:
     mesh: Mesh | None = None
     rules: tuple[tuple[str, Any], ...] = LOGICAL_RULES
 
+    def is_split(self, axis: str, size: int) -> bool:
+        """Whether a dimension of `size` with logical name `axis` is split over devices."""
+        if self.mesh is None:
+            return False
+        return logical_to_spec((axis,), (size,), self.mesh, self.rules)[0] is not None
+
     def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         if self.mesh is None:
             return x

@@ -105,3 +105,84 @@ def test_masked_gradients_equal_unmasked():
     gb = jax.grad(loss)(args, False)
     for a, b in zip(ga, gb):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _sliced_head(w):
+    """`x @ w`, or with `vocab=(start, size)` its columns start .. start + size - 1 (the
+    contract of `Decoder.logits`)."""
+    import jax
+
+    def head(x, vocab=None):
+        cols = jnp.asarray(w)
+        if vocab is not None:
+            cols = jax.lax.dynamic_slice_in_dim(cols, vocab[0], vocab[1], axis=1)
+        return x @ cols
+
+    return head
+
+
+@pytest.mark.parametrize("block", [7, 16, 25, 50, 64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_vocab_blocked_equals_naive(block, masked):
+    """The online log-sum-exp over vocabulary blocks (50 entries: blocks that divide it, that
+    leave a partial last block, and one block or more than the vocabulary) equals the full
+    log-softmax; the targets fall in every block."""
+    h, w, y, mask = _masked_case(4)
+    m = jnp.asarray(mask) if masked else None
+    lp = token_logprobs(_sliced_head(w), jnp.asarray(h), jnp.asarray(y), 4, m, block)
+    want = _np_logprobs(h, w, y)
+    if masked:
+        want = np.where(mask > 0, want, 0.0)
+    np.testing.assert_allclose(np.asarray(lp), want, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_blocked_gradients_equal_full_vocabulary():
+    """SFT differentiates the blocked log-sum-exp: gradients (hidden states and head) equal
+    those over the whole vocabulary at once."""
+    import jax
+
+    h, w, y, mask = _masked_case(5)
+    m = jnp.asarray(mask)
+
+    def loss(hw, block):
+        hh, ww = hw
+        lp = token_logprobs(_sliced_head(ww), hh, jnp.asarray(y), 4, m, block)
+        return -(lp * m).sum()
+
+    args = (jnp.asarray(h), jnp.asarray(w))
+    ga = jax.jit(jax.grad(loss), static_argnums=1)(args, 16)
+    gb = jax.jit(jax.grad(loss), static_argnums=1)(args, 0)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied,softcap", [(True, None), (False, None), (True, 3.0)])
+def test_model_head_vocabulary_slice(tied, softcap):
+    """`Decoder.logits(h, vocab=(start, size))` is the slice of the full logits (tied and untied
+    heads, final soft-capping), and the vocabulary is taken in blocks only where it is not split
+    over devices."""
+    import jax
+
+    from davir_jax.models import ArchConfig, random_model
+    from davir_jax.sharding import make_mesh
+
+    arch = ArchConfig(
+        family="llama",
+        vocab_size=96,
+        hidden_size=16,
+        intermediate_size=24,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        tie_embeddings=tied,
+        final_logit_softcap=softcap,
+    )
+    model = random_model(arch, seed=3)
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 16)).astype(np.float32))
+    full = np.asarray(model.logits(h))
+    part = jax.jit(lambda h, s: model.logits(h, vocab=(s, 32)))(h, jnp.int32(40))
+    np.testing.assert_allclose(np.asarray(part), full[..., 40:72], rtol=1e-6, atol=1e-6)
+    assert model.vocab_block(32) == 32
+    split = random_model(arch, mesh=make_mesh(1, 4, 2), seed=3)  # vocab over tensor = 2
+    assert split.vocab_block(32) == 0

@@ -447,22 +447,37 @@ class Decoder(nnx.Module):
             cache, k=tuple(new_k), v=tuple(new_v), index=cache.index + input_ids.shape[1]
         )
 
-    def logits(self, hidden_btd: jax.Array) -> jax.Array:
-        """LM-head logits (float32) for any `[..., embed]` slice of hidden states.
+    def logits(
+        self, hidden_btd: jax.Array, vocab: tuple[jax.Array | int, int] | None = None
+    ) -> jax.Array:
+        """LM-head logits (float32) for any `[..., embed]` slice of hidden states; with
+        `vocab = (start, size)`, only those of vocabulary entries `start .. start + size - 1`.
 
-        Kept separate so that losses can apply the head chunk by chunk and never hold the full
-        `[batch, seq, vocab]` array.
+        Kept separate so that losses can apply the head chunk by chunk (and vocabulary block by
+        block) and never hold the full `[batch, seq, vocab]` array.
         """
         cd = to_dtype(self.run.compute_dtype)
         if self.arch.tie_embeddings:
-            out = jnp.einsum("...d,vd->...v", hidden_btd, self.embed.get_value().astype(cd))
+            w = self.embed.get_value()  # [vocab, embed]
+            if vocab is not None:
+                w = jax.lax.dynamic_slice_in_dim(w, vocab[0], vocab[1], axis=0)
+            out = jnp.einsum("...d,vd->...v", hidden_btd, w.astype(cd))
         else:
-            out = hidden_btd @ self.lm_head.get_value().astype(cd)
+            w = self.lm_head.get_value()  # [embed, vocab]
+            if vocab is not None:
+                w = jax.lax.dynamic_slice_in_dim(w, vocab[0], vocab[1], axis=1)
+            out = hidden_btd @ w.astype(cd)
         out = out.astype(jnp.float32)
         if self.arch.final_logit_softcap is not None:
             cap = self.arch.final_logit_softcap
             out = jnp.tanh(out / cap) * cap
         return out
+
+    def vocab_block(self, block: int) -> int:
+        """The vocabulary block for the losses' blocked log-sum-exp (`losses.VOCAB_BLOCK`), or 0
+        (all of it at once) where the vocabulary is split over devices: a block would then sit
+        on one device at a time while the others wait."""
+        return 0 if self.run.sharder.is_split("vocab", self.arch.vocab_size) else block
 
     def __call__(
         self,
