@@ -63,7 +63,7 @@ from davir_jax.data.dataset import TokenizedData, prepare  # noqa: E402
 from davir_jax.losses import LM_HEAD_CHUNK  # noqa: E402
 from davir_jax.models import ArchConfig, export_hf, load_model, load_tokenizer, random_model  # noqa: E402
 from davir_jax.models.decoder import Decoder  # noqa: E402
-from davir_jax.scoring import batch_nll, device_batch, nll_step  # noqa: E402
+from davir_jax.scoring import batch_nll, device_batch, nll_step, stream_nll  # noqa: E402
 from davir_jax.sharding import make_mesh  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -193,8 +193,10 @@ def score_ours(model: Decoder, data: TokenizedData, chunk: int, method: str) -> 
     nll = np.full(len(data), np.nan)
     c0 = _COMPILES[0]
     with CpuMeter() as cpu:
-        for _, batch in data.batches(plans):
-            n, _ = batch_nll(model, batch, data.num_segments, chunk)
+        # As `davir score` runs: the next batch is dispatched before this one is read back.
+        batches = (b for _, b in data.batches(plans))
+        for batch, out in stream_nll({"ours": model}, batches, data.num_segments, chunk):
+            n, _ = out["ours"]
             sel = batch.example_index >= 0
             nll[batch.example_index[sel]] = n[sel]
     eff = batching.plan_efficiency(plans, data.lengths)

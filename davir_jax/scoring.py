@@ -31,7 +31,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,17 +109,49 @@ def device_batch(batch: Batch, mesh: Mesh | None) -> list[jax.Array]:
     return [jax.make_array_from_process_local_data(sharding, a) for a in arrays]
 
 
+def _launch_nll(
+    model: Decoder, batch: Batch, num_segments: int, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """Dispatch one batch's step; JAX returns before the device has finished it."""
+    _, state = nnx.split(model)
+    fn = nll_step(model.arch, model.run, num_segments, chunk)
+    return fn(state, *device_batch(batch, model.run.sharder.mesh))
+
+
+def _local_rows(batch: Batch, out: tuple[jax.Array, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
+    """This process's rows of a step's global `[R, S]` outputs, on the host (waits for them)."""
+    r = batch.input_ids.shape[0]
+    lo = jax.process_index() * r if jax.process_count() > 1 else 0
+    return np.asarray(out[0])[lo : lo + r], np.asarray(out[1])[lo : lo + r]
+
+
 def batch_nll(
     model: Decoder, batch: Batch, num_segments: int, chunk: int = LM_HEAD_CHUNK
 ) -> tuple[np.ndarray, np.ndarray]:
     """(summed NLL, token count) `[R_local, S]` of this process's rows of one batch."""
-    mesh = model.run.sharder.mesh
-    _, state = nnx.split(model)
-    fn = nll_step(model.arch, model.run, num_segments, chunk)
-    nll, cnt = fn(state, *device_batch(batch, mesh))
-    r = batch.input_ids.shape[0]
-    lo = jax.process_index() * r if jax.process_count() > 1 else 0
-    return np.asarray(nll)[lo : lo + r], np.asarray(cnt)[lo : lo + r]
+    return _local_rows(batch, _launch_nll(model, batch, num_segments, chunk))
+
+
+def stream_nll(
+    models: dict[str, Decoder],
+    batches: Iterable[Batch],
+    num_segments: int,
+    chunk: int = LM_HEAD_CHUNK,
+) -> Iterator[tuple[Batch, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+    """Every batch, in order, with each model's `batch_nll` of it. The next batch's steps are
+    dispatched before this batch's results are read back, so the host's work (assembling and
+    sending the next batch, and the caller's: shards, progress) overlaps the device's."""
+    pending = None
+    for batch in batches:
+        launched = (
+            batch,
+            {m: _launch_nll(md, batch, num_segments, chunk) for m, md in models.items()},
+        )
+        if pending is not None:
+            yield pending[0], {m: _local_rows(pending[0], o) for m, o in pending[1].items()}
+        pending = launched
+    if pending is not None:
+        yield pending[0], {m: _local_rows(pending[0], o) for m, o in pending[1].items()}
 
 
 def dataset_nll(
@@ -139,9 +171,9 @@ def dataset_nll(
     pi, pc = jax.process_index(), jax.process_count()
     nll, cnt = np.zeros(n_examples), np.zeros(n_examples)
     bar = progress_bar(len(plans), desc or "nll", "batch", desc is not None and pi == 0)
-    for plan in plans:
-        batch = assemble(local_rows(plan, pi, pc), plan.width, num_segments, get)
-        a, c = batch_nll(model, batch, num_segments, chunk)
+    batches = (assemble(local_rows(p, pi, pc), p.width, num_segments, get) for p in plans)
+    for batch, out in stream_nll({"model": model}, batches, num_segments, chunk):
+        a, c = out["model"]
         sel = batch.example_index >= 0
         nll[batch.example_index[sel]] = a[sel]
         cnt[batch.example_index[sel]] = c[sel]
@@ -303,10 +335,10 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         bar = progress_bar(len(plans), "score", "batch", progress and pi == 0, first * k)
         for s in range(first, n_shards):
             shards = {m: _Shard() for m in models}
-            for _, batch in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k):
+            batches = (b for _, b in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k))
+            for batch, nlls in stream_nll(loaded, batches, data.num_segments, sc.chunk):
                 for m in models:
-                    nll, cnt = batch_nll(loaded[m], batch, data.num_segments, sc.chunk)
-                    shards[m].add(data, batch, nll, cnt)
+                    shards[m].add(data, batch, *nlls[m])
                 n_ex += int((batch.example_index >= 0).sum())
                 n_tok += int((batch.segment_ids > 0).sum())
                 bar.update(1)
