@@ -141,17 +141,18 @@ def stream_nll(
     """Every batch, in order, with each model's `batch_nll` of it. The next batch's steps are
     dispatched before this batch's results are read back, so the host's work (assembling and
     sending the next batch, and the caller's: shards, progress) overlaps the device's."""
+
+    def read(batch: Batch, launched: dict[str, Any]) -> tuple[Batch, dict[str, Any]]:
+        return batch, {m: _local_rows(batch, out) for m, out in launched.items()}
+
     pending = None
     for batch in batches:
-        launched = (
-            batch,
-            {m: _launch_nll(md, batch, num_segments, chunk) for m, md in models.items()},
-        )
+        launched = {m: _launch_nll(md, batch, num_segments, chunk) for m, md in models.items()}
         if pending is not None:
-            yield pending[0], {m: _local_rows(pending[0], o) for m, o in pending[1].items()}
-        pending = launched
+            yield read(*pending)
+        pending = (batch, launched)
     if pending is not None:
-        yield pending[0], {m: _local_rows(pending[0], o) for m, o in pending[1].items()}
+        yield read(*pending)
 
 
 def dataset_nll(

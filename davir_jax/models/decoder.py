@@ -186,6 +186,16 @@ def _scores(
     return jnp.where(mask[:, None, None], s.astype(jnp.float32), jnp.finfo(jnp.float32).min)
 
 
+def _softmax_values(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, softcap: float | None
+) -> jax.Array:
+    """Softmax attention of `q` over `k`/`v`, head-major `[B, KV, G, Tq, hd]` (the layout the
+    products leave it in; blocked attention concatenates query blocks in it)."""
+    probs = jax.nn.softmax(_scores(q, k, mask, scale, softcap), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->bkgtd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
 def dense_attention(
     q: jax.Array,
     k: jax.Array,
@@ -195,8 +205,7 @@ def dense_attention(
     softcap: float | None = None,
 ) -> jax.Array:
     """Softmax attention `[B, T, KV, G, hd]` over every key at once (one `[T, S]` score matrix)."""
-    probs = jax.nn.softmax(_scores(q, k, mask, scale, softcap), axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return _softmax_values(q, k, v, mask, scale, softcap).transpose(0, 3, 1, 2, 4)
 
 
 def blocked_attention(
@@ -229,16 +238,10 @@ def blocked_attention(
         qi, mi = q[:, i * block : end], mask[:, i * block : end]
 
         def from_block(first: int, qi: jax.Array = qi, mi: jax.Array = mi, end: int = end) -> Any:
-            def attend() -> jax.Array:
-                keys = slice(first * block, end)
-                s = _scores(qi, k[:, keys], mi[:, :, keys], scale, softcap)
-                p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-                out = jnp.einsum(
-                    "bkgts,bskd->bkgtd", p, v[:, keys], preferred_element_type=jnp.float32
-                )
-                return out.astype(q.dtype)  # [B, KV, G, block, hd]
-
-            return attend
+            keys = slice(first * block, end)
+            return lambda: _softmax_values(
+                qi, k[:, keys], v[:, keys], mi[:, :, keys], scale, softcap
+            )  # [B, KV, G, block, hd]
 
         # The diagonal block is always visible (each token sees itself), so argmax finds the
         # first visible block of the run.
