@@ -9,7 +9,9 @@ of GSM8K test and of alpaca-libre tasks_v1, `plain` template) every method compu
 example's summed response NLL from the same token ids and masks (`data.get`):
 
 * ours, packed: `batch_nll` on packed rows (`--row-len` x `--batch-rows`), after a warm-up that
-  compiles every batch shape once;
+  compiles every batch shape once, on one JAX device per core (`--cpu-devices`, as
+  `configs/mesh/cpu.yaml`) with the batch split over them;
+* ours, packed, 1 device: the same on a single device (when there are several), in the same run;
 * ours, bucketed: the same on length-bucketed padded batches (`pack=False`, `--pad-rows` rows);
 * HF loop: one example at a time, logits -> cross-entropy at the response positions -> sum;
 * HF padded-16: batches of 16 in file order, right padding to the batch maximum + attention_mask;
@@ -64,7 +66,7 @@ from davir_jax.losses import LM_HEAD_CHUNK  # noqa: E402
 from davir_jax.models import ArchConfig, export_hf, load_model, load_tokenizer, random_model  # noqa: E402
 from davir_jax.models.decoder import Decoder  # noqa: E402
 from davir_jax.scoring import batch_nll, device_batch, nll_step, stream_nll  # noqa: E402
-from davir_jax.sharding import make_mesh  # noqa: E402
+from davir_jax.sharding import make_mesh, use_cpu_devices  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SETS = {
@@ -348,7 +350,7 @@ def breakdown(model: Decoder, rows: int, seq: int, chunk: int, iters: int = 2) -
         (f"body only, {rows * 4}x{seq // 4} rows", body, (rows * 4, seq // 4), 3),
     ]
     for name, fn, (r, t), n_args in cases:
-        arrays = device_batch(synthetic_batch(r, t, 16), None)[:n_args]
+        arrays = device_batch(synthetic_batch(r, t, 16), model.run.sharder.mesh)[:n_args]
         jax.block_until_ready(fn(state, *arrays))
         wait_quiet(10.0)
         with CpuMeter() as cpu:
@@ -464,9 +466,15 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bench_model(
-    name: str, model: Decoder, tok: Any, args: argparse.Namespace, work: Path
+    name: str,
+    model: Decoder,
+    tok: Any,
+    args: argparse.Namespace,
+    work: Path,
+    single: Decoder | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The throughput rows of one model over every data set, and its step-time breakdown."""
+    """The throughput rows of one model over every data set, and its step-time breakdown;
+    `single` is the same model on one device, timed as well when `model` spans several."""
     hf_dir = export_hf(model, None, work / f"hf-{name}")
     tm = load_torch(hf_dir)
     out = []
@@ -485,6 +493,8 @@ def bench_model(
             (score_ours, (model, packed, args.chunk, "ours, packed")),
             (score_ours, (model, padded, args.chunk, "ours, bucketed")),
         ]
+        if single is not None:
+            runs.append((score_ours, (single, packed, args.chunk, "ours, packed, 1 device")))
         if args.bound:
             runs.append((score_without_attention, (model, packed, args.chunk)))
         for fn, fn_args in runs:
@@ -602,7 +612,7 @@ def machine() -> str:
         pass
     return (
         f"{cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.default_backend()}, "
-        f"{jax.device_count()} device); torch {torch.__version__}, "
+        f"{jax.device_count()} devices); torch {torch.__version__}, "
         f"torch.get_num_threads()={torch.get_num_threads()}"
     )
 
@@ -646,6 +656,12 @@ def main() -> None:
     ap.add_argument("--max-segments", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=LM_HEAD_CHUNK, help="LM-head chunk of ours")
     ap.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=-1,
+        help="JAX CPU devices ours splits each batch over (-1: one per core; 1: one device)",
+    )
+    ap.add_argument(
         "--attn-block", type=int, default=ModelConfig().attn_block, help="0: dense attention"
     )
     ap.add_argument(
@@ -668,7 +684,7 @@ def main() -> None:
     ap.add_argument("--append-results", action="store_true", help="append to RESULTS.md")
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.memory_probe:
+    if args.memory_probe:  # a fresh process on JAX's default single CPU device
         r, t, c = (int(v) for v in args.memory_probe.split(","))
         print(json.dumps(memory_probe(r, t, c)))
         return
@@ -681,6 +697,7 @@ def main() -> None:
     cmd = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scoring_throughput.py " + " ".join(
         sys.argv[1:]
     )
+    use_cpu_devices(args.cpu_devices)  # before the first JAX computation
     info = machine()
     peak = gemm_peak()
     info += (
@@ -690,17 +707,19 @@ def main() -> None:
     print(info, flush=True)
     t_start = time.perf_counter()
     tok = load_tokenizer("smollm2-135m")
-    mesh = make_mesh(1, 1, 1)
-    builders: dict[str, Callable[[], Decoder]] = {
-        "tiny": lambda: random_model(TINY, "float32", mesh, seed=0, attn_block=args.attn_block),
-        "smollm2": lambda: load_model("smollm2-135m", "float32", mesh, attn_block=args.attn_block),
+    mesh = make_mesh(-1, 1, 1)  # data parallel over every (CPU) device
+    one = make_mesh(1, 1, 1, jax.devices()[:1]) if jax.device_count() > 1 else None
+    builders: dict[str, Callable[[Any], Decoder]] = {
+        "tiny": lambda m: random_model(TINY, "float32", m, seed=0, attn_block=args.attn_block),
+        "smollm2": lambda m: load_model("smollm2-135m", "float32", m, attn_block=args.attn_block),
     }
     rows: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             print(f"{name}:", flush=True)
-            model_rows, part = bench_model(name, builders[name](), tok, args, Path(tmp))
+            single = builders[name](one) if one is not None else None
+            model_rows, part = bench_model(name, builders[name](mesh), tok, args, Path(tmp), single)
             rows += model_rows
             parts.append(part)
     mem: list[dict[str, Any]] = []
@@ -716,7 +735,9 @@ def main() -> None:
         "",
         f"Command: `{cmd.strip()}` ({total / 60:.1f} min).",
         f"Machine: {info}.",
-        f"Ours: float32, packed rows {args.row_len} x {args.batch_rows} per batch "
+        f"Ours: float32 on {jax.device_count()} {jax.default_backend().upper()} device(s), each "
+        "batch split over them (data parallel), "
+        f"packed rows {args.row_len} x {args.batch_rows} per batch "
         f"(max {args.max_segments} examples/row) or length buckets from {args.bucket_min} "
         f"({args.pad_rows} rows), max_len {args.max_len}, LM-head chunk {args.chunk} "
         "(response positions only), attention "

@@ -25,13 +25,22 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def _load_cfg(args: argparse.Namespace, overrides: list[str]) -> Any:
     from davir_jax.config import load_config
 
-    return load_config(args.config, overrides)
+    return _started(load_config(args.config, overrides))
+
+
+def _started(cfg: Any) -> Any:
+    """`cfg` once its `mesh.cpu_devices` is applied: before any JAX computation, which fixes the
+    device count (library entry points apply it too, through `mesh_from_config`)."""
+    from davir_jax.sharding import use_cpu_devices
+
+    use_cpu_devices(cfg.mesh.cpu_devices)
+    return cfg
 
 
 def _mesh(cfg: Any) -> Any:
-    from davir_jax.sharding import make_mesh
+    from davir_jax.sharding import mesh_from_config
 
-    return make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    return mesh_from_config(cfg.mesh)
 
 
 def _model(cfg: Any, mesh: Any) -> Any:
@@ -68,7 +77,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
     if not Path(config).is_file():  # installed without the repository's configs/
         config = None
-    cfg = load_config(config, overrides)
+    cfg = _started(load_config(config, overrides))
     out = Path(args.out or cfg.pipeline.out or "runs/demo")
     flags = [f"--pipeline.out={out}"]
     if args.data:

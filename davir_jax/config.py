@@ -66,13 +66,15 @@ class MeshConfig:
     """Mesh axis sizes; one of them may be -1 (filled from the device count).
 
     `chip` names the accelerator for `davir plan` (v5e, v5p, v4, h100, h200, a100); it does not
-    change how a job runs.
+    change how a job runs. `cpu_devices` splits the host CPU into that many JAX devices when JAX
+    runs on CPU (-1: one per core; 0: JAX's default, one); see `sharding.use_cpu_devices`.
     """
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
     chip: str | None = None
+    cpu_devices: int = 0
 
     def __post_init__(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -81,6 +83,8 @@ class MeshConfig:
         for k, v in sizes.items():
             if v == 0 or v < -1:
                 raise ValueError(f"{k}: must be a positive size or -1, got {v}")
+        if self.cpu_devices < -1:
+            raise ValueError(f"cpu_devices: must be >= -1, got {self.cpu_devices}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from davir_jax.io_utils import write_atomic
 from davir_jax.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, example_nll
 from davir_jax.models.loading import load_model, load_tokenizer_for, source_fingerprint
 from davir_jax.runs import check_batch_rows
-from davir_jax.sharding import make_mesh
+from davir_jax.sharding import mesh_from_config
 from davir_jax.train import Job, Objective, accum_batch_sharding, fit
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "weights", "ref_nll")
@@ -269,8 +269,8 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     dc, tc = cfg.dpo, cfg.train
     if tc.out is None or cfg.model.source is None or cfg.data.path is None:
         raise ValueError("davir dpo needs model.source, data.path and train.out")
+    mesh = mesh or mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
     pi, pc = jax.process_index(), jax.process_count()
-    mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_rows(cfg, mesh)
     tok = load_tokenizer_for(cfg.model.source)
     data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0, pairs=True)

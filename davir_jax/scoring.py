@@ -56,7 +56,7 @@ from davir_jax.models.loading import load_model, load_tokenizer_for, source_fing
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 from davir_jax.models.weights import abstract_model
 from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
-from davir_jax.sharding import batch_sharding, make_mesh, state_shardings
+from davir_jax.sharding import batch_sharding, mesh_from_config, state_shardings
 
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
     from davir_jax.data.dataset import TokenizedData
@@ -281,9 +281,9 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         names = [f"scoring.{k}" for k in missing] + (["data.path"] if cfg.data.path is None else [])
         raise ValueError(f"davir score needs {', '.join(names)}")
     t_start = time.time()
-    pi, pc = jax.process_index(), jax.process_count()
     if mesh is None:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        mesh = mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
+    pi, pc = jax.process_index(), jax.process_count()
     check_batch_rows(cfg, mesh)
     tok = load_tokenizer_for(sc.tokenizer or sc.base or sc.reference)
     fingerprints = {m: source_fingerprint(getattr(sc, m)) for m in scored_models(cfg)}
@@ -453,6 +453,12 @@ def _merge(
         "run": identity,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "wall_s": round(time.time() - t_start, 3),
+        # Where the timings came from (the scores themselves do not depend on it).
+        "devices": {
+            "platform": jax.devices()[0].platform,
+            "count": jax.device_count(),
+            "processes": jax.process_count(),
+        },
     }
     write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
     if cfg.scoring.diagnostics and base is not None:

@@ -9,13 +9,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+if TYPE_CHECKING:
+    from davir_jax.config import MeshConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,40 @@ def make_mesh(
         return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=_AUTO)
     arr = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(arr, MESH_AXES, axis_types=_AUTO)
+
+
+def use_cpu_devices(n: int) -> None:
+    """Split the host CPU into `n` JAX devices (`jax_num_cpu_devices`); -1: one per core this
+    process may run on; 0: leave JAX's default (one device).
+
+    Why: XLA:CPU runs a batched matmul (attention's per-head products) and most elementwise
+    fusions on one thread per device, so one device leaves the other cores idle for much of a
+    small model's step. One device per core, with the batch split over them (`mesh.data=-1`),
+    runs them on every core at once: scoring SmolLM2-135M on 2 cores is about 1.2x as fast
+    (`benchmarks/RESULTS.md`). Parameters are then replicated per device unless `fsdp` shards
+    them. It changes only the CPU platform; on a TPU or GPU host the accelerators stay the
+    mesh's devices. It must run before JAX starts its backends (the `davir` command calls it
+    first); later, it is a no-op if JAX already has `n` CPU devices, else an error.
+    """
+    if n == 0:
+        return
+    if n < 0:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already started
+        have = len(jax.devices("cpu"))
+        if have != n:
+            raise ValueError(
+                f"mesh.cpu_devices: asks for {n} CPU devices, but JAX has already started with "
+                f"{have}; it must be set before the first JAX computation"
+            ) from None
+
+
+def mesh_from_config(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a config's `mesh` section describes (over all devices unless given)."""
+    use_cpu_devices(cfg.cpu_devices)
+    return make_mesh(cfg.data, cfg.fsdp, cfg.tensor, devices)
 
 
 def logical_to_spec(

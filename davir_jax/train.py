@@ -48,7 +48,7 @@ from davir_jax.models.loading import (
     source_fingerprint,
 )
 from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
-from davir_jax.sharding import logical_to_spec, make_mesh, state_shardings
+from davir_jax.sharding import logical_to_spec, mesh_from_config, state_shardings
 
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
     from davir_jax.data.dataset import Mixture, TokenizedData
@@ -560,8 +560,8 @@ def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         raise ValueError("davir sft needs train.out and model.source")
     if tc.selection is None and cfg.data.path is None:
         raise ValueError("davir sft needs data.path or train.selection")
+    mesh = mesh or mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
     pi, pc = jax.process_index(), jax.process_count()
-    mesh = mesh or make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     check_batch_rows(cfg, mesh)
     tok = load_tokenizer_for(cfg.model.source)
     data, data_identity = training_data(cfg, tok, pi, pc, progress and pi == 0)

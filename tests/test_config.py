@@ -41,6 +41,12 @@ def test_heads_not_divisible_by_kv_heads(tmp_path):
         load_config(p)
 
 
+def test_cpu_devices_below_minus_one(tmp_path):
+    p = _write(tmp_path, "mesh:\n  cpu_devices: -2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*mesh\.cpu_devices.*>= -1"):
+        load_config(p)
+
+
 def test_two_minus_one_mesh_axes(tmp_path):
     p = _write(tmp_path, "mesh:\n  data: -1\n  fsdp: -1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml.*mesh.*at most one"):

@@ -179,6 +179,31 @@ def _cli(args: list[str]):
     return run_cli("score", args)
 
 
+def test_cpu_mesh_preset_through_the_cli_equals_one_device(tmp_path, models):
+    """`configs/mesh/cpu.yaml` splits a fresh `davir score` process into CPU devices (pinned
+    to 2 here) with the batch split over them: the same table as one device."""
+    root, _, _ = models
+    data = _write(tmp_path / "pool.jsonl", _rows(29, seed=6))
+    one = _table(
+        score(_cfg(tmp_path, root, data, "one"), False, make_mesh(1, 1, 1, jax.devices()[:1]))
+    )
+    args = ["--config", str(ROOT / "configs" / "mesh" / "cpu.yaml"), "--mesh.cpu_devices=2"]
+    args += ["--data", str(data), "--base", str(root / "base"), "--reference"]
+    args += [str(root / "reference"), "--out", str(tmp_path / "cpu"), "-q"]
+    args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.batch_rows=8"]
+    proc = _cli(args + ["--data.max_len=64", "--scoring.shard_batches=2"])
+    assert proc.wait(timeout=600) == 0, proc.stdout.read().decode()
+    manifest = json.loads((tmp_path / "cpu" / "manifest.json").read_text())
+    assert manifest["devices"] == {"platform": "cpu", "count": 2, "processes": 1}
+    assert manifest["config"]["mesh"]["data"] == -1  # filled: 2 data-parallel devices
+    two = _table(tmp_path / "cpu")
+    assert two.keys() == one.keys() and len(one) == 29
+    for k in one:
+        assert two[k]["n_tokens"] == one[k]["n_tokens"]
+        for col in ("nll_base", "nll_ref"):
+            np.testing.assert_allclose(two[k][col], one[k][col], rtol=1e-5)
+
+
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, models):
     root, _, _ = models
     data = _write(tmp_path / "pool.jsonl", _rows(400, seed=4))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -10,7 +14,14 @@ from jax.sharding import PartitionSpec as P
 
 from davir_jax.models import ArchConfig, load_model, random_model
 from davir_jax.models.weights import iter_params
-from davir_jax.sharding import LOGICAL_RULES, logical_to_spec, make_mesh
+from davir_jax.config import MeshConfig
+from davir_jax.sharding import (
+    LOGICAL_RULES,
+    logical_to_spec,
+    make_mesh,
+    mesh_from_config,
+    use_cpu_devices,
+)
 
 pytestmark = pytest.mark.devices(8)
 
@@ -27,6 +38,35 @@ def test_make_mesh_fills_minus_one_and_rejects_bad_sizes():
         make_mesh(-1, -1, 1)
     with pytest.raises(ValueError, match="devices"):
         make_mesh(3, 1, 1)
+
+
+def test_cpu_devices_once_jax_has_started():
+    use_cpu_devices(0)  # JAX's default: nothing to do
+    use_cpu_devices(8)  # what this process already has: a no-op
+    with pytest.raises(ValueError, match=r"mesh\.cpu_devices.*2 CPU devices.*started with 8"):
+        use_cpu_devices(2)
+    mesh = mesh_from_config(MeshConfig(data=-1, fsdp=1, cpu_devices=8))
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+CPU_DEVICES = """
+import sys, jax
+from davir_jax.sharding import use_cpu_devices
+use_cpu_devices(int(sys.argv[1]))
+print(len(jax.devices("cpu")))
+"""
+
+
+@pytest.mark.parametrize("n", [3, -1])
+def test_cpu_devices_split_a_fresh_process(n):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", CPU_DEVICES, str(n)], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    want = 3 if n == 3 else len(os.sched_getaffinity(0))
+    assert int(out.stdout.split()[-1]) == want
 
 
 def test_every_parameter_follows_the_rules_table(tmp_path):
