@@ -82,7 +82,7 @@ def use_cpu_devices(n: int) -> None:
     Why: XLA:CPU runs a batched matmul (attention's per-head products) and most elementwise
     fusions on one thread per device, so one device leaves the other cores idle for much of a
     small model's step. One device per core, with the batch split over them (`mesh.data=-1`),
-    runs them on every core at once: scoring SmolLM2-135M on 2 cores is about 1.2x as fast
+    runs them on every core at once: scoring SmolLM2-135M on 2 cores ran 1.12-1.14x as fast
     (`benchmarks/RESULTS.md`). Parameters are then replicated per device unless `fsdp` shards
     them. It changes only the CPU platform; on a TPU or GPU host the accelerators stay the
     mesh's devices. It must run before JAX starts its backends (the `davir` command calls it
