@@ -707,6 +707,10 @@ def main() -> None:
     print(info, flush=True)
     t_start = time.perf_counter()
     tok = load_tokenizer("smollm2-135m")
+    n_dev = jax.device_count()
+    for flag, n_rows in (("--batch-rows", args.batch_rows), ("--pad-rows", args.pad_rows)):
+        if n_rows % n_dev:
+            sys.exit(f"{flag}={n_rows} is not a multiple of the {n_dev} devices (--cpu-devices)")
     mesh = make_mesh(-1, 1, 1)  # data parallel over every (CPU) device
     one = make_mesh(1, 1, 1, jax.devices()[:1]) if jax.device_count() > 1 else None
     builders: dict[str, Callable[[Any], Decoder]] = {
@@ -760,8 +764,8 @@ def main() -> None:
     if mem:
         section += [
             "",
-            "Peak memory of one SmolLM2 scoring step (XLA compiled memory analysis; RSS sampled "
-            "every ms in a fresh process while the step runs):",
+            "Peak memory of one SmolLM2 scoring step on one device (XLA compiled memory "
+            "analysis; RSS sampled every ms in a fresh process while the step runs):",
             "",
             memory_table(mem),
         ]

@@ -67,7 +67,10 @@ class MeshConfig:
 
     `chip` names the accelerator for `davir plan` (v5e, v5p, v4, h100, h200, a100); it does not
     change how a job runs. `cpu_devices` splits the host CPU into that many JAX devices when JAX
-    runs on CPU (-1: one per core; 0: JAX's default, one); see `sharding.use_cpu_devices`.
+    runs on CPU (-1: one per logical CPU; 0: as JAX starts, one device unless set elsewhere);
+    with `data=-1, fsdp=1` the batch is split over them (`configs/mesh/cpu.yaml`; the default
+    `fsdp=-1` shards the weights instead, slower for small models). See
+    `sharding.use_cpu_devices`.
     """
 
     data: int = 1

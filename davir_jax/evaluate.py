@@ -59,12 +59,14 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
     from davir_jax.generation import generate
     from davir_jax.io_utils import progress_bar, write_atomic
     from davir_jax.models.loading import load_model, load_tokenizer_for
+    from davir_jax.runs import check_batch_rows
     from davir_jax.sharding import mesh_from_config
 
     ec, m = cfg.eval, cfg.model
     if m.source is None or cfg.data.path is None:
         raise ValueError("davir eval needs model.source and data.path")
     mesh = mesh_from_config(cfg.mesh)
+    check_batch_rows(cfg, mesh)
     tok = load_tokenizer_for(m.source)
     model = load_model(m.source, m.dtype, mesh, **m.run_options())
     data = prepare(cfg.data, tok, progress=progress)

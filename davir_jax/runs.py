@@ -77,5 +77,6 @@ def check_batch_rows(cfg: Any, mesh: Any) -> None:
     if cfg.data.batch_rows % dp or cfg.data.batch_rows % pc:
         raise ValueError(
             f"data.batch_rows={cfg.data.batch_rows} must be a multiple of the data-parallel size "
-            f"{dp} (mesh data*fsdp) and of the process count {pc}"
+            f"{dp} (mesh data*fsdp, over {mesh.size} devices; mesh.cpu_devices sets how many a "
+            f"CPU host has) and of the process count {pc}"
         )

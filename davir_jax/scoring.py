@@ -453,7 +453,8 @@ def _merge(
         "run": identity,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "wall_s": round(time.time() - t_start, 3),
-        # Where the timings came from (the scores themselves do not depend on it).
+        # Where this last (or only) session ran. Scores do not depend on it beyond float
+        # rounding (~1e-6 relative), so a resume on another device count may continue the run.
         "devices": {
             "platform": jax.devices()[0].platform,
             "count": jax.device_count(),

@@ -76,25 +76,39 @@ def make_mesh(
 
 
 def use_cpu_devices(n: int) -> None:
-    """Split the host CPU into `n` JAX devices (`jax_num_cpu_devices`); -1: one per core this
-    process may run on; 0: leave JAX's default (one device).
+    """Split the host CPU into `n` JAX devices (`jax_num_cpu_devices`); -1: one per logical CPU
+    this process may run on (hyperthreads count, cgroup CPU quotas do not); 0: leave it as it
+    is (JAX's default is one device).
 
-    Why: XLA:CPU runs a batched matmul (attention's per-head products) and most elementwise
-    fusions on one thread per device, so one device leaves the other cores idle for much of a
-    small model's step. One device per core, with the batch split over them (`mesh.data=-1`),
-    runs them on every core at once: scoring SmolLM2-135M on 2 cores ran 1.12-1.14x as fast
-    (`benchmarks/RESULTS.md`). Parameters are then replicated per device unless `fsdp` shards
-    them. It changes only the CPU platform; on a TPU or GPU host the accelerators stay the
-    mesh's devices. It must run before JAX starts its backends (the `davir` command calls it
-    first); later, it is a no-op if JAX already has `n` CPU devices, else an error.
+    Why: XLA:CPU runs a batched matrix product (attention's per-(row, KV head) products) on one
+    thread per device: on 2 cores such a product ran no faster than pinned to one core. With
+    one device per core and the batch split over them (`mesh.data=-1`), the devices run at
+    once: scoring SmolLM2-135M on 2 cores ran 1.12-1.14x as fast (`benchmarks/RESULTS.md`; the
+    step without attention gained too, so other per-device work was not spread over the cores
+    either). Each device keeps its own copy of the weights unless `fsdp` shards them.
+
+    It changes only the CPU platform; on a TPU or GPU host the accelerators stay the mesh's
+    devices. It must run before JAX starts its backends (the `davir` command calls it first).
+    Afterwards, or when `jax_num_cpu_devices` was already set to another count (e.g. from
+    `DAVIR_LOCAL_DEVICES` under `DAVIR_DISTRIBUTED=local`), a different `n` is an error.
     """
     if n == 0:
         return
     if n < 0:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = n or 1
+    earlier = jax.config.jax_num_cpu_devices
+    if earlier > 0 and earlier != n:
+        raise ValueError(
+            f"mesh.cpu_devices: asks for {n} CPU devices, but jax_num_cpu_devices is already "
+            f"{earlier} (DAVIR_LOCAL_DEVICES under DAVIR_DISTRIBUTED=local, or the caller); "
+            "set only one of them"
+        )
     try:
         jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:  # backends already started
+    except RuntimeError:  # the backends have started
+        if jax.default_backend() != "cpu":
+            return  # the mesh's devices are accelerators: the CPU split does not matter
         have = len(jax.devices("cpu"))
         if have != n:
             raise ValueError(

@@ -130,3 +130,14 @@ def test_davir_eval_cli(tmp_path, capsys):
         tot, n = tot + a.sum(), n + c.sum()
     np.testing.assert_allclose(res["loss"], tot / n, rtol=1e-6)
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_davir_eval_refuses_batch_rows_that_do_not_split_over_the_devices(tmp_path, capsys):
+    """Checked before anything loads, as in score/sft/dpo: 6 rows over the 8 test devices."""
+    from davir_jax.cli import main
+
+    args = ["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "g.jsonl")]
+    assert main(args + ["--out", str(tmp_path / "ev"), "--data.batch_rows=6", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "data.batch_rows=6 must be a multiple of the data-parallel size 8" in err
+    assert "mesh.cpu_devices" in err

@@ -12,9 +12,9 @@ import pytest
 from hf_models import make_hf_model
 from jax.sharding import PartitionSpec as P
 
+from davir_jax.config import MeshConfig
 from davir_jax.models import ArchConfig, load_model, random_model
 from davir_jax.models.weights import iter_params
-from davir_jax.config import MeshConfig
 from davir_jax.sharding import (
     LOGICAL_RULES,
     logical_to_spec,
@@ -41,9 +41,9 @@ def test_make_mesh_fills_minus_one_and_rejects_bad_sizes():
 
 
 def test_cpu_devices_once_jax_has_started():
-    use_cpu_devices(0)  # JAX's default: nothing to do
+    use_cpu_devices(0)  # leave it as it is: nothing to do
     use_cpu_devices(8)  # what this process already has: a no-op
-    with pytest.raises(ValueError, match=r"mesh\.cpu_devices.*2 CPU devices.*started with 8"):
+    with pytest.raises(ValueError, match=r"mesh\.cpu_devices.*2 CPU devices.*already 8"):
         use_cpu_devices(2)
     mesh = mesh_from_config(MeshConfig(data=-1, fsdp=1, cpu_devices=8))
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
@@ -52,21 +52,42 @@ def test_cpu_devices_once_jax_has_started():
 CPU_DEVICES = """
 import sys, jax
 from davir_jax.sharding import use_cpu_devices
-use_cpu_devices(int(sys.argv[1]))
+case, n = sys.argv[1], int(sys.argv[2])
+if case == "started":
+    jax.devices()  # the backends start with JAX's default, one CPU device
+    use_cpu_devices(1)  # what it has: fine
+elif case == "set":
+    jax.config.update("jax_num_cpu_devices", 4)  # as DAVIR_DISTRIBUTED=local does
+try:
+    use_cpu_devices(n)
+except ValueError as e:
+    print("ValueError:", e)
 print(len(jax.devices("cpu")))
 """
 
 
-@pytest.mark.parametrize("n", [3, -1])
-def test_cpu_devices_split_a_fresh_process(n):
+def _cpu_devices_in_a_fresh_process(case: str, n: int) -> str:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, "-c", CPU_DEVICES, str(n)], env=env, capture_output=True, text=True
-    )
+    args = [sys.executable, "-c", CPU_DEVICES, case, str(n)]
+    out = subprocess.run(args, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    want = 3 if n == 3 else len(os.sched_getaffinity(0))
-    assert int(out.stdout.split()[-1]) == want
+    return out.stdout
+
+
+def test_cpu_devices_split_a_fresh_process():
+    assert _cpu_devices_in_a_fresh_process("fresh", 3).split() == ["3"]
+    if hasattr(os, "sched_getaffinity"):  # -1: one device per logical CPU it may run on
+        out = _cpu_devices_in_a_fresh_process("fresh", -1)
+        assert int(out.split()[-1]) == len(os.sched_getaffinity(0))
+
+
+def test_cpu_devices_too_late_or_set_elsewhere_is_an_error():
+    out = _cpu_devices_in_a_fresh_process("started", 3)
+    assert "ValueError: mesh.cpu_devices: asks for 3 CPU devices" in out
+    assert "already started with 1" in out and out.split()[-1] == "1"
+    out = _cpu_devices_in_a_fresh_process("set", 2)
+    assert "jax_num_cpu_devices is already 4" in out and out.split()[-1] == "4"
 
 
 def test_every_parameter_follows_the_rules_table(tmp_path):
