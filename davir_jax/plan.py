@@ -124,9 +124,12 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     blocked = uses_blocked_attention(m.attn_block, seq)
     chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
     from davir_jax.losses import VOCAB_BLOCK
+    from davir_jax.sharding import Sharder
 
-    # The head's log-sum-exp holds one vocabulary block, unless the vocabulary is split.
-    live_vocab = V if shape["tensor"] > 1 and V % shape["tensor"] == 0 else min(V, VOCAB_BLOCK)
+    # The head's log-sum-exp holds one vocabulary block, unless the rules table splits the
+    # vocabulary over devices (as `Decoder.vocab_block` decides for the real model).
+    split = Sharder(mesh).is_split("vocab", V)  # type: ignore[arg-type]  # sizes suffice
+    live_vocab = V if split else min(V, VOCAB_BLOCK)
     logits = rows_dev * min(chunk, seq) * live_vocab * 4
     out: dict[str, Any] = {
         "job": job,
