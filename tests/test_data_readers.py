@@ -249,3 +249,120 @@ def test_unknown_file_type_and_format(tmp_path):
         list(read_examples(path))
     with pytest.raises(DataError, match="no such data file"):
         list(read_examples(tmp_path / "missing.jsonl"))
+
+
+GOOD = b'{"prompt": "p", "response": "r"}\n'
+
+
+@pytest.mark.parametrize(
+    "line,detail",
+    [
+        # Cut mid-string: json's own cause and column within the line, not "column 1" of line 2.
+        (
+            b'{"prompt": "a", "resp\n',
+            "truncated JSON (the line ends at column 21 inside the value): "
+            "Unterminated string starting at column 17",
+        ),
+        # Cut after a complete value: the line ends where a ',' or '}' should come.
+        (
+            b'{"prompt": "a", "response": "b"\n',
+            "truncated JSON (the line ends at column 31 inside the value): "
+            "Expecting ',' delimiter at column 32",
+        ),
+        # Not truncated: the error is inside the line, reported where json found it.
+        (b'{"prompt": "a" "response": "b"}\n', "Expecting ',' delimiter at column 16"),
+    ],
+)
+def test_malformed_json_names_the_true_column_and_cause(tmp_path, line, detail):
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes(GOOD + GOOD + line)
+    log = SkipLog()
+    assert len(list(read_examples(path, "prompt_response", log=log))) == 2
+    assert log.where["malformed_json"] == [f"{path}:3: {detail}"]
+    with pytest.raises(DataError, match=f"{path}:3: malformed_json"):
+        list(read_examples(path, "prompt_response", log=SkipLog(strict=True)))
+
+
+def test_invalid_utf8_names_the_byte_and_its_offset(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(GOOD + b'{"prompt": "caf\xe9", "response": "r"}\n')
+    log = SkipLog()
+    assert len(list(read_examples(path, "prompt_response", log=log))) == 1
+    # 0xe9 is the 16th byte of line 2 (15 bytes precede it), and len(GOOD) + 15 into the file.
+    assert log.where["invalid_utf8"] == [
+        f"{path}:2: byte 0xe9, 15 bytes into the line (file offset {len(GOOD) + 15})"
+    ]
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.jsonl", b"", "an empty file; there is no data to read"),
+        ("blank.jsonl", b"\n  \n", r"no rows \(only blank lines\)"),
+        ("empty.json", b"[]", "an empty JSON list"),
+        (
+            "utf16.jsonl",
+            '{"prompt": "p", "response": "r"}\n'.encode("utf-16"),
+            r"not UTF-8 text \(1 invalid_utf8, 1 malformed_json\); first bad byte on line 1: "
+            r"byte 0xff, 0 bytes "
+            r"into the line \(file offset 0\); the file starts with a UTF-16 byte-order mark",
+        ),
+        (
+            "latin1.jsonl",
+            b'{"prompt": "caf\xe9", "response": "r"}\n',
+            r"not UTF-8 text \(1 invalid_utf8\); first bad byte on line 1: byte 0xe9, 15 bytes "
+            r"into the line \(file offset 15\)$",
+        ),
+        (
+            "bad.jsonl",
+            b'{"prompt": "a", "resp\n[1, 2]\n{"prompt": "a" "b"}\n',
+            r"none of its 3 rows is readable \(2 malformed_json, 1 not_an_object\); first: "
+            r".*bad.jsonl:1: truncated JSON",
+        ),
+    ],
+)
+def test_no_row_to_detect_the_format_from_says_why(tmp_path, name, content, message):
+    """An empty file, a file that is not UTF-8 and a file of bad rows each get their own cause,
+    with the file named (was one message, "no readable row ...; set data.format", for all)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"^{path}: {message}"):
+        resolve_format(path)
+
+
+def test_dropped_pairs_are_counted_once(tmp_path):
+    """A pair is kept or dropped whole, so it is counted once even when both sides fail: the
+    skip total equals the pairs dropped, in the log, the manifest and the printed report."""
+    from toy_tokenizers import word_tokenizer
+
+    from davir_jax.config import DataConfig
+    from davir_jax.data.dataset import prepare
+
+    long = "i am fine and you are fine"  # 7 words + EOS: too long for max_len 6 with a prompt
+    rows = [
+        {"prompt": "hello", "chosen": "world", "rejected": "fine"},  # kept
+        {"prompt": "hello", "chosen": long, "rejected": "fine"},  # chosen too long
+        {"prompt": "hello", "chosen": "world", "rejected": long},  # rejected too long
+        {"prompt": "hello", "chosen": long, "rejected": long},  # both: one pair, one skip
+        {"prompt": "hello", "chosen": "<s> world", "rejected": long},  # two reasons, one skip
+    ]
+    path = _jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), max_len=6)
+    data = prepare(cfg, word_tokenizer(True), pairs=True, progress=False)
+    assert len(data) == 2  # one pair, stored as its two sides
+    assert data.log.skipped == {"too_long": 3, "special_token_in_text": 1}
+    assert data.log.total == 4
+    # The chosen side's reason counts; the other side's is named in the detail.
+    where = data.log.where
+    assert where["too_long"][2].startswith(f"{path}:4: pairs:3/chosen: 10 tokens > 6")
+    assert where["too_long"][2].endswith(
+        "; the other side too: too_long (pairs:3/rejected: 10 tokens > 6)"
+    )
+    assert where["special_token_in_text"] == [
+        f"{path}:5: pairs:4/chosen: BOS inside; the other side too: too_long "
+        "(pairs:4/rejected: 10 tokens > 6)"
+    ]
+    manifest = json.loads((data.directory / "manifest.json").read_text())
+    assert manifest["skipped"] == {"too_long": 3, "special_token_in_text": 1}
+    assert manifest["n_pairs"] == 1 and manifest["n_examples"] == 2
+    assert data.log.report(1, "pairs").startswith("kept 1 pairs, skipped 4\n")

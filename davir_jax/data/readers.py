@@ -146,10 +146,13 @@ def iter_rows(
 
 
 def _iter_jsonl(path: Path, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
-    opener = gzip.open if path.name.endswith(".gz") else open
+    gz = path.name.endswith(".gz")
+    opener = gzip.open if gz else open
     with opener(path, "rb") as f:
         row = -1
+        offset = 0  # of the line's first byte in the (decompressed) file
         for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue  # blank lines are layout, not rows (they get no row index)
             row += 1
@@ -159,29 +162,53 @@ def _iter_jsonl(path: Path, log: SkipLog, part: int, num_parts: int) -> Iterator
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                log.skip("invalid_utf8", loc, f"byte {e.start}")
+                where = f"{'decompressed' if gz else 'file'} offset {start + e.start}"
+                log.skip(
+                    "invalid_utf8",
+                    loc,
+                    f"byte 0x{raw[e.start]:02x}, {e.start} bytes into the line ({where})",
+                )
                 continue
+            text = text.rstrip("\r\n")
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as e:
-                log.skip("malformed_json", loc, e.msg + f" at column {e.colno}")
+                log.skip("malformed_json", loc, _json_error(text, e))
                 continue
             if not isinstance(value, dict):
                 log.skip("not_an_object", loc, type(value).__name__)
                 continue
-            yield RawRow(row, loc, text.rstrip("\r\n"), value)
+            yield RawRow(row, loc, text, value)
+
+
+def _json_error(line: str, e: json.JSONDecodeError) -> str:
+    """json's own message and column within the line, and whether the line was cut short.
+
+    The line is parsed without its line ending, so an error at the end of the text reports the
+    last column of this line (not "line 2, column 1" of the newline that followed it).
+    """
+    end = len(line.rstrip())
+    detail = f"{e.msg.removesuffix(' at')} at column {e.colno}"  # "starting at" has its own
+    if e.pos >= end or e.msg.startswith("Unterminated string"):
+        # Nothing after the error point could complete the value: the row was cut mid-object.
+        return f"truncated JSON (the line ends at column {end} inside the value): {detail}"
+    return detail
 
 
 def _iter_json_list(path: Path, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
+    blob = path.read_bytes()
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(blob.decode("utf-8"))
     except UnicodeDecodeError as e:
+        line = blob.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{path}: not valid UTF-8 (byte {e.start}); a JSON list file is read whole"
+            f"{path}:{line}: not valid UTF-8 (byte "
+            f"0x{blob[e.start]:02x} at file offset {e.start}); a JSON list file is read whole"
         ) from e
     except json.JSONDecodeError as e:
         raise DataError(
-            f"{path}:{e.lineno}: not valid JSON ({e.msg}); a JSON list file is read whole"
+            f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); a JSON list file "
+            "is read whole"
         ) from e
     for row, value in enumerate(data):
         if row % num_parts != part:
@@ -459,9 +486,10 @@ def _resolve(
     rows = iter_rows(path, log, part, num_parts)
     if fmt == "auto":
         # Detect from the first row of the whole file (not of this part) so every process agrees.
-        probe = next(iter_rows(path, SkipLog()), None)
+        probe_log = SkipLog()
+        probe = next(iter_rows(path, probe_log), None)
         if probe is None:
-            raise DataError(f"{path}: no readable row to detect the format from; set data.format")
+            raise DataError(_no_row_reason(Path(path), probe_log))
         try:
             fmt = detect_format(probe.value)
         except DataError as e:
@@ -476,6 +504,30 @@ def _resolve(
             )
         f[k] = val
     return fmt, f, rows
+
+
+def _no_row_reason(path: Path, probe: SkipLog) -> str:
+    """Why a file has no row to detect the format from: empty, not UTF-8, or every row bad."""
+    if not probe.total:
+        what = "an empty file" if path.stat().st_size == 0 else "no rows (only blank lines)"
+        if path.name.endswith(".gz"):
+            what = "no rows (its decompressed data is empty or blank)"
+        elif path.name.endswith(".parquet"):
+            what = "a parquet file with no rows"
+        elif path.name.endswith(".json") and _is_json_list(path):
+            what = "an empty JSON list"
+        return f"{path}: {what}; there is no data to read"
+    counts = ", ".join(f"{n} {r}" for r, n in sorted(probe.skipped.items()))
+    if "invalid_utf8" in probe.skipped:
+        # (A UTF-16 file splits into "lines" at its 0x0a bytes; some may decode as junk JSON.)
+        with open(path, "rb") as f:
+            bom = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+        first = probe.where["invalid_utf8"][0].removeprefix(f"{path}:")
+        return f"{path}: not UTF-8 text ({counts}); first bad byte on line {first}" + (
+            "; the file starts with a UTF-16 byte-order mark, convert it to UTF-8" if bom else ""
+        )
+    first = probe.where[next(iter(probe.skipped))][0]
+    return f"{path}: none of its {probe.total} rows is readable ({counts}); first: {first}"
 
 
 def resolve_format(path: str | Path, fmt: str = "auto") -> str:
