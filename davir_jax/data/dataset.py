@@ -31,7 +31,7 @@ from davir_jax.data.readers import (
     resolve_format,
     source_name,
 )
-from davir_jax.data.skips import DataError, SkipLog
+from davir_jax.data.skips import DataError, PairSkips, SkipLog
 from davir_jax.data.storage import (
     TokenizedStore,
     build_part,
@@ -202,12 +202,14 @@ def prepare(
 
         def _encode(chunk: list) -> Iterator[dict[str, Any]]:
             if pairs:
-                sides = [x for p in chunk for x in (p.chosen, p.rejected)]
-                encs = encoder.encode(sides, log)
-                for k, p in enumerate(chunk):
-                    c, r = encs[2 * k], encs[2 * k + 1]
+                # A pair goes whole and is counted once (the chosen side's reason first).
+                sides = PairSkips(log)
+                chosen = encoder.encode([p.chosen for p in chunk], sides)
+                rejected = encoder.encode([p.rejected for p in chunk], sides)
+                for p, c, r in zip(chunk, chosen, rejected):
+                    sides.settle(p.location, kept=c is not None and r is not None)
                     if c is None or r is None:
-                        continue  # the side's reason is counted; the pair goes whole
+                        continue
                     for side, enc in ((0, c), (1, r)):
                         yield _record(2 * p.row + side, enc)
             else:
@@ -239,6 +241,7 @@ def prepare(
             "fields": fields,
             "path": str(Path(cfg.path).resolve()),
             "n_examples": len(store),
+            **({"n_pairs": len(store) // 2} if pairs else {}),  # a pair is stored as two examples
             "n_tokens": int(store.lengths.sum()),
             **log.to_dict(),
         }
@@ -247,7 +250,8 @@ def prepare(
         if not mpath.is_file() or mpath.read_text() != text:
             write_atomic(mpath, text)
     if progress and process_index == 0:
-        print(f"{cfg.path}: " + log.report(len(store)), file=sys.stderr)
+        kept = (len(store) // 2, "pairs") if pairs else (len(store), "examples")
+        print(f"{cfg.path}: " + log.report(*kept), file=sys.stderr)
     if cfg.strict and log.total:
         reason = next(iter(log.skipped))
         raise DataError(

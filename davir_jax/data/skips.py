@@ -5,6 +5,9 @@ reason and keeps the first few `file:line` locations. With `strict=True` the fir
 `DataError` naming the location instead. Warnings (`SkipLog.warn`) are kept examples that a
 researcher should know about (a prompt whose tokens merge across the response boundary, a prompt
 truncated to fit); they are counted the same way but never fatal.
+
+Preference pairs are kept or dropped whole: `PairSkips` collects what the encoder reports for the
+two sides and counts a dropped pair once, so `SkipLog.total` is the number of rows dropped.
 """
 
 from __future__ import annotations
@@ -95,11 +98,12 @@ class SkipLog:
         log.merge(d)
         return log
 
-    def report(self, kept: int | None = None) -> str:
-        """Human-readable lines: counts per reason with the first locations."""
+    def report(self, kept: int | None = None, unit: str = "examples") -> str:
+        """Human-readable lines: counts per reason with the first locations (`unit`: what a
+        row is, e.g. "pairs" for preference data, where a row is skipped or kept whole)."""
         lines = []
         if kept is not None:
-            lines.append(f"kept {kept:,} examples, skipped {self.total:,}")
+            lines.append(f"kept {kept:,} {unit}, skipped {self.total:,}")
         for title, counts, meanings in (
             ("skipped", self.skipped, REASONS),
             ("warning", self.warnings, WARNINGS),
@@ -109,3 +113,43 @@ class SkipLog:
                 for loc in self.where.get(reason, []):
                     lines.append(f"      {loc}")
         return "\n".join(lines)
+
+
+class PairSkips:
+    """Stands in for a `SkipLog` while the sides of preference pairs are encoded.
+
+    Both sides of a pair share the pair's location, so events are held per location until
+    `settle`: a dropped pair counts once, under the first failing side's reason (encode the
+    chosen sides before the rejected ones), with the other side's reason in the detail; a kept
+    pair passes its warnings on. Warnings of a dropped pair are not counted (nothing was kept).
+    Strict mode still raises at the first failing side.
+    """
+
+    def __init__(self, log: SkipLog) -> None:
+        self.log = log
+        self._events: dict[str, list[tuple[bool, str, str]]] = {}
+
+    def skip(self, reason: str, location: str, detail: str = "") -> None:
+        assert reason in REASONS, reason
+        if self.log.strict:
+            self.log.skip(reason, location, detail)  # raises, naming the location
+        self._events.setdefault(location, []).append((True, reason, detail))
+
+    def warn(self, reason: str, location: str, detail: str = "") -> None:
+        assert reason in WARNINGS, reason
+        self._events.setdefault(location, []).append((False, reason, detail))
+
+    def settle(self, location: str, kept: bool) -> None:
+        """Count the pair at `location` (kept: its warnings; dropped: one skip)."""
+        events = self._events.pop(location, [])
+        skips = [(r, d) for is_skip, r, d in events if is_skip]
+        if kept:
+            assert not skips, (location, skips)
+            for _, reason, detail in events:
+                self.log.warn(reason, location, detail)
+            return
+        assert skips, f"{location}: a pair was dropped without a reason"
+        reason, detail = skips[0]
+        if len(skips) > 1:
+            detail += f"; the other side too: {skips[1][0]} ({skips[1][1]})"
+        self.log.skip(reason, location, detail)
