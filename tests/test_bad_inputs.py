@@ -191,3 +191,27 @@ def test_config_json_must_be_an_object(copy):
     (copy / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"config\.json: a model config must be a JSON object"):
         load_model(copy)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_export_hf_files_get_the_umask_permissions(good_dir, tmp_path, umask):
+    """An export is meant to be shared: its folder and files get the modes a plain mkdir/open
+    would (0755/0644 under umask 022), not mkdtemp's 0700 and mkstemp's 0600."""
+    import os
+    import stat
+
+    from davir_jax.models import export_hf
+
+    model = load_model(good_dir)
+    old = os.umask(umask)
+    try:
+        out = export_hf(model, None, tmp_path / "exported")
+        save_file({"x": np.zeros(2, np.float32)}, tmp_path / "alone.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    for name in files:
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE((tmp_path / "alone.safetensors").stat().st_mode) == 0o666 & ~umask

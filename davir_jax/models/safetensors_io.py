@@ -99,6 +99,24 @@ class SafetensorsFile:
         return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode `open`/`mkdir` would give a new file (0o666) or folder (0o777) under the process
+    umask: `tempfile.mkstemp` makes 0600 files and `mkdtemp` 0700 folders, which an atomic
+    write (temp, then rename) would otherwise publish as private."""
+    mask = None
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    except OSError:
+        pass
+    if mask is None:  # elsewhere: set and restore (not thread-safe, hence the fallback only)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def save_file(
     tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
     path: str | os.PathLike,
@@ -150,6 +168,7 @@ def write_streaming(
                 f.write(np.ascontiguousarray(arr).tobytes())
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -25,7 +25,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from davir_jax.io_utils import publish_dir
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig, to_dtype
-from davir_jax.models.safetensors_io import SafetensorsFile, WeightFileError, write_streaming
+from davir_jax.models.safetensors_io import (
+    SafetensorsFile,
+    WeightFileError,
+    umask_mode,
+    write_streaming,
+)
 from davir_jax.sharding import state_shardings
 
 
@@ -287,6 +292,7 @@ def export_hf(model: Decoder, tokenizer: Any | None, out_dir: str | os.PathLike)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
+        tmp.chmod(umask_mode(directory=True))  # mkdtemp makes 0700; the export is for sharing
         cfg = model.arch.to_hf()
         cfg["torch_dtype"] = model.run.param_dtype
         params = dict(iter_params(model))
