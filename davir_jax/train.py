@@ -550,6 +550,7 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     def check() -> None:
         nonlocal pending
         if pending is not None and int(pending[2]["_nonfinite"]):
+            mngr.wait_until_finished()  # earlier (finite) checkpoints being written stay whole
             refuse_nonfinite(job, *pending, saved)
         pending = None
 

@@ -206,6 +206,22 @@ def params_digest(model: Decoder) -> str:
 # -- the tokenizer against the model -----------------------------------------------------------
 
 
+_vocab_memo: dict[tuple[str, int, int], int] = {}
+
+
+def _vocab_size(source: str | os.PathLike) -> int:
+    """`load_arch(source).vocab_size`, remembered per file version within a process: parsing a
+    GGUF header takes seconds (8 s for SmolLM2-135M on a busy 2-core host), and a pipeline checks
+    the same source in every job."""
+    kind, path = resolve_source(source)
+    f = path if kind == "gguf" else path / (MODEL_META if kind == "davir" else "config.json")
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _vocab_memo:
+        _vocab_memo[key] = load_arch(source).vocab_size
+    return _vocab_memo[key]
+
+
 class TokenizerMismatchError(ValueError):
     """A tokenizer produces ids the model has no embedding for."""
 
@@ -215,7 +231,7 @@ def check_tokenizer_fits(
 ) -> None:
     """Refuse a tokenizer whose ids (its size, largest id, bos/eos/pad/unk ids) do not all fit
     the model's vocabulary: ids past the embedding give NaN losses, not an error."""
-    vocab = load_arch(model_source).vocab_size
+    vocab = _vocab_size(model_source)
     ext = tokenizer_id_extent(tok)
     bad = {k: v for k, v in ext["special"].items() if v >= vocab}
     if ext["size"] > vocab or ext["max_id"] >= vocab or bad:
