@@ -32,10 +32,22 @@ def sequence_losses(
     return [float(a) / max(float(c), 1.0) for a, c in zip(nll[: len(sequences), 0], n[:, 0])]
 
 
-def held_out_loss(model: Decoder, data: Any, chunk: int = LM_HEAD_CHUNK) -> dict[str, Any]:
+def held_out_loss(
+    model: Decoder, data: Any, chunk: int = LM_HEAD_CHUNK, what: str = "the model"
+) -> dict[str, Any]:
     """Response NLL of every example of a prepared data set: the token-weighted mean (nats per
-    response token, the SFT loss) and the mean of per-example means; and the per-example rows."""
-    nll, cnt = dataset_nll(model, data.plans(), data.num_segments, data.get, len(data), chunk)
+    response token, the SFT loss) and the mean of per-example means; and the per-example rows.
+    A NaN or infinite NLL raises `scoring.NonFiniteLossError` naming the examples."""
+    nll, cnt = dataset_nll(
+        model,
+        data.plans(),
+        data.num_segments,
+        data.get,
+        len(data),
+        chunk,
+        example_ids=data.example_ids,
+        what=what,
+    )
     return {
         "loss": float(nll.sum() / max(cnt.sum(), 1.0)),
         "mean_example_loss": float(np.mean(nll / np.maximum(cnt, 1.0))),
@@ -67,11 +79,11 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
         raise ValueError("davir eval needs model.source and data.path")
     mesh = mesh_from_config(cfg.mesh)
     check_batch_rows(cfg, mesh)
-    tok = load_tokenizer_for(m.source)
+    tok = load_tokenizer_for(m.source)  # refused if its ids do not fit the model
     model = load_model(m.source, m.dtype, mesh, **m.run_options())
     data = prepare(cfg.data, tok, progress=progress)
     t0 = time.time()
-    loss = held_out_loss(model, data)
+    loss = held_out_loss(model, data, what=f"the model {m.source}")
     result: dict[str, Any] = {
         "model": m.source,
         "data": str(cfg.data.path),

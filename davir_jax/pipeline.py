@@ -4,8 +4,11 @@
     SFT the base on each subset -> evaluate every model on held-out data -> report.md
 
 Each stage writes into the run folder (`pipeline.out`) and records `stages/<name>.json` with a
-fingerprint of its inputs; a rerun skips every stage whose record matches, so a killed pipeline
-resumes where it stopped (and the SFT and scoring stages themselves resume mid-way).
+fingerprint of the CONTENT of its inputs (data files by sha256, models by
+`loading.model_fingerprint`, the settings that change its result), never of a path; a rerun
+skips every stage whose record matches, so a killed pipeline resumes where it stopped (and the
+SFT and scoring stages themselves resume mid-way), and a changed input (a retrained reference,
+an edited pool, another learning rate) reruns exactly the stages downstream of it.
 """
 
 from __future__ import annotations
@@ -67,6 +70,42 @@ def _file_fp(path: str | None) -> str | None:
     return None if path is None else file_sha256(path)
 
 
+# Settings that decide where a job writes or how often it reports, not what it computes.
+_NOT_RESULTS = {
+    "train": ("out", "overwrite", "selection", "log_every", "checkpoint_every", "keep_checkpoints"),
+    "data": ("path", "cache_dir"),
+    "scoring": ("base", "reference", "out", "overwrite", "diagnostics"),
+    "eval": ("out",),
+}
+
+
+def _settings(section: str, obj: Any) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(obj).items() if k not in _NOT_RESULTS.get(section, ())}
+
+
+def data_inputs(dc: Any, path: str | None = None) -> dict[str, Any]:
+    """A data file as a stage input: its bytes' sha256 and the name its example ids carry (not
+    its path), with the data settings."""
+    from davir_jax.data.readers import source_name
+
+    path = path if path is not None else dc.path
+    return {
+        **_settings("data", dc),
+        "sha256": _file_fp(path),
+        "source": dc.name or (None if path is None else source_name(path)),
+    }
+
+
+def model_inputs(mc: Any, source: str | None = None) -> dict[str, Any]:
+    """A model as a stage input: the content fingerprint of its source (weights, architecture,
+    tokenizer files) and how it is run."""
+    from davir_jax.models.loading import model_fingerprint
+
+    source = source if source is not None else mc.source
+    run = {k: v for k, v in to_dict(mc).items() if k != "source"}
+    return {**run, "fingerprint": model_fingerprint(source)}
+
+
 def add_extra_pools(sel_dir: Path, extra: tuple[str, ...]) -> None:
     """Append whole extra data files (`NAME=FILE`) to a selection as more pools (the paper's
     mixture: a DavIR-compressed Alpaca plus all of GSM8K)."""
@@ -108,15 +147,25 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     out = Path(pc.out)
     out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    from davir_jax.models.loading import load_tokenizer_for
+
+    # Before any stage: the base's tokenizer must fit the base (and a given reference).
+    load_tokenizer_for(cfg.model.source, (pc.reference,))
     stages = Stages(out, say)
     write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
     common = {
-        "model": to_dict(cfg.model),
-        "data": to_dict(cfg.data),
+        "model": model_inputs(cfg.model),
+        "data": data_inputs(cfg.data),
         "seed": cfg.seed,
-        "pool": _file_fp(cfg.data.path),
     }
-    train_inputs = {**common, "optimizer": to_dict(cfg.optimizer), "train": to_dict(cfg.train)}
+    train_inputs = {
+        **common,
+        "optimizer": to_dict(cfg.optimizer),
+        "train": _settings("train", cfg.train),
+    }
+    # The pipeline owns its folders: a stage whose record does not match has stale outputs, so
+    # its job may replace them (a job still resumes its own unfinished run of the same inputs).
+    train_own = {"overwrite": True}
 
     # 1. The reference: the base fine-tuned on the whole pool (method.md step 1).
     ref = pc.reference or str(out / "reference")
@@ -124,17 +173,27 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
         stages.run(
             "reference",
             train_inputs,
-            lambda: sft(_with(cfg, train={"out": ref, "selection": None}), progress),
+            lambda: sft(_with(cfg, train={"out": ref, "selection": None, **train_own}), progress),
         )
 
-    # 2. Both models over the pool.
+    # 2. Both models over the pool (the reference by its content: retrained, it is rescored).
     scores_dir = out / "scores"
     stages.run(
         "scores",
-        {**common, "reference": ref, "scoring": to_dict(cfg.scoring)},
+        {
+            **common,
+            "reference": model_inputs(cfg.model, ref),
+            "scoring": _settings("scoring", cfg.scoring),
+        },
         lambda: score(
             _with(
-                cfg, scoring={"base": cfg.model.source, "reference": ref, "out": str(scores_dir)}
+                cfg,
+                scoring={
+                    "base": cfg.model.source,
+                    "reference": ref,
+                    "out": str(scores_dir),
+                    "overwrite": True,
+                },
             ),
             progress,
         ),
@@ -152,7 +211,10 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
                     "scores": file_sha256(scores_dir / "scores.parquet"),
                     "method": method,
                     "budget": budget,
-                    "extra": list(pc.extra_pools),
+                    "extra": [
+                        (n, _file_fp(f) if Path(f).is_file() else f)
+                        for n, _, f in (x.partition("=") for x in pc.extra_pools)
+                    ],
                     "seed": cfg.seed,
                 },
                 lambda sel=sel, method=method, budget=budget: (
@@ -163,24 +225,25 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
             target = str(out / "sft" / name)
             stages.run(
                 f"sft/{name}",
-                {**train_inputs, "selection": file_sha256(sel / "manifest.json")},
+                {**train_inputs, "selection": _selection_fp(sel)},
                 lambda sel=sel, target=target: sft(
-                    _with(cfg, train={"out": target, "selection": str(sel)}), progress
+                    _with(cfg, train={"out": target, "selection": str(sel), **train_own}),
+                    progress,
                 ),
             )
             runs[name] = target
 
-    # 5. Held-out evaluation of the base, the full-pool SFT and every subset model.
+    # 5. Held-out evaluation of the base, the full-pool SFT and every subset model (each by its
+    # content: a retrained model is evaluated again).
     models = {"base": cfg.model.source, **({"full": ref} if pc.full else {}), **runs}
     if pc.test is not None:
         for name, source in models.items():
             inputs = {
-                "model": source,
-                "test": _file_fp(pc.test),
-                "eval": to_dict(cfg.eval),
+                "model": model_inputs(cfg.model, source),
+                "test": data_inputs(cfg.data, pc.test),
+                "eval": _settings("eval", cfg.eval),
                 "generate": pc.generate,
-                "data": to_dict(cfg.data),
-                "trained": _stage_fp(out, name),
+                "seed": cfg.seed,
             }
             stages.run(
                 f"eval/{name}",
@@ -202,8 +265,16 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     return out
 
 
-def _stage_fp(out: Path, name: str) -> str | None:
-    """The fingerprint of the SFT stage that produced model `name` (so evaluations rerun when
-    their model was retrained)."""
-    rec = out / "stages" / ("reference.json" if name == "full" else f"sft_{name}.json")
-    return json.loads(rec.read_text())["fingerprint"] if rec.is_file() else None
+def _selection_fp(sel: Path) -> str:
+    """A selection as SFT reads it (`train.training_data`): every pool's rows file by content,
+    with its name, format and template; the manifest's paths are left out."""
+    manifest = json.loads((sel / "manifest.json").read_text())
+    pools = [
+        {
+            **{k: p.get(k) for k in ("name", "format", "template")},
+            "data_format": p.get("data", {}).get("format"),
+            "sha256": file_sha256(sel / p["file"]),
+        }
+        for p in manifest.get("pools", [])
+    ]
+    return _fp(pools)

@@ -35,7 +35,7 @@ from davir_jax.config import Config, to_dict
 from davir_jax.data.batching import BatchPlan, assemble, local_rows
 from davir_jax.io_utils import write_atomic
 from davir_jax.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, example_nll
-from davir_jax.models.loading import load_model, load_tokenizer_for, source_fingerprint
+from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
 from davir_jax.runs import check_batch_rows
 from davir_jax.sharding import mesh_from_config
 from davir_jax.train import Job, Objective, accum_batch_sharding, fit
@@ -108,7 +108,11 @@ def preference_objective(
         else:
             ref_nll = micro["ref_nll"]
         loss, aux, w = pair_values(name, beta, label_smoothing, nll, ref_nll, cnt, micro["weights"])
-        return loss.sum(), w.sum(), aux
+        # A pair's loss is non-finite if either response's value is: flag both of its segments.
+        pair_bad = jnp.repeat((w > 0) & ~jnp.isfinite(loss), 2, axis=-1)
+        real = micro["weights"] > 0
+        bad = real & (~jnp.isfinite(nll) | ~jnp.isfinite(ref_nll) | pair_bad)
+        return loss.sum(), w.sum(), aux, bad
 
     return Objective(name, fn, PAIR_KEYS, METRICS, denom_name="pairs")
 
@@ -192,12 +196,20 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
                 f"{path}: no reference NLL for {len(missing)} responses, e.g. {missing[:3]}; "
                 "score the same pairs file with the same template and tokenizer"
             )
-        return np.array([got[i] for i in ids], np.float64)
+        out = np.array([got[i] for i in ids], np.float64)
+        if not np.isfinite(out).all():
+            from davir_jax.scoring import NonFiniteLossError, name_examples
+
+            bad = [ids[i] for i in np.flatnonzero(~np.isfinite(out))]
+            raise NonFiniteLossError(
+                f"{path}: non-finite reference NLL for {name_examples(bad)}; rescore the pairs"
+            )
+        return out
     ref = dc.reference or cfg.model.source
     key = hashlib.sha256(
         json.dumps(
             {
-                "reference": source_fingerprint(ref),
+                "reference": model_fingerprint(ref),
                 "data": data.fields,
                 "dtype": [cfg.model.dtype, cfg.model.compute_dtype or cfg.model.dtype],
             },
@@ -215,7 +227,15 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
     model = load_model(ref, m.dtype, mesh, **m.run_options())
     desc = "reference" if progress else None
     nll, _ = dataset_nll(
-        model, data.plans(), data.num_segments, data.get, len(ids), cfg.train.chunk, desc
+        model,
+        data.plans(),
+        data.num_segments,
+        data.get,
+        len(ids),
+        cfg.train.chunk,
+        desc,
+        example_ids=ids,
+        what=f"the reference {ref}",
     )
     if jax.process_index() == 0:
         Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -242,7 +262,16 @@ def evaluate_pairs(
     from davir_jax.scoring import dataset_nll
 
     data = pairs.data
-    nll, cnt = dataset_nll(model, pairs.plans(), pairs.num_segments, data.get, len(data), chunk)
+    nll, cnt = dataset_nll(
+        model,
+        pairs.plans(),
+        pairs.num_segments,
+        data.get,
+        len(data),
+        chunk,
+        example_ids=data.example_ids,
+        what="the trained model",
+    )
     c, r = pairs.chosen, pairs.rejected
     fn = PREFERENCE_OBJECTIVES[name][0]
     _, rc, rr = fn(-nll[c], -nll[r], -ref_nll[c], -ref_nll[r], cnt[c], cnt[r], beta, 0.0)
@@ -272,7 +301,8 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     mesh = mesh or mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
     pi, pc = jax.process_index(), jax.process_count()
     check_batch_rows(cfg, mesh)
-    tok = load_tokenizer_for(cfg.model.source)
+    # Its ids must fit the policy's and the reference's vocabularies.
+    tok = load_tokenizer_for(cfg.model.source, (dc.reference,))
     data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0, pairs=True)
     train_pairs, eval_pairs = PairData(data).split(dc.eval_fraction)
     if len(train_pairs) == 0:
@@ -324,6 +354,8 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
                 data.get,
                 len(data),
                 tc.chunk,
+                example_ids=data.example_ids,
+                what=f"the reference {ref_source}",
             )
         res = {"objective": dc.objective, "beta": beta, "train_pairs": len(train_pairs)}
         if len(eval_pairs):
@@ -342,10 +374,11 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         tokenizer=tok,
         identity={
             "data": data.fields,
-            "dpo": {**to_dict(dc), "beta": beta, "reference": source_fingerprint(ref_source)},
+            "dpo": {**to_dict(dc), "beta": beta, "reference": model_fingerprint(ref_source)},
         },
         frozen=frozen,
         after=after,
+        example_ids=data.example_ids,
     )
     return fit(cfg, job, mesh, progress)
 

@@ -52,7 +52,7 @@ from davir_jax.io_utils import progress_bar, write_atomic
 from davir_jax.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig
-from davir_jax.models.loading import load_model, load_tokenizer_for, source_fingerprint
+from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 from davir_jax.models.weights import abstract_model
 from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
@@ -65,6 +65,25 @@ MODELS = ("base", "reference")
 SCORES_FILE = "scores.parquet"
 MANIFEST_FILE = "manifest.json"
 _BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
+
+
+# -- non-finite values ---------------------------------------------------------------------
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """A model gave a NaN or infinite loss: nothing computed from it is written."""
+
+
+def name_examples(ids: list[str], limit: int = 8) -> str:
+    """`a, b, c (+N more)`: example ids for a one-line error."""
+    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
+
+
+def nonfinite_examples(batch: Batch, nll: np.ndarray, example_ids: Any) -> list[str]:
+    """Ids of the real examples of a host batch whose NLL (`[R, S]`) is NaN or infinite."""
+    bad = (batch.example_index >= 0) & ~np.isfinite(nll)
+    return [str(example_ids[i]) for i in batch.example_index[bad]]
 
 
 # -- the jitted step -----------------------------------------------------------------------
@@ -163,18 +182,34 @@ def dataset_nll(
     n_examples: int,
     chunk: int = LM_HEAD_CHUNK,
     desc: str | None = None,
+    example_ids: Any = None,
+    what: str = "the model",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every example's summed response NLL and token count `([N], [N])` over global batch
     `plans`: each process runs its own rows of every batch, and the arrays are gathered so every
-    process gets all of them. `get(indices)` gives (input_ids, loss_mask) per example."""
+    process gets all of them. `get(indices)` gives (input_ids, loss_mask) per example.
+
+    A NaN or infinite NLL raises `NonFiniteLossError` naming the examples (`example_ids[i]`, or
+    the indices): at its batch on one process, after the gather (so every process raises
+    together) on several."""
     from davir_jax.data.batching import assemble, local_rows
 
     pi, pc = jax.process_index(), jax.process_count()
     nll, cnt = np.zeros(n_examples), np.zeros(n_examples)
     bar = progress_bar(len(plans), desc or "nll", "batch", desc is not None and pi == 0)
     batches = (assemble(local_rows(p, pi, pc), p.width, num_segments, get) for p in plans)
+    names = example_ids if example_ids is not None else range(n_examples)
+
+    def refuse(bad: list[str]) -> None:
+        raise NonFiniteLossError(
+            f"{what} gives a non-finite NLL for example(s) {name_examples(bad)}; "
+            "nothing was written"
+        )
+
     for batch, out in stream_nll({"model": model}, batches, num_segments, chunk):
         a, c = out["model"]
+        if pc == 1 and (bad := nonfinite_examples(batch, a, names)):
+            refuse(bad)
         sel = batch.example_index >= 0
         nll[batch.example_index[sel]] = a[sel]
         cnt[batch.example_index[sel]] = c[sel]
@@ -183,8 +218,10 @@ def dataset_nll(
     if pc > 1:  # rows scored elsewhere are 0 here; NLLs and counts are >= 0
         from jax.experimental import multihost_utils
 
-        nll = np.max(multihost_utils.process_allgather(nll), axis=0)
+        nll = np.max(multihost_utils.process_allgather(nll), axis=0)  # NaN wins the max
         cnt = np.max(multihost_utils.process_allgather(cnt), axis=0)
+        if not np.isfinite(nll).all():
+            refuse([str(names[i]) for i in np.flatnonzero(~np.isfinite(nll))])
     return nll, cnt
 
 
@@ -233,6 +270,23 @@ def _agree_min(value: int) -> int:
     from jax.experimental import multihost_utils
 
     return int(np.min(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+
+
+def _agree_max(value: int) -> int:
+    """The maximum of `value` over all processes (every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))
+
+
+def _refuse_nonfinite(bad: list[str], shard: int) -> None:
+    where = name_examples(bad) if bad else "examples of another process (see its log)"
+    raise NonFiniteLossError(
+        f"non-finite NLL in shard {shard} for {where}; the shard was not written (check the "
+        "model's weights and that its vocabulary covers the tokenizer)"
+    )
 
 
 def _barrier(name: str) -> None:
@@ -285,8 +339,9 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         mesh = mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
     pi, pc = jax.process_index(), jax.process_count()
     check_batch_rows(cfg, mesh)
-    tok = load_tokenizer_for(sc.tokenizer or sc.base or sc.reference)
-    fingerprints = {m: source_fingerprint(getattr(sc, m)) for m in scored_models(cfg)}
+    # The tokenizer's ids must fit both models' vocabularies (else every NLL is NaN).
+    tok = load_tokenizer_for(sc.tokenizer or sc.base or sc.reference, (sc.base, sc.reference))
+    fingerprints = {m: model_fingerprint(getattr(sc, m)) for m in scored_models(cfg)}
     fingerprints["tokenizer"] = tokenizer_fingerprint(tok)
     if sc.tokenizer is None and sc.base is not None:
         try:
@@ -337,14 +392,24 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         for s in range(first, n_shards):
             shards = {m: _Shard() for m in models}
             batches = (b for _, b in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k))
+            bad: list[str] = []
             for batch, nlls in stream_nll(loaded, batches, data.num_segments, sc.chunk):
                 for m in models:
+                    # Checked before the shard is written: a NaN score must never be stored.
+                    bad += [
+                        f"{i} ({m})"
+                        for i in nonfinite_examples(batch, nlls[m][0], data.example_ids)
+                    ]
+                    if bad and pc == 1:
+                        _refuse_nonfinite(bad, s)
                     shards[m].add(data, batch, *nlls[m])
                 n_ex += int((batch.example_index >= 0).sum())
                 n_tok += int((batch.segment_ids > 0).sum())
                 bar.update(1)
                 dt = max(time.time() - t0, 1e-9)
                 bar.set_postfix_str(f"{n_ex / dt:,.1f} ex/s {n_tok / dt:,.0f} tok/s", refresh=False)
+            if _agree_max(len(bad)):  # every process stops at the same shard
+                _refuse_nonfinite(bad, s)
             for m in models:
                 shards[m].write(_shard_path(out, m, pi, s))
         bar.close()
@@ -400,6 +465,13 @@ def _merge(
         if sorted(ids) != sorted(data.example_ids):
             missing = sorted(set(data.example_ids) - set(ids))[:5]
             raise RuntimeError(f"{out}: the {m} shards miss examples, e.g. {missing}")
+        nll = t.column("nll").to_numpy()
+        if not np.isfinite(nll).all():  # never a complete table with NaN (shards of an old run)
+            bad = [ids[i] for i in np.flatnonzero(~np.isfinite(nll))]
+            raise NonFiniteLossError(
+                f"{out}: the {m} shards hold non-finite NLLs for {name_examples(bad)}; no table "
+                "was written (rescore with --overwrite)"
+            )
         cols[m] = t
     ref = cols["reference"]
     base = cols.get("base")

@@ -40,14 +40,15 @@ from jax.sharding import PartitionSpec as P
 from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
 from davir_jax.data.batching import BatchPlan, assemble, local_rows
 from davir_jax.io_utils import file_sha256, progress_bar, write_atomic
-from davir_jax.losses import LM_HEAD_CHUNK, sft_loss_sums
+from davir_jax.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.models.loading import (
     load_model,
     load_tokenizer_for,
+    model_fingerprint,
     save_model,
-    source_fingerprint,
 )
 from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
+from davir_jax.scoring import NonFiniteLossError, name_examples
 from davir_jax.sharding import logical_to_spec, mesh_from_config, state_shardings
 
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
@@ -123,9 +124,11 @@ def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
 class Objective:
     """What a training step minimises, over one micro-batch.
 
-    `fn(model, micro, frozen_model) -> (loss_sum, denom, aux_sums)`: the step adds these up over
-    all micro-batches of the global batch and reports `loss_sum / denom` (and every aux sum divided
-    by `denom`). `frozen_model` is the frozen reference model, or None when it is not needed.
+    `fn(model, micro, frozen_model) -> (loss_sum, denom, aux_sums, bad)`: the step adds these up
+    over all micro-batches of the global batch and reports `loss_sum / denom` (and every aux sum
+    divided by `denom`); `bad` `[rows, segments]` marks the real examples whose value is NaN or
+    infinite (so a failing step names them). `frozen_model` is the frozen reference model, or
+    None when it is not needed.
     `batch_keys` are the micro-batch arrays the step receives, `[accum, rows, ...]`.
     """
 
@@ -140,8 +143,12 @@ def sft_objective(chunk: int = LM_HEAD_CHUNK) -> Objective:
     """The SFT loss: the mean over every response token of the global batch."""
 
     def fn(model: Any, micro: dict[str, jax.Array], _frozen: Any = None):
-        loss_sum, tokens = sft_loss_sums(model, *(micro[k] for k in _BATCH_KEYS), chunk=chunk)
-        return loss_sum, tokens, {}
+        # losses.sft_loss_sums, with the per-example NLLs kept to flag non-finite ones.
+        w = micro["weights"]
+        args = (micro[k] for k in _BATCH_KEYS[:4])
+        nll, cnt = example_nll(model, *args, w.shape[1], chunk)
+        bad = (w > 0) & ~jnp.isfinite(nll)
+        return (nll * w).sum(), (cnt * w).sum(), {}, bad
 
     return Objective("sft", fn, _BATCH_KEYS)
 
@@ -158,7 +165,10 @@ def make_train_step(
 
     `batch` holds `[accum, rows, ...]` arrays; the micro-batches run in a `lax.scan` and the
     gradients of the summed loss are divided once by the global `denom` (tokens for SFT, pairs
-    for DPO), so the result does not depend on how the batch was split. An int `objective` is the
+    for DPO), so the result does not depend on how the batch was split. Besides the metrics, the
+    step returns `_nonfinite` (a scalar: the count of non-finite example values, plus one for a
+    non-finite loss or gradient norm; `fit` reads it every step) and `_bad` `[accum, rows,
+    segments]` (which examples; read only when `_nonfinite` is not 0). An int `objective` is the
     SFT loss with that LM-head chunk. With a mesh, the state shardings are declared (and the state
     donated) and the batch is split over the data-parallel axes. `frozen = (graphdef, shardings)`
     adds a frozen model's parameters as a third argument (an in-step reference).
@@ -172,8 +182,8 @@ def make_train_step(
         ref = None
         if frozen_params is not None:
             ref = nnx.merge(frozen_def, jax.lax.stop_gradient(frozen_params))
-        loss_sum, denom, aux = objective.fn(model, micro, ref)
-        return loss_sum, (denom, aux)
+        loss_sum, denom, aux, bad = objective.fn(model, micro, ref)
+        return loss_sum, (denom, aux, bad)
 
     grad_fn = jax.value_and_grad(sums, has_aux=True)
 
@@ -182,14 +192,14 @@ def make_train_step(
 
         def micro_step(carry, micro):
             g_acc, l_acc, n_acc, aux_acc = carry
-            (loss_sum, (denom, aux)), g = grad_fn(params, micro, frozen_params)
+            (loss_sum, (denom, aux, bad)), g = grad_fn(params, micro, frozen_params)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             aux_acc = {k: aux_acc[k] + aux[k] for k in aux_acc}
-            return (g_acc, l_acc + loss_sum, n_acc + denom, aux_acc), None
+            return (g_acc, l_acc + loss_sum, n_acc + denom, aux_acc), bad
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         aux0 = {k: jnp.zeros((), jnp.float32) for k in objective.aux}
-        (g, loss_sum, n, aux), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0, aux0), batch)
+        (g, loss_sum, n, aux), bad = jax.lax.scan(micro_step, (zeros, 0.0, 0.0, aux0), batch)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -200,13 +210,17 @@ def make_train_step(
             "grad_norm": optax.global_norm(grads),
         }
         metrics.update({k: v / denom for k, v in aux.items()})
+        scalars_bad = (~jnp.isfinite(metrics["loss"])) | (~jnp.isfinite(metrics["grad_norm"]))
+        metrics["_nonfinite"] = bad.sum(dtype=jnp.int32) + scalars_bad.astype(jnp.int32)
+        metrics["_bad"] = bad
         return (params, opt_state), metrics
 
     if mesh is None or shardings is None:
         return jax.jit(step, donate_argnums=0)
     rep = NamedSharding(mesh, P())
     batch_sh = {k: accum_batch_sharding(mesh) for k in objective.batch_keys}
-    metric_sh = {k: rep for k in ("loss", objective.denom_name, "grad_norm", *objective.aux)}
+    metric_keys = ("loss", objective.denom_name, "grad_norm", *objective.aux, "_nonfinite", "_bad")
+    metric_sh = {k: rep for k in metric_keys}
     in_sh = (shardings, batch_sh) if frozen is None else (shardings, batch_sh, frozen[1])
     return jax.jit(
         step if frozen is not None else (lambda state, batch: step(state, batch)),
@@ -428,7 +442,7 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -> dict[str, Any]:
     return {
-        "model": source_fingerprint(cfg.model.source),
+        "model": model_fingerprint(cfg.model.source),
         "dtype": [cfg.model.dtype, cfg.model.compute_dtype or cfg.model.dtype],
         **data_identity,
         "batching": batching_identity(cfg),
@@ -461,6 +475,26 @@ class Job:
     identity: dict[str, Any]
     frozen: Any = None  # (graphdef, params) of an in-step reference model
     after: Callable[[Any, Path], dict[str, Any]] | None = None  # evaluation at the end
+    example_ids: Any = None  # example index -> id (`<source>:<row>`), to name failing examples
+
+
+def refuse_nonfinite(
+    job: Job, step: int, plans: list[BatchPlan], metrics: dict[str, Any], saved: int
+) -> None:
+    """Raise `NonFiniteLossError` for a step whose loss, gradient or any example's value was
+    NaN or infinite, naming the examples (those flagged, else every example of the step)."""
+    bad = np.asarray(metrics["_bad"])  # [accum, rows, segments], global rows in plan order
+    flagged = [
+        plans[a].rows[r][s] for a, r, s in zip(*np.nonzero(bad)) if s < len(plans[a].rows[r])
+    ]
+    which = flagged or [i for p in plans for row in p.rows for i in row]
+    ids = [str(job.example_ids[i]) if job.example_ids is not None else str(i) for i in which]
+    what = "examples" if flagged else "a batch of examples"
+    raise NonFiniteLossError(
+        f"{job.name} step {step}: non-finite loss {float(metrics['loss'])} (grad norm "
+        f"{float(metrics['grad_norm'])}) from {what} {name_examples(ids)}; stopped before saving "
+        f"anything of it (last checkpoint: step {saved or 'none'}, no final model)"
+    )
 
 
 def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
@@ -507,6 +541,19 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     bar = progress_bar(total, job.name, "step", progress and pi == 0, step)
     plans_cache: dict[int, list[BatchPlan]] = {}
     t0, tokens_run = time.time(), 0
+    saved = step
+    # Every step's `_nonfinite` scalar is read on the host, one step late (after the next step
+    # is dispatched, when the device has finished it, so the host never waits for it), and at
+    # once before anything is logged or saved: a NaN step stops the run before it is stored.
+    pending: tuple[int, list[BatchPlan], dict[str, Any]] | None = None
+
+    def check() -> None:
+        nonlocal pending
+        if pending is not None and int(pending[2]["_nonfinite"]):
+            mngr.wait_until_finished()  # earlier (finite) checkpoints being written stay whole
+            refuse_nonfinite(job, *pending, saved)
+        pending = None
+
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
         if epoch not in plans_cache:
@@ -514,12 +561,15 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
         plans = plans_cache[epoch][k * accum : (k + 1) * accum]
         state, mt = train_step(state, job.batch(plans), *extra)
         step += 1
+        check()
+        pending = (step, plans, mt)
         n_ex, n_tok = job.count(plans)
         examples_seen += n_ex
         tokens_run += n_tok
         if step % tc.log_every == 0 or step == total:
+            check()
             rec = {"step": step, "epoch": epoch}
-            rec.update({k: float(v) for k, v in mt.items()})
+            rec.update({k: float(v) for k, v in mt.items() if not k.startswith("_")})
             rec["lr"] = float(schedule(step - 1))
             rec["examples_seen"] = examples_seen
             rec["tokens_per_s"] = tokens_run / max(time.time() - t0, 1e-9)
@@ -529,6 +579,7 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
             )
         bar.update(1)
         if step % tc.checkpoint_every == 0 or step == total:
+            check()
             meta = {
                 "step": step,
                 "epoch": step // steps_per_epoch,
@@ -537,6 +588,8 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
                 "steps_per_epoch": steps_per_epoch,
             }
             save_checkpoint(mngr, step, state, meta)
+            saved = step
+    check()
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
@@ -563,7 +616,7 @@ def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     mesh = mesh or mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
     pi, pc = jax.process_index(), jax.process_count()
     check_batch_rows(cfg, mesh)
-    tok = load_tokenizer_for(cfg.model.source)
+    tok = load_tokenizer_for(cfg.model.source)  # refused if its ids do not fit the model
     data, data_identity = training_data(cfg, tok, pi, pc, progress and pi == 0)
     lengths = data.lengths
 
@@ -579,5 +632,6 @@ def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         count=count,
         tokenizer=tok,
         identity=data_identity,
+        example_ids=data.example_ids,
     )
     return fit(cfg, job, mesh, progress)

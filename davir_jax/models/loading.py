@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from davir_jax.io_utils import publish_dir
+from davir_jax.io_utils import file_sha256, publish_dir, write_atomic
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import ATTN_BLOCK, Decoder, RunConfig
 from davir_jax.models.gguf_io import GGUFWeights
 from davir_jax.models.safetensors_io import WeightFileError
-from davir_jax.models.tokenizer import load_tokenizer, resolve_registered
+from davir_jax.models.tokenizer import load_tokenizer, resolve_registered, tokenizer_id_extent
 from davir_jax.models.weights import abstract_model, build_model, load_hf
 from davir_jax.sharding import Sharder, state_shardings
 
@@ -83,39 +84,182 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     )
 
 
-def source_fingerprint(source: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
-    """A cheap, content-based fingerprint of a model source (for manifests and resume checks).
+# -- content fingerprints ----------------------------------------------------------------------
 
-    Hashes every file's relative name, size, and its first and last `sample_bytes` bytes, instead
-    of whole multi-GB weight files: a retrained or re-exported model changes these (headers hold
-    the tensor table, and the data differs), while hashing 15 GB per run would cost minutes.
-    """
-    kind, path = resolve_source(source)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256(kind.encode())
+# Files at least this large have their digest cached (keyed by path, size, mtime_ns, inode), so a
+# rerun does not read a multi-GB weight file again; smaller ones are hashed every time.
+DIGEST_CACHE_MIN_BYTES = 16 << 20
+# Weight formats `load_model` never reads: left out of a directory's fingerprint (hashing a
+# pytorch_model.bin next to the safetensors would only cost time).
+_UNREAD_WEIGHTS = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".ot")
+_memo: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def digest_cache_dir() -> Path:
+    """Where file digests are cached: `$DAVIR_DIGEST_CACHE`, else
+    `$XDG_CACHE_HOME/davir-jax/digests` (default `~/.cache/davir-jax/digests`). One small JSON
+    per file; deleting the folder only costs re-reading the weights once."""
+    env = os.environ.get("DAVIR_DIGEST_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "davir-jax" / "digests"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes; for large files, cached by (resolved path, size, mtime_ns,
+    inode): a file rewritten in any usual way (a new save, a copy, an edit) changes one of them."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    if key in _memo:
+        return _memo[key]
+    entry = None
+    if st.st_size >= DIGEST_CACHE_MIN_BYTES:
+        entry = digest_cache_dir() / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+        try:
+            got = json.loads(entry.read_text())
+            if [got["path"], got["size"], got["mtime_ns"], got["ino"], got["dev"]] == list(key):
+                _memo[key] = got["sha256"]
+                return got["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no entry, or an unreadable one: hash the file
+    digest = file_sha256(path)
+    _memo[key] = digest
+    if entry is not None:
+        rec = dict(zip(("path", "size", "mtime_ns", "ino", "dev"), key), sha256=digest)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(entry, json.dumps(rec))
+        except OSError:
+            pass  # a read-only cache only costs speed
+    return digest
+
+
+def _tree_digest(root: Path, files: list[Path], kind: str) -> str:
+    h = hashlib.sha256(f"davir-model-fingerprint/2\0{kind}\0".encode())
     for f in files:
-        size = f.stat().st_size
-        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
-        h.update(f"{rel}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(sample_bytes))
-            if size > sample_bytes:
-                fh.seek(max(sample_bytes, size - sample_bytes))
-                h.update(fh.read(sample_bytes))
+        rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
+        h.update(f"{rel}\0{file_digest(f)}\0".encode())
     return h.hexdigest()
 
 
-def load_tokenizer_for(source: str | os.PathLike) -> Any:
+def _dir_files(path: Path, skip: tuple[str, ...] = ()) -> list[Path]:
+    """Every file a directory's model consists of: hidden entries (.git, .cache), weight
+    formats `load_model` does not read and the folders in `skip` are left out."""
+    out = []
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if not f.is_file() or any(p.startswith(".") for p in rel.parts):
+            continue
+        if rel.parts[0] in skip or f.suffix in _UNREAD_WEIGHTS:
+            continue
+        out.append(f)
+    return out
+
+
+def model_fingerprint(source: str | os.PathLike) -> str:
+    """The content fingerprint of a model source (hex sha256): equal for equal weights,
+    architecture and tokenizer files, whatever the path; different as soon as any of them
+    differs. Every job uses it: the scoring and training run identities, the DPO reference
+    cache, and the pipeline's stage records.
+
+    * a davir-jax checkpoint (`save_model`, the `model/` of a `davir sft` run): the digest of
+      the parameter values written into `davir_model.json` at save time, with that file and the
+      tokenizer files (checkpoints saved before the digest existed: the bytes of `params/`);
+    * a GGUF file, a registered name, a Hugging Face directory: every file's bytes, each digest
+      cached by path, size and mtime (`digest_cache_dir`), so a 13 GB model is read once.
+    """
+    kind, path = resolve_source(source)
+    if kind == "davir":
+        try:
+            meta = json.loads((path / MODEL_META).read_text())
+        except (OSError, ValueError) as e:
+            raise WeightFileError(f"{path / MODEL_META}: unreadable model metadata ({e})") from e
+        skip = ("params",) if meta.get("params_sha256") else ()
+        return _tree_digest(path, _dir_files(path, skip), kind)
+    files = _dir_files(path) if path.is_dir() else [path]
+    return _tree_digest(path, files, kind)
+
+
+# One name for one thing; kept for callers of the earlier sampled fingerprint.
+source_fingerprint = model_fingerprint
+
+
+def params_digest(model: Decoder) -> str:
+    """sha256 of a model's parameter values (each leaf's name, dtype, shape and bytes, in a fixed
+    order), read to the host one leaf at a time. Every process must call it (a leaf sharded
+    over processes is gathered)."""
+    from jax.experimental import multihost_utils
+
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    h = hashlib.sha256(b"davir-params/1\0")
+    for keypath, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(keypath)}\0{arr.dtype}\0{arr.shape}\0".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+# -- the tokenizer against the model -----------------------------------------------------------
+
+
+_vocab_memo: dict[tuple[str, int, int], int] = {}
+
+
+def _vocab_size(source: str | os.PathLike) -> int:
+    """`load_arch(source).vocab_size`, remembered per file version within a process: parsing a
+    GGUF header takes seconds (8 s for SmolLM2-135M on a busy 2-core host), and a pipeline checks
+    the same source in every job."""
+    kind, path = resolve_source(source)
+    f = path if kind == "gguf" else path / (MODEL_META if kind == "davir" else "config.json")
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _vocab_memo:
+        _vocab_memo[key] = load_arch(source).vocab_size
+    return _vocab_memo[key]
+
+
+class TokenizerMismatchError(ValueError):
+    """A tokenizer produces ids the model has no embedding for."""
+
+
+def check_tokenizer_fits(
+    tok: Any, tok_source: str | os.PathLike, model_source: str | os.PathLike
+) -> None:
+    """Refuse a tokenizer whose ids (its size, largest id, bos/eos/pad/unk ids) do not all fit
+    the model's vocabulary: ids past the embedding give NaN losses, not an error."""
+    vocab = _vocab_size(model_source)
+    ext = tokenizer_id_extent(tok)
+    bad = {k: v for k, v in ext["special"].items() if v >= vocab}
+    if ext["size"] > vocab or ext["max_id"] >= vocab or bad:
+        special = ", ".join(f"{k}_token_id={v}" for k, v in bad.items())
+        raise TokenizerMismatchError(
+            f"the tokenizer of {tok_source} has {ext['size']:,} ids (largest {ext['max_id']:,}"
+            f"{'; ' + special if special else ''}) but the model {model_source} has vocab_size "
+            f"{vocab:,}: ids >= {vocab:,} have no embedding; use the model's own tokenizer"
+        )
+
+
+def load_tokenizer_for(source: str | os.PathLike, models: tuple[Any, ...] = ()) -> Any:
     """The tokenizer that belongs to a model source (a davir-jax checkpoint keeps it in
-    `tokenizer/`; HF directories, GGUF files and registered names carry their own)."""
+    `tokenizer/`; HF directories, GGUF files and registered names carry their own), checked
+    against that model's vocabulary and against every other model source in `models` that
+    will read its ids (`check_tokenizer_fits`)."""
     kind, path = resolve_source(source)
     if kind == "davir":
         if not (path / "tokenizer").is_dir():
             raise FileNotFoundError(
                 f"{path}: this checkpoint was saved without a tokenizer; name one explicitly"
             )
-        return load_tokenizer(path / "tokenizer")
-    return load_tokenizer(source)
+        tok = load_tokenizer(path / "tokenizer")
+    else:
+        tok = load_tokenizer(source)
+    for model_source in dict.fromkeys((source, *(m for m in models if m is not None))):
+        check_tokenizer_fits(tok, source, model_source)
+    return tok
 
 
 def load_model(
@@ -173,6 +317,9 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
     multihost_utils.sync_global_devices(f"davir save_model {out} start")
     try:
         params = nnx.state(model, nnx.Param)
+        # The content fingerprint (`model_fingerprint`), computed from the values being saved,
+        # so later jobs never re-read the checkpoint to know what it holds.
+        digest = params_digest(model)
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / "params", nnx.to_pure_dict(params))
             ckpt.wait_until_finished()
@@ -181,6 +328,7 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
                 "format_version": FORMAT_VERSION,
                 "arch": model.arch.to_dict(),
                 "param_dtype": model.run.param_dtype,
+                "params_sha256": digest,
             }
             (tmp / MODEL_META).write_text(json.dumps(meta, indent=2))
             if tokenizer is not None:

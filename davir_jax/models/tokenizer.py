@@ -45,6 +45,7 @@ __all__ = [
     "load_tokenizer",
     "resolve_registered",
     "tokenizer_fingerprint",
+    "tokenizer_id_extent",
 ]
 
 _GGUF_MAGIC = b"GGUF"
@@ -201,6 +202,23 @@ def tokenizer_fingerprint(tok: transformers.PreTrainedTokenizerFast) -> str:
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def tokenizer_id_extent(tok: transformers.PreTrainedTokenizerFast) -> dict[str, Any]:
+    """The ids a tokenizer can produce: `size` (len, added tokens included), `max_id` (the
+    largest id of the vocabulary or an added token) and `special` (name -> id of bos, eos, pad,
+    unk where set). A model must have an embedding row for every one of them."""
+    ids = tok.get_vocab().values()  # includes added tokens
+    special = {
+        name: i
+        for name in ("bos", "eos", "pad", "unk")
+        if (i := getattr(tok, f"{name}_token_id", None)) is not None
+    }
+    return {
+        "size": len(tok),
+        "max_id": max([*ids, len(tok) - 1, *special.values()]),
+        "special": special,
+    }
 
 
 # --------------------------------------------------------------------------------------------
