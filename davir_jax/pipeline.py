@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from davir_jax.config import Config, to_dict
-from davir_jax.io_utils import file_sha256, write_atomic
+from davir_jax.io_utils import file_sha256, write_json
+from davir_jax.preflight import checked
 
 
 def _fp(obj: Any) -> str:
@@ -46,13 +47,10 @@ class Stages:
         t0 = time.time()
         fn()
         self.timings[name] = time.time() - t0
-        write_atomic(
+        write_json(
             record,
-            json.dumps(
-                {"fingerprint": fp, "inputs": inputs, "seconds": round(self.timings[name], 1)},
-                indent=1,
-                default=str,
-            ),
+            {"fingerprint": fp, "inputs": inputs, "seconds": round(self.timings[name], 1)},
+            default=str,
         )
 
 
@@ -91,9 +89,10 @@ def add_extra_pools(sel_dir: Path, extra: tuple[str, ...]) -> None:
                 "data": {"path": str(Path(file).resolve()), "sha256": file_sha256(file)},
             }
         )
-    write_atomic(path, json.dumps(manifest, indent=1))
+    write_json(path, manifest)
 
 
+@checked("pipeline")  # preflight: every input and output checked, the output locked
 def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     """Run (or resume) the pipeline of `cfg.pipeline`; returns the run folder."""
     from davir_jax.evaluate import run_eval
@@ -109,7 +108,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     stages = Stages(out, say)
-    write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
+    write_json(out / "config.json", to_dict(cfg))
     common = {
         "model": to_dict(cfg.model),
         "data": to_dict(cfg.data),

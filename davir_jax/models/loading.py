@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from davir_jax.io_utils import publish_dir
+from davir_jax.io_utils import dumps_json, publish_dir
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import ATTN_BLOCK, Decoder, RunConfig
 from davir_jax.models.gguf_io import GGUFWeights
@@ -182,7 +182,7 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
                 "arch": model.arch.to_dict(),
                 "param_dtype": model.run.param_dtype,
             }
-            (tmp / MODEL_META).write_text(json.dumps(meta, indent=2))
+            (tmp / MODEL_META).write_text(dumps_json(meta, indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
             publish_dir(tmp, out)
