@@ -11,6 +11,7 @@ front, so a typo in the last input fails in a second instead of after hours of t
 * output directories and `data.cache_dir` are directories this process can write (created,
   then probed with a temporary file); errors name the config key and the exact path.
 
+`data.batch_rows` is checked against the mesh first (as each job did before loading anything).
 `checked(job)` wraps a job function: the job's check, then the advisory lock of its output
 directory (`runs.lock_run_dir`) for the job's duration. In a multi-process run every process
 checks, process 0 alone locks and the others follow its decision.
@@ -264,11 +265,23 @@ def _process() -> tuple[int, int]:
         )
 
 
+def batch_rows(cfg: Any, mesh: Any = None) -> None:
+    """`data.batch_rows` splits over the mesh's data-parallel devices and the processes. The
+    mesh is made as the job makes it (`mesh_from_config` applies `mesh.cpu_devices` before JAX
+    starts), so this starts JAX's backends, as the job's first step would."""
+    from davir_jax.runs import check_batch_rows
+    from davir_jax.sharding import mesh_from_config
+
+    check_batch_rows(cfg, mesh if mesh is not None else mesh_from_config(cfg.mesh))
+
+
 @contextlib.contextmanager
-def preflight(job: str, cfg: Any) -> Any:
-    """Check `cfg` for `job`, then hold the lock of its output directories while the block runs."""
+def preflight(job: str, cfg: Any, mesh: Any = None) -> Any:
+    """Check `cfg` for `job` (the config first, then every file and directory), then hold the
+    lock of its output directories while the block runs. `mesh`: the job's, if given."""
     from davir_jax.runs import RunLockedError, lock_run_dir, unlock_run_dir
 
+    batch_rows(cfg, mesh)
     outs = CHECKS[job](cfg)
     pi, pc = _process()
     locked: list[Path] = []
@@ -310,7 +323,9 @@ def checked(job: str) -> Callable[[F], F]:
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-            with preflight(job, cfg):
+            # score/sft/dpo(cfg, progress, mesh): the mesh a caller passes is the job's mesh.
+            mesh = kwargs.get("mesh", args[1] if len(args) > 1 else None)
+            with preflight(job, cfg, mesh):
                 return fn(cfg, *args, **kwargs)
 
         return run  # type: ignore[return-value]
