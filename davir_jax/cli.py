@@ -4,6 +4,9 @@ Subcommands: `demo` (the embedded default job), `info` (a model's architecture, 
 and shardings), `export` (any model source to a Hugging Face directory), `score` (the DavIR
 scoring job), `select` (top examples by a score, mixtures), `diagnostics` (length correlations),
 `config` (print the resolved config).
+
+Errors: a user's mistake (a path, a config key or value, a data file) prints one line
+`davir CMD: error: ...` and exits 2; a bug keeps its traceback; `--debug` shows every traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub
@@ -326,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="DavIR data selection (arXiv 2310.13008) in JAX. Any --section.key=value "
         "after the subcommand overrides a config key.",
     )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of every error (also after the subcommand; or DAVIR_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     d = sub.add_parser(
         "demo",
@@ -473,9 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from davir_jax.config import ConfigError
+    """Run one command. The error boundary: a user's mistake (a missing or unwritable path, a
+    bad config value or override, unusable data, a run directory in use; see
+    `davir_jax.errors`) prints one line `davir CMD: error: ...` and returns 2; anything else is
+    a bug and keeps its traceback. `--debug` prints the traceback of every error."""
     from davir_jax.distributed import init_from_env
+    from davir_jax.errors import describe, user_error_types
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is global: accepted before or after the subcommand.
+    debug = "--debug" in argv or os.environ.get("DAVIR_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     args, rest = build_parser().parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
@@ -488,8 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init_from_env()
         return args.fn(args, rest)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"davir {args.cmd}: error: {e}", file=sys.stderr)
+    except user_error_types() as e:
+        if debug:
+            traceback.print_exc()
+        print(f"davir {args.cmd}: error: {describe(e)}", file=sys.stderr)
         return 2
 
 

@@ -16,12 +16,13 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from davir_jax.errors import UserError
 from davir_jax.models.arch import ArchConfig, RopeScaling
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config key is unknown, mistyped or impossible; the message names the key and file."""
 
 
@@ -482,7 +483,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in text:
             raise ConfigError(f"override {item!r}: expected --key.path=value")
         key, raw = text.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            # e.g. --data.fields={a: (an unclosed flow mapping): name the key and the value.
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: {key}: the value {raw!r} is not valid YAML ({problem})"
+            ) from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

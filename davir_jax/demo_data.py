@@ -17,9 +17,10 @@ generator is not tuned to any selection method: the tiers are fixed by their def
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from davir_jax.io_utils import dumps_json
 
 WORDS = (
     "apple river stone cloud tiger garden window silver music forest candle rocket pepper "
@@ -108,5 +109,5 @@ def generate_demo(
         test.append({"instruction": ins, "input": inp, "output": ans, "tier": "correct"})
     paths = {"pool": out / "pool.jsonl", "test": out / "test.jsonl"}
     for name, rows in (("pool", pool), ("test", test)):
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths[name].write_text("".join(dumps_json(r) + "\n" for r in rows))
     return paths

@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from davir_jax.io_utils import file_sha256, write_atomic
+from davir_jax.io_utils import dumps_json, file_sha256, write_atomic
 from davir_jax.scores import SCORES, compute_scores, read_scores, scores_file
 from davir_jax.selection import MANIFEST_FILE, rank_order
 
@@ -250,7 +250,7 @@ def write_diagnostics(
     md = render_markdown(result)
     write_atomic(out / MD_FILE, md.encode("utf-8"))
     write_atomic(
-        out / JSON_FILE, (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        out / JSON_FILE, (dumps_json(result, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
     )
     if echo:
         print(render_markdown(result, images=False), end="")

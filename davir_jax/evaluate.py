@@ -11,6 +11,7 @@ import numpy as np
 from davir_jax.data.batching import assemble
 from davir_jax.losses import LM_HEAD_CHUNK
 from davir_jax.models.decoder import Decoder
+from davir_jax.preflight import checked
 from davir_jax.scoring import batch_nll, data_parallel_size, dataset_nll
 
 
@@ -58,9 +59,9 @@ def held_out_loss(
     }
 
 
+@checked("eval")  # preflight: every input and output checked, the output locked
 def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
     """`davir eval`: held-out loss, and generated answers with exact-match accuracy."""
-    import json
     import sys
     import time
     from pathlib import Path
@@ -69,7 +70,7 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
     from davir_jax.data.dataset import prepare
     from davir_jax.data.readers import read_examples
     from davir_jax.generation import generate
-    from davir_jax.io_utils import progress_bar, write_atomic
+    from davir_jax.io_utils import dumps_json, progress_bar, write_atomic, write_json
     from davir_jax.models.loading import load_model, load_tokenizer_for
     from davir_jax.runs import check_batch_rows
     from davir_jax.sharding import mesh_from_config
@@ -174,7 +175,7 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
         if rows:
             write_atomic(
                 out / "generations.jsonl",
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                "".join(dumps_json(r, ensure_ascii=False) + "\n" for r in rows),
             )
-        write_atomic(out / "eval.json", json.dumps(result, indent=1))
+        write_json(out / "eval.json", result)
     return result

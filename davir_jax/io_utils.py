@@ -1,8 +1,11 @@
-"""Atomic writes of files and directories (checkpoints, exports, results), and file hashes."""
+"""Atomic writes of files and directories (checkpoints, exports, results), strict JSON, and file
+hashes."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import sys
@@ -35,6 +38,36 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def strict_json(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN, inf; Python or NumPy) as None, NumPy scalars and
+    arrays as plain Python values: what a strict JSON parser accepts (NaN is not JSON)."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    tolist = getattr(obj, "tolist", None)  # NumPy scalars and arrays (without importing NumPy)
+    if tolist is not None and hasattr(obj, "dtype"):
+        return strict_json(tolist())
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` that always writes strict JSON (non-finite floats become null)."""
+    return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+
+
+def write_json(
+    path: str | os.PathLike[str], obj: Any, indent: int | None = 1, **kwargs: Any
+) -> None:
+    """Write `obj` to `path` as strict JSON (see `dumps_json`), atomically (`write_atomic`).
+    Every JSON file the package writes goes through here or `dumps_json`."""
+    write_atomic(path, dumps_json(obj, indent=indent, **kwargs))
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from davir_jax.config import Config, to_dict
-from davir_jax.io_utils import file_sha256, write_atomic
+from davir_jax.io_utils import file_sha256, write_json
+from davir_jax.preflight import checked
 
 
 def _fp(obj: Any) -> str:
@@ -49,13 +50,10 @@ class Stages:
         t0 = time.time()
         fn()
         self.timings[name] = time.time() - t0
-        write_atomic(
+        write_json(
             record,
-            json.dumps(
-                {"fingerprint": fp, "inputs": inputs, "seconds": round(self.timings[name], 1)},
-                indent=1,
-                default=str,
-            ),
+            {"fingerprint": fp, "inputs": inputs, "seconds": round(self.timings[name], 1)},
+            default=str,
         )
 
 
@@ -130,9 +128,10 @@ def add_extra_pools(sel_dir: Path, extra: tuple[str, ...]) -> None:
                 "data": {"path": str(Path(file).resolve()), "sha256": file_sha256(file)},
             }
         )
-    write_atomic(path, json.dumps(manifest, indent=1))
+    write_json(path, manifest)
 
 
+@checked("pipeline")  # preflight: every input and output checked, the output locked
 def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     """Run (or resume) the pipeline of `cfg.pipeline`; returns the run folder."""
     from davir_jax.evaluate import run_eval
@@ -152,7 +151,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     # Before any stage: the base's tokenizer must fit the base (and a given reference).
     load_tokenizer_for(cfg.model.source, (pc.reference,))
     stages = Stages(out, say)
-    write_atomic(out / "config.json", json.dumps(to_dict(cfg), indent=1))
+    write_json(out / "config.json", to_dict(cfg))
     common = {
         "model": model_inputs(cfg.model),
         "data": data_inputs(cfg.data),

@@ -36,6 +36,7 @@ from davir_jax.data.batching import BatchPlan, assemble, local_rows
 from davir_jax.io_utils import write_atomic
 from davir_jax.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, example_nll
 from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
+from davir_jax.preflight import checked
 from davir_jax.runs import check_batch_rows
 from davir_jax.sharding import mesh_from_config
 from davir_jax.train import Job, Objective, accum_batch_sharding, fit
@@ -291,6 +292,7 @@ def evaluate_pairs(
 # -- the job -----------------------------------------------------------------------------------
 
 
+@checked("dpo")  # preflight: every input and output checked, the output locked
 def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     """Run (or resume) preference training as described by `cfg`; returns the output dir."""
     from davir_jax.data.dataset import prepare

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -48,13 +47,14 @@ from davir_jax.config import Config, to_dict
 from davir_jax.data.batching import Batch
 from davir_jax.data.readers import iter_rows
 from davir_jax.data.skips import SkipLog
-from davir_jax.io_utils import progress_bar, write_atomic
+from davir_jax.io_utils import progress_bar, write_atomic, write_json
 from davir_jax.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig
 from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 from davir_jax.models.weights import abstract_model
+from davir_jax.preflight import checked
 from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
 from davir_jax.sharding import batch_sharding, mesh_from_config, state_shardings
 
@@ -324,6 +324,7 @@ def _passes(cfg: Config) -> list[tuple[str, ...]]:
     return [models] if cfg.scoring.resident == "both" else [(m,) for m in models]
 
 
+@checked("score")  # preflight: every input and output checked, the output locked
 def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     """Run (or resume) the scoring job described by `cfg`; returns the output directory.
 
@@ -533,7 +534,7 @@ def _merge(
             "processes": jax.process_count(),
         },
     }
-    write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
+    write_json(out / MANIFEST_FILE, manifest, sort_keys=True)
     if cfg.scoring.diagnostics and base is not None:
         from davir_jax.diagnostics import write_diagnostics
 

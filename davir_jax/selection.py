@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from davir_jax.io_utils import file_sha256, publish_dir
+from davir_jax.io_utils import dumps_json, file_sha256, publish_dir
 from davir_jax.scores import SCORES_FILE, compute_scores, read_scores, scores_file
 
 MANIFEST_FILE = "manifest.json"
@@ -398,7 +398,7 @@ def select_mixture(
         for fname, text in files.items():
             (tmp / fname).write_text(text, encoding="utf-8", newline="\n")
         (tmp / MANIFEST_FILE).write_text(
-            json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+            dumps_json(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         publish_dir(tmp, out)
     except BaseException:

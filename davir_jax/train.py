@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
 from davir_jax.data.batching import BatchPlan, assemble, local_rows
-from davir_jax.io_utils import file_sha256, progress_bar, write_atomic
+from davir_jax.io_utils import dumps_json, file_sha256, progress_bar, write_atomic, write_json
 from davir_jax.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.models.loading import (
     load_model,
@@ -47,6 +47,7 @@ from davir_jax.models.loading import (
     model_fingerprint,
     save_model,
 )
+from davir_jax.preflight import checked
 from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
 from davir_jax.scoring import NonFiniteLossError, name_examples
 from davir_jax.sharding import logical_to_spec, mesh_from_config, state_shardings
@@ -401,7 +402,7 @@ class Metrics:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(dumps_json(record) + "\n")
         self.file.flush()
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
@@ -598,7 +599,7 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     if job.after is not None:
         summary = job.after(final, out)
         if pi == 0:
-            write_atomic(out / "eval.json", json.dumps(summary, indent=1))
+            write_json(out / "eval.json", summary)
     save_model(final, out / "model", job.tokenizer)
     if pi == 0:
         plot_losses(out / METRICS_FILE, out / "loss.png")
@@ -606,6 +607,7 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     return out
 
 
+@checked("sft")  # preflight: every input and output checked, the output locked
 def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     """Run (or resume) supervised fine-tuning as described by `cfg`; returns the output dir."""
     tc = cfg.train

@@ -14,7 +14,6 @@ awaited, and the skip accounts of all parts are merged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,7 @@ from davir_jax.data.storage import (
     wait_for_parts,
 )
 from davir_jax.data.templates import Encoder
-from davir_jax.io_utils import file_sha256, progress_bar, write_atomic
+from davir_jax.io_utils import dumps_json, file_sha256, progress_bar, write_atomic
 from davir_jax.models.tokenizer import tokenizer_fingerprint
 
 # Bump when the tokenized layout or a template's definition changes (invalidates caches).
@@ -69,6 +68,22 @@ def store_fields(cfg: DataConfig, tokenizer: Any, pairs: bool = False) -> dict[s
         "max_len": cfg.max_len,
         "overlong": cfg.overlong,
     }
+
+
+def no_examples_error(path: str | Path, log: SkipLog) -> DataError:
+    """The error for a data file of which nothing can be used: every row skipped (with the
+    reasons, their counts and first locations, in one line) or no rows at all. Raised where a
+    file becomes a data set (`prepare`), so every job fails the same clear way; `preflight`
+    raises it too when a quick read already shows it."""
+    if not log.total:
+        return DataError(f"{path}: no examples (the file holds no rows)")
+    reasons = []
+    for reason, n in log.skipped.most_common():
+        where = log.where.get(reason, [])[:2]
+        reasons.append(f"{reason} x{n:,}" + (f" (first: {'; '.join(where)})" if where else ""))
+    return DataError(
+        f"{path}: every row was skipped ({log.total:,} rows), nothing to use: " + ", ".join(reasons)
+    )
 
 
 def make_plans(
@@ -245,7 +260,7 @@ def prepare(
             "n_tokens": int(store.lengths.sum()),
             **log.to_dict(),
         }
-        text = json.dumps(manifest, indent=1, sort_keys=True)
+        text = dumps_json(manifest, indent=1, sort_keys=True)
         mpath = directory / "manifest.json"
         if not mpath.is_file() or mpath.read_text() != text:
             write_atomic(mpath, text)
@@ -258,6 +273,10 @@ def prepare(
             f"strict: {log.total} rows of {cfg.path} were skipped; first: {reason} at "
             f"{log.where[reason][0]}"
         )
+    if len(store) == 0:
+        # No job can do anything with an empty data set (eval would report a loss of 0 over 0
+        # examples, scoring would merge no shards): one error naming the file and why.
+        raise no_examples_error(cfg.path, log)
     return TokenizedData(cfg, store, fields, log, directory)
 
 

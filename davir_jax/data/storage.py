@@ -49,6 +49,8 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from tensorflow_datasets.core.utils import tqdm_utils
 
+from davir_jax.io_utils import dumps_json
+
 log = logging.getLogger(__name__)
 
 # A record: {"index": int (global order of the example in the data set), "example_id": str,
@@ -125,7 +127,7 @@ def store_dir(root: str | Path, name: str, fields: dict) -> Path:
                 f"{existing.get('fields')}, not {key} for {fields}"
             )
     else:
-        _write_text_atomic(key_path, json.dumps(record, sort_keys=True, indent=1))
+        _write_text_atomic(key_path, dumps_json(record, sort_keys=True, indent=1))
     return d
 
 
@@ -333,7 +335,7 @@ def build_part(
     if not (0 <= part < num_parts):
         raise ValueError(f"part must be in [0, {num_parts}), got {part}")
     if not callable(info):
-        info_text = json.dumps(info, sort_keys=True, indent=1)  # fail on bad info before tokenizing
+        info_text = dumps_json(info, sort_keys=True, indent=1)  # fail on bad info before tokenizing
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / part_name(part, num_parts)
     tmp_prefix = f".tmp-{final.name}-"
@@ -391,9 +393,9 @@ def build_part(
             log.debug("wrote %d records in %.2fs", len(indices), time.perf_counter() - t0)
         np.save(tmp / INDEX_FILE, np.asarray(indices, np.int64), allow_pickle=False)
         np.save(tmp / LENGTHS_FILE, np.asarray(lengths, np.int32), allow_pickle=False)
-        (tmp / IDS_FILE).write_text(json.dumps(ids), encoding="utf-8")
+        (tmp / IDS_FILE).write_text(dumps_json(ids), encoding="utf-8")
         if callable(info):
-            info_text = json.dumps(info(), sort_keys=True, indent=1)
+            info_text = dumps_json(info(), sort_keys=True, indent=1)
         (tmp / INFO_FILE).write_text(info_text, encoding="utf-8")
         summary = {
             "format_version": FORMAT_VERSION,
@@ -403,7 +405,7 @@ def build_part(
             "n_tokens": int(sum(lengths)),
             "n_loss_tokens": n_loss,
         }
-        (tmp / MARKER).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        (tmp / MARKER).write_text(dumps_json(summary, indent=1), encoding="utf-8")
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

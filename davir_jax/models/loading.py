@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from davir_jax.io_utils import file_sha256, publish_dir, write_atomic
+from davir_jax.io_utils import dumps_json, file_sha256, publish_dir, write_atomic
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import ATTN_BLOCK, Decoder, RunConfig
 from davir_jax.models.gguf_io import GGUFWeights
@@ -130,7 +130,7 @@ def file_digest(path: Path) -> str:
         rec = dict(zip(("path", "size", "mtime_ns", "ino", "dev"), key), sha256=digest)
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(entry, json.dumps(rec))
+            write_atomic(entry, dumps_json(rec))
         except OSError:
             pass  # a read-only cache only costs speed
     return digest
@@ -330,7 +330,7 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
                 "param_dtype": model.run.param_dtype,
                 "params_sha256": digest,
             }
-            (tmp / MODEL_META).write_text(json.dumps(meta, indent=2))
+            (tmp / MODEL_META).write_text(dumps_json(meta, indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
             publish_dir(tmp, out)

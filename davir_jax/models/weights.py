@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from davir_jax.io_utils import publish_dir
+from davir_jax.io_utils import dumps_json, publish_dir
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig, to_dtype
 from davir_jax.models.safetensors_io import (
@@ -306,7 +306,7 @@ def export_hf(model: Decoder, tokenizer: Any | None, out_dir: str | os.PathLike)
         # tensor at a time so host memory holds a single tensor, not the model.
         arrays = (a for _, a in hf_tensors(model))
         if jax.process_index() == 0:
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            (tmp / "config.json").write_text(dumps_json(cfg, indent=2))
             write_streaming(specs, arrays, tmp / "model.safetensors")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
