@@ -123,6 +123,17 @@ def model_source(source: str, key: str) -> None:
         raise UserError(msg if msg.startswith(key) else f"{key}: {msg}") from None
 
 
+def tokenizer_fits(source: str, key: str, models: tuple[str | None, ...] = ()) -> None:
+    """The tokenizer of `source` loads and its ids fit `source`'s vocabulary and every model in
+    `models` (`loading.load_tokenizer_for`; the job reuses the checked tokenizer)."""
+    from davir_jax.models.loading import load_tokenizer_for
+
+    try:
+        load_tokenizer_for(source, models)  # a TokenizerMismatchError names both sources
+    except OSError as e:
+        raise UserError(f"{key}: cannot load the tokenizer of {source} ({e})") from None
+
+
 def selection(sel: str, cfg: Any, key: str = "train.selection") -> None:
     """A `davir select` output: its manifest parses and names pools whose files are usable."""
     p = Path(sel)
@@ -180,6 +191,10 @@ def check_score(cfg: Any) -> list[Path]:
     for m in ("base", "reference", "tokenizer"):
         if getattr(sc, m) is not None:
             model_source(getattr(sc, m), f"scoring.{m}")
+    tok = sc.tokenizer or sc.base or sc.reference
+    tokenizer_fits(
+        tok, "scoring.tokenizer" if sc.tokenizer else "scoring.base", (sc.base, sc.reference)
+    )
     _pool(cfg)
     out = writable_dir(sc.out, "scoring.out")
     writable_dir(cfg.data.cache_dir, "data.cache_dir")
@@ -189,6 +204,7 @@ def check_score(cfg: Any) -> list[Path]:
 def check_sft(cfg: Any) -> list[Path]:
     require(cfg, "sft", ["train.out", "model.source"])
     model_source(cfg.model.source, "model.source")
+    tokenizer_fits(cfg.model.source, "model.source")
     if cfg.train.selection is not None:
         selection(cfg.train.selection, cfg)
     elif cfg.data.path is None:
@@ -206,6 +222,7 @@ def check_dpo(cfg: Any) -> list[Path]:
     model_source(cfg.model.source, "model.source")
     if dc.reference is not None:
         model_source(dc.reference, "dpo.reference")
+    tokenizer_fits(cfg.model.source, "model.source", (dc.reference,))
     _pool(cfg, pairs=True)
     if dc.reference_scores is not None:
         scores_table(dc.reference_scores, "dpo.reference_scores", ("example_id", "nll_ref"))
@@ -217,6 +234,7 @@ def check_dpo(cfg: Any) -> list[Path]:
 def check_eval(cfg: Any) -> list[Path]:
     require(cfg, "eval", ["model.source", "data.path"])
     model_source(cfg.model.source, "model.source")
+    tokenizer_fits(cfg.model.source, "model.source")
     _pool(cfg)
     writable_dir(cfg.data.cache_dir, "data.cache_dir")
     return [] if cfg.eval.out is None else [writable_dir(cfg.eval.out, "eval.out")]
@@ -228,6 +246,7 @@ def check_pipeline(cfg: Any) -> list[Path]:
     model_source(cfg.model.source, "model.source")
     if pc.reference is not None:
         model_source(pc.reference, "pipeline.reference")
+    tokenizer_fits(cfg.model.source, "model.source", (pc.reference,))
     _pool(cfg)
     if pc.test is not None:
         # Evaluated with the pool's format settings, never strict (as the pipeline runs it).

@@ -242,4 +242,5 @@ def test_dpo_stops_at_the_nan_step_and_saves_no_model(tmp_path, nan_model, base)
     with pytest.raises(NonFiniteLossError, match="the reference") as e:
         dpo(cfg2, progress=False)
     assert _named(e, "p") == {"p:3/chosen", "p:3/rejected"}
-    assert not (tmp_path / "dpo2").exists()
+    # Only the preflight's traces (the writable, locked output directory): no run, no model.
+    assert [p.name for p in (tmp_path / "dpo2").iterdir()] == [".davir.lock"]

@@ -249,6 +249,9 @@ def load_tokenizer_for(source: str | os.PathLike, models: tuple[Any, ...] = ()) 
     against that model's vocabulary and against every other model source in `models` that
     will read its ids (`check_tokenizer_fits`)."""
     kind, path = resolve_source(source)
+    key = (kind, str(path.resolve()), _newest_mtime(path), tuple(map(str, models)))
+    if key in _tokenizer_memo:
+        return _tokenizer_memo[key]
     if kind == "davir":
         if not (path / "tokenizer").is_dir():
             raise FileNotFoundError(
@@ -259,7 +262,22 @@ def load_tokenizer_for(source: str | os.PathLike, models: tuple[Any, ...] = ()) 
         tok = load_tokenizer(source)
     for model_source in dict.fromkeys((source, *(m for m in models if m is not None))):
         check_tokenizer_fits(tok, source, model_source)
+    _tokenizer_memo[key] = tok
     return tok
+
+
+# Checked tokenizers by source version: a job's preflight and the job itself (and every stage
+# of a pipeline) load the same one, and building SmolLM2's from its GGUF takes seconds. The
+# object is shared: callers must not modify it.
+_tokenizer_memo: dict[tuple[Any, ...], Any] = {}
+
+
+def _newest_mtime(path: Path) -> int:
+    """The newest modification time of `path` or, for a directory, of any file in it (a
+    rewritten tokenizer file must not hit the memo)."""
+    if not path.is_dir():
+        return path.stat().st_mtime_ns
+    return max([path.stat().st_mtime_ns] + [f.stat().st_mtime_ns for f in path.rglob("*")])
 
 
 def load_model(
