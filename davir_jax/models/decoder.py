@@ -208,46 +208,302 @@ def dense_attention(
     return _softmax_values(q, k, v, mask, scale, softcap).transpose(0, 3, 1, 2, 4)
 
 
+def _chunk_mask(
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    window: int | None,
+    q0: jax.Array,
+    tq: int,
+    k0: jax.Array,
+    tk: int,
+) -> jax.Array:
+    """`attention_mask` `[B, tq, tk]` of queries `q0 .. q0 + tq` against keys `k0 .. k0 + tk`."""
+
+    def take(x: jax.Array, at: jax.Array, n: int) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(x, at, n, axis=1)
+
+    return attention_mask(
+        take(segment_ids, q0, tq),
+        take(positions, q0, tq),
+        window,
+        take(segment_ids, k0, tk),
+        take(positions, k0, tk),
+        offset=q0 - k0,
+    )
+
+
+def first_key_blocks(
+    segment_ids_bt: jax.Array, positions_bt: jax.Array, window: int | None, block: int
+) -> jax.Array:
+    """`[T // block]` int32: for each query block, a key block at or before the first key block
+    that any of its queries, in any row, may see (`attention_mask`); all earlier key blocks are
+    invisible to the whole query block, so `blocked_attention` skips them.
+
+    Per token it is exact: a padding query sees only itself; any other query sees its segment
+    from that segment's first token (found by a stable sort, so ids need not be contiguous), and
+    with a window, when the row's layout guarantees it (every segment one contiguous run whose
+    positions rise by at least 1 a token: then `t - s <= pos[t] - pos[s] < window`), no key
+    `window` or more tokens back. O(T log T): no `[T, T]` mask.
+    """
+    b, t = segment_ids_bt.shape
+    idx = jnp.arange(t, dtype=jnp.int32)
+    rows = jnp.arange(b)[:, None]
+    order = jnp.argsort(segment_ids_bt, axis=1, stable=True)
+    ids_sorted = jnp.take_along_axis(segment_ids_bt, order, axis=1)
+    starts = jnp.concatenate(
+        [jnp.ones((b, 1), bool), ids_sorted[:, 1:] != ids_sorted[:, :-1]], axis=1
+    )
+    group_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    first_sorted = jnp.take_along_axis(order, group_start, axis=1).astype(jnp.int32)
+    first_of_segment = jnp.zeros((b, t), jnp.int32).at[rows, order].set(first_sorted)
+    pad = segment_ids_bt == 0
+    lo = jnp.where(pad, idx, first_of_segment)
+    if window is not None:
+        same = segment_ids_bt[:, 1:] == segment_ids_bt[:, :-1]
+        run_start = jax.lax.cummax(
+            jnp.where(jnp.concatenate([jnp.ones((b, 1), bool), ~same], axis=1), idx, 0), axis=1
+        )
+        rising = positions_bt[:, 1:] - positions_bt[:, :-1] >= 1
+        regular = jnp.all(~same | pad[:, 1:] | rising, axis=1) & jnp.all(
+            pad | (first_of_segment == run_start), axis=1
+        )
+        lo = jnp.where(regular[:, None], jnp.maximum(lo, idx - (window - 1)), lo)
+    return (lo // block).reshape(b, t // block, block).min(axis=(0, 2)).astype(jnp.int32)
+
+
+# Most key (or query) blocks one product of `blocked_attention` spans. A run of key blocks is
+# split into power-of-two chunks of at most this many blocks (5 blocks: 4 + 1), so the program
+# holds one branch per chunk size (log2 of this + 1), whatever the row length.
+ATTN_CHUNK_BLOCKS = 8
+
+
+def _chunk_sizes(nb: int) -> list[int]:
+    cap = min(ATTN_CHUNK_BLOCKS, nb)
+    return [1 << e for e in range(cap.bit_length())]
+
+
+def _largest_chunk(remaining: jax.Array, nb: int) -> jax.Array:
+    """Index into `_chunk_sizes(nb)` of the largest chunk not over `remaining` blocks."""
+    n = jnp.minimum(remaining, min(ATTN_CHUNK_BLOCKS, nb)).astype(jnp.int32)
+    return 31 - jax.lax.clz(n)
+
+
+def _raw_scores(q: jax.Array, k: jax.Array, scale: float, softcap: float | None) -> jax.Array:
+    """float32 logits `[B, KV, G, Tq, Tk]`, soft-capped."""
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    return s
+
+
+def _flash_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    first: jax.Array,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+    block: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Output `[B, T, KV, G, hd]` and per-query log-sum-exp `[B, KV, G, T]` (float32)."""
+    b, t, kv, g, hd = q.shape
+    nb = t // block
+    sizes = _chunk_sizes(nb)
+
+    def query_block(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+        q0 = i * block
+        qi = jax.lax.dynamic_slice_in_dim(q, q0, block, axis=1)
+
+        def chunk(n: int, state: tuple) -> tuple:
+            m, denom, acc, end, remaining = state
+            k0 = end - n * block
+            kc = jax.lax.dynamic_slice_in_dim(k, k0, n * block, axis=1)
+            vc = jax.lax.dynamic_slice_in_dim(v, k0, n * block, axis=1)
+            mask = _chunk_mask(segment_ids, positions, window, q0, block, k0, n * block)
+            s = jnp.where(mask[:, None, None], _raw_scores(qi, kc, scale, softcap), -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            pv = jnp.einsum(
+                "bkgts,bskd->bkgtd", p.astype(v.dtype), vc, preferred_element_type=jnp.float32
+            )
+            acc = acc * corr[..., None] + pv
+            return m_new, denom * corr + p.sum(axis=-1), acc, k0, remaining - n
+
+        def body(state: tuple) -> tuple:
+            which = _largest_chunk(state[4], nb)
+            return jax.lax.switch(which, [functools.partial(chunk, n) for n in sizes], state)
+
+        # Chunks run back from the diagonal, so the first holds each query's own key and the
+        # running max is finite from then on.
+        stats = jnp.zeros((b, kv, g, block), jnp.float32)
+        state = (stats - jnp.inf, stats, jnp.zeros((b, kv, g, block, hd), jnp.float32))
+        state = (*state, q0 + block, i + 1 - first[i])
+        m, denom, acc, _, _ = jax.lax.while_loop(lambda s: s[4] > 0, body, state)
+        return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
+
+    out, lse = jax.lax.map(query_block, jnp.arange(nb))  # [nb, B, KV, G, block, (hd)]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, kv, g, hd)
+    return out, lse.transpose(1, 2, 3, 0, 4).reshape(b, kv, g, t)
+
+
+def _flash_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    first: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    d_out: jax.Array,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+    block: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of q, k, v, recomputing each visited block pair's probabilities from `lse`:
+    dq one query block at a time over its key run (as the forward), dk/dv one key block at a
+    time over the query blocks whose runs reach it (FlashAttention-2, arXiv 2307.08691)."""
+    b, t, kv, g, hd = q.shape
+    nb = t // block
+    sizes = _chunk_sizes(nb)
+    d_out = d_out.astype(q.dtype)
+    # D = rowsum(dO * O) = sum_j P_ij dP_ij: the softmax backward's per-row term.
+    delta = jnp.einsum(
+        "btkgd,btkgd->bkgt", d_out, out.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+
+    def d_scores(qc, kc, vc, doc, lse_c, delta_c, mask) -> tuple[jax.Array, jax.Array]:
+        """Probabilities and gradient of the raw (pre-cap, scaled) products `[B,KV,G,tq,tk]`."""
+        s = _raw_scores(qc, kc, scale, softcap)
+        p = jnp.where(mask[:, None, None], jnp.exp(s - lse_c[..., None]), 0.0)
+        dp = jnp.einsum("btkgd,bskd->bkgts", doc, vc, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_c[..., None])
+        if softcap is not None:
+            ds = ds * (1.0 - jnp.square(s / softcap))  # d(c tanh(x / c))/dx = 1 - tanh^2
+        return p, ds * scale
+
+    def take(x: jax.Array, at: jax.Array, n: int, axis: int = 1) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(x, at, n, axis=axis)
+
+    def dq_block(i: jax.Array) -> jax.Array:
+        q0 = i * block
+        qi, doi = take(q, q0, block), take(d_out, q0, block)
+        lse_i, delta_i = take(lse, q0, block, 3), take(delta, q0, block, 3)
+
+        def chunk(n: int, state: tuple) -> tuple:
+            dq, end, remaining = state
+            k0 = end - n * block
+            kc, vc = take(k, k0, n * block), take(v, k0, n * block)
+            mask = _chunk_mask(segment_ids, positions, window, q0, block, k0, n * block)
+            _, ds = d_scores(qi, kc, vc, doi, lse_i, delta_i, mask)
+            dq = dq + jnp.einsum(
+                "bkgts,bskd->btkgd", ds.astype(k.dtype), kc, preferred_element_type=jnp.float32
+            )
+            return dq, k0, remaining - n
+
+        def body(state: tuple) -> tuple:
+            which = _largest_chunk(state[2], nb)
+            return jax.lax.switch(which, [functools.partial(chunk, n) for n in sizes], state)
+
+        state = (jnp.zeros(qi.shape, jnp.float32), q0 + block, i + 1 - first[i])
+        return jax.lax.while_loop(lambda s: s[2] > 0, body, state)[0].astype(q.dtype)
+
+    # The query blocks that visit key block j: i >= j with first[i] <= j, all within j .. last[j]
+    # (blocks between that skip j add exact zeros: their mask hides j).
+    blocks = jnp.arange(nb)
+    sees = (first[None, :] <= blocks[:, None]) & (blocks[None, :] >= blocks[:, None])
+    last = jnp.max(jnp.where(sees, blocks[None, :], blocks[:, None]), axis=1)
+
+    def dkv_block(j: jax.Array) -> tuple[jax.Array, jax.Array]:
+        k0 = j * block
+        kj, vj = take(k, k0, block), take(v, k0, block)
+
+        def chunk(n: int, state: tuple) -> tuple:
+            dk, dv, start, remaining = state
+            q0 = start * block
+            qc, doc = take(q, q0, n * block), take(d_out, q0, n * block)
+            lse_c, delta_c = take(lse, q0, n * block, 3), take(delta, q0, n * block, 3)
+            mask = _chunk_mask(segment_ids, positions, window, q0, n * block, k0, block)
+            p, ds = d_scores(qc, kj, vj, doc, lse_c, delta_c, mask)
+            dv = dv + jnp.einsum(
+                "bkgts,btkgd->bskd", p.astype(q.dtype), doc, preferred_element_type=jnp.float32
+            )
+            dk = dk + jnp.einsum(
+                "bkgts,btkgd->bskd", ds.astype(q.dtype), qc, preferred_element_type=jnp.float32
+            )
+            return dk, dv, start + n, remaining - n
+
+        def body(state: tuple) -> tuple:
+            which = _largest_chunk(state[3], nb)
+            return jax.lax.switch(which, [functools.partial(chunk, n) for n in sizes], state)
+
+        zeros = jnp.zeros(kj.shape, jnp.float32)
+        state = (zeros, zeros, j, last[j] - j + 1)
+        dk, dv, _, _ = jax.lax.while_loop(lambda s: s[3] > 0, body, state)
+        return dk.astype(k.dtype), dv.astype(v.dtype)
+
+    dq = jax.lax.map(dq_block, blocks).transpose(1, 0, 2, 3, 4, 5).reshape(q.shape)
+    dk, dv = jax.lax.map(dkv_block, blocks)  # [nb, B, block, KV, hd]
+    dk = dk.transpose(1, 0, 2, 3, 4).reshape(k.shape)
+    dv = dv.transpose(1, 0, 2, 3, 4).reshape(v.shape)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(q, k, v, segment_ids, positions, first, scale, softcap, window, block):  # noqa: ANN001, ANN202
+    return _flash_forward(q, k, v, segment_ids, positions, first, scale, softcap, window, block)[0]
+
+
+def _flash_fwd(q, k, v, segment_ids, positions, first, scale, softcap, window, block):  # noqa: ANN001, ANN202
+    out, lse = _flash_forward(q, k, v, segment_ids, positions, first, scale, softcap, window, block)
+    return out, (q, k, v, segment_ids, positions, first, out, lse)
+
+
+def _flash_bwd(scale, softcap, window, block, res, d_out):  # noqa: ANN001, ANN202
+    q, k, v, segment_ids, positions, first, out, lse = res
+    dq, dk, dv = _flash_backward(
+        q, k, v, segment_ids, positions, first, out, lse, d_out, scale, softcap, window, block
+    )
+    return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def blocked_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array,
+    segment_ids_bt: jax.Array,
+    positions_bt: jax.Array,
+    window: int | None,
     scale: float,
     softcap: float | None = None,
     *,
-    block: int = 64,
+    block: int = ATTN_BLOCK,
 ) -> jax.Array:
-    """The same result as `dense_attention` (keys = queries, `[B, T, ...]`), one query block at
-    a time, over only the keys that block may see.
+    """The same result as `dense_attention` over `attention_mask(segment_ids_bt, positions_bt,
+    window)` (keys = queries, `[B, T, ...]`, T a multiple of `block`), without a `[T, T]` mask
+    or score matrix: a flash attention (online softmax, per-query log-sum-exp kept for a
+    backward that recomputes the probabilities), in `block`-token query blocks.
 
-    Every query sees one contiguous run of keys that ends at itself (causal, within its packed
-    example, within the sliding window), so the key blocks that some query of block i may see,
-    in any row of the batch, are the contiguous blocks `first_i .. i`. A `lax.switch` on
-    `first_i` (read from the mask) runs one plain softmax over exactly those keys: on packed rows
-    of short examples most of the causal triangle is never computed, which the dense `[T, T]`
-    form cannot avoid. One pass per query block, with no running max to rescale, measured
-    faster on CPU than visiting the key blocks one by one with an online softmax.
+    Every query sees a run of keys ending at itself (causal, within its packed example, within
+    the sliding window), so the key blocks some query of block i may see, in any row, lie in
+    `first_i .. i` (`first_key_blocks`); the rest are never computed. On packed rows of short
+    examples that is most of the causal triangle. Each run is visited in power-of-two chunks of
+    up to `ATTN_CHUNK_BLOCKS` key blocks (one softmax product per chunk, not per key block: few
+    large products ran faster on CPU than many small ones), with loop bounds read at run time,
+    so the program does not grow with the row length. Each block pair's mask is computed from
+    the segment ids and positions when visited. Memory: O(T * block) per head, forward and
+    backward.
     """
-    b, t = q.shape[:2]
-    nb = t // block
-    needed = mask.reshape(b, nb, block, nb, block).any(axis=(0, 2, 4))  # [nb, nb], replicated
-    outs = []
-    for i in range(nb):
-        end = (i + 1) * block
-        qi, mi = q[:, i * block : end], mask[:, i * block : end]
-
-        def from_block(first: int, qi: jax.Array = qi, mi: jax.Array = mi, end: int = end) -> Any:
-            keys = slice(first * block, end)
-            return lambda: _softmax_values(
-                qi, k[:, keys], v[:, keys], mi[:, :, keys], scale, softcap
-            )  # [B, KV, G, block, hd]
-
-        # The diagonal block is always visible (each token sees itself), so argmax finds the
-        # first visible block of the run.
-        first = jnp.argmax(needed[i, : i + 1])
-        outs.append(jax.lax.switch(first, [from_block(f) for f in range(i + 1)]))
-    return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4)
+    first = first_key_blocks(segment_ids_bt, positions_bt, window, block)
+    return _flash(q, k, v, segment_ids_bt, positions_bt, first, scale, softcap, window, block)
 
 
 class Attention(nnx.Module):
@@ -290,7 +546,10 @@ class Attention(nnx.Module):
         kv = arch.num_kv_heads
         new_slots = None
         if cache is None:
-            mask = attention_mask(segment_ids_bt, positions_bt, self.window)
+            # Blocked attention computes each block pair's mask itself: no [B, T, T] mask.
+            mask = None
+            if not uses_blocked_attention(self.run.attn_block, t):
+                mask = attention_mask(segment_ids_bt, positions_bt, self.window)
         else:
             k_slots, v_slots, c = cache
             at = (0, c.index, 0, 0)
@@ -303,11 +562,13 @@ class Attention(nnx.Module):
             )
         # Grouped-query attention: query head h reads kv head h // (H / KV), as HF's repeat_kv.
         q = q.reshape(b, t, kv, h // kv, hd)
-        blk = self.run.attn_block
-        attend = dense_attention
-        if cache is None and uses_blocked_attention(blk, t):
-            attend = functools.partial(blocked_attention, block=blk)
-        out = attend(q, k, v, mask, arch.attention_scale, arch.attn_logit_softcap)
+        blk, scale, cap = self.run.attn_block, arch.attention_scale, arch.attn_logit_softcap
+        if mask is None:
+            out = blocked_attention(
+                q, k, v, segment_ids_bt, positions_bt, self.window, scale, cap, block=blk
+            )
+        else:
+            out = dense_attention(q, k, v, mask, scale, cap)
         out = out.reshape(b, t, h, hd)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.get_value().astype(cd))
         if arch.o_bias:
