@@ -40,6 +40,9 @@ class ModelConfig:
     compute_dtype: str | None = None  # None: same as dtype
     remat: bool = False
     attn_block: int = 64  # models.decoder.ATTN_BLOCK: blocked attention; 0: dense
+    # Run the layers as one lax.scan (compile time independent of depth); the same parameters,
+    # checkpoints and results as the unrolled loop.
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.attn_block < 0:
@@ -59,6 +62,7 @@ class ModelConfig:
             "compute_dtype": self.compute_dtype,
             "remat": self.remat,
             "attn_block": self.attn_block,
+            "scan_layers": self.scan_layers,
         }
 
 

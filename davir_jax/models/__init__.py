@@ -20,6 +20,7 @@ def random_model(
     compute_dtype: str | None = None,
     remat: bool = False,
     attn_block: int = ATTN_BLOCK,
+    scan_layers: bool = False,
     seed: int = 0,
 ) -> Decoder:
     """A randomly initialised decoder, every parameter born in its sharding."""
@@ -28,7 +29,7 @@ def random_model(
     from davir_jax.models.loading import run_config
     from davir_jax.sharding import create_sharded
 
-    run = run_config(dtype, compute_dtype, remat, mesh, attn_block)
+    run = run_config(dtype, compute_dtype, remat, mesh, attn_block, scan_layers)
     return create_sharded(lambda: Decoder(arch, run, rngs=nnx.Rngs(seed)), mesh)
 
 

@@ -55,6 +55,10 @@ class RunConfig:
     # the block may see (causal, another packed example, outside the window) are skipped.
     # 0: one dense [T, T] score matrix.
     attn_block: int = ATTN_BLOCK
+    # Run the layer stack as one `lax.scan` over groups of identical layers (`Decoder`), so the
+    # compiled program holds one group body whatever the depth. The parameters stay stored
+    # per layer (`layers.{i}`); they are stacked at trace time.
+    scan_layers: bool = False
 
 
 @jax.tree_util.register_dataclass
@@ -643,8 +647,32 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attn_norm(x)), slots
 
 
+def layer_period(parts: list[tuple[nnx.GraphDef, nnx.State]]) -> int:
+    """The smallest `p` such that the `n // p >= 2` whole groups of `p` consecutive layers
+    repeat the first one: the same graph definitions (structure and static attributes) and
+    parameter shapes at each position. The `n % p` layers after the last whole group may differ.
+    `n` (one group: nothing repeats) if there is no such `p`."""
+
+    def sig(part: tuple[nnx.GraphDef, nnx.State]) -> Any:
+        leaves, tree = jax.tree.flatten(part[1])
+        return part[0], tree, tuple((v.shape, v.dtype) for v in leaves)
+
+    sigs = [sig(part) for part in parts]
+    n = len(sigs)
+    for p in range(1, n // 2 + 1):
+        whole = n // p * p
+        if all(sigs[i] == sigs[i % p] for i in range(whole)):
+            return p
+    return n
+
+
 class Decoder(nnx.Module):
-    """Embeddings, `num_layers` blocks, final norm, LM head (tied or untied)."""
+    """Embeddings, `num_layers` blocks, final norm, LM head (tied or untied).
+
+    The blocks are stored one per layer (`layers.{i}`: the paths of the HF name table, orbax
+    checkpoints, optimizer states and sharding rules) whether or not `run.scan_layers` runs them
+    as a scan.
+    """
 
     def __init__(
         self, arch: ArchConfig, run: RunConfig | None = None, *, rngs: nnx.Rngs | None = None
@@ -670,6 +698,8 @@ class Decoder(nnx.Module):
 
         With a `cache`, the tokens are appended at `cache.index` (attending to every cached slot
         of their segment) and `(hidden, updated cache)` is returned: incremental decoding.
+        `run.scan_layers` scans the layers (`_scanned_layers`) only without a cache: the cached
+        path (generation) keeps the Python loop, its per-layer cache slots being separate arrays.
         """
         arch, run = self.arch, self.run
         cd = to_dtype(run.compute_dtype)
@@ -691,6 +721,8 @@ class Decoder(nnx.Module):
                 segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, at),
                 positions=jax.lax.dynamic_update_slice(cache.positions, positions, at),
             )
+        if cache is None and run.scan_layers:
+            return self.final_norm(self._scanned_layers(x, segment_ids, positions, inv_freq))
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache)
@@ -710,6 +742,62 @@ class Decoder(nnx.Module):
         return h, dataclasses.replace(
             cache, k=tuple(new_k), v=tuple(new_v), index=cache.index + input_ids.shape[1]
         )
+
+    def _scanned_layers(
+        self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, inv_freq: np.ndarray
+    ) -> jax.Array:
+        """The layer stack (no cache) as a `lax.scan` over groups of `p` consecutive layers.
+
+        Each block is split into its graph definition (structure and static attributes, such as
+        `Attention.window`) and its parameters. `p` is the smallest period of the definitions
+        (`layer_period`: 1 for uniform stacks, 2 for Gemma2's alternating sliding/global
+        layers); the parameters of the `n // p` whole groups are stacked per position in the
+        group and scanned over, the group body running its `p` blocks unrolled; the remaining
+        `n % p` layers run unrolled after it. With no repetition (`p = n`) nothing is scanned.
+        Gradients flow back through the stacking into each layer's own parameters, so the
+        stored layout, checkpoints and optimizer state are those of the unrolled loop.
+        """
+        run = self.run
+        parts = [nnx.split(block) for block in self.layers]
+        p = layer_period(parts)
+        groups = len(parts) // p if p else 0  # no layers: p = 0
+
+        def layer(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+            x, _ = nnx.merge(graphdef, state)(x, segment_ids, positions, inv_freq)
+            return run.sharder.constrain(x, ("batch", "seq", "embed"))
+
+        # Checkpoint each block (not the whole group body): what is saved for the backward pass
+        # is each layer's input, as with the unrolled loop's `nnx.remat`.
+        in_scan = jax.checkpoint(layer, prevent_cse=False, static_argnums=0) if run.remat else layer
+        unrolled = jax.checkpoint(layer, static_argnums=0) if run.remat else layer
+
+        if groups >= 2:
+
+            def stack(*states: nnx.State) -> nnx.State:
+                def one(*vs: nnx.Variable) -> nnx.Variable:
+                    value = jnp.stack([v.get_value() for v in vs])
+                    axes = vs[0].get_metadata().get("logical_axes")
+                    if axes is not None:
+                        value = run.sharder.constrain(value, (None, *axes))
+                    return vs[0].replace(value)
+
+                is_var = lambda v: isinstance(v, nnx.Variable)  # noqa: E731
+                return jax.tree.map(one, *states, is_leaf=is_var)
+
+            stacked = tuple(stack(*(parts[g * p + j][1] for g in range(groups))) for j in range(p))
+            defs = tuple(parts[j][0] for j in range(p))
+
+            def body(x: jax.Array, group: tuple[nnx.State, ...]) -> tuple[jax.Array, None]:
+                for graphdef, state in zip(defs, group):
+                    x = in_scan(graphdef, state, x)
+                return x, None
+
+            x, _ = jax.lax.scan(body, x, stacked)
+        else:
+            groups, p = 0, 1
+        for graphdef, state in parts[groups * p :]:
+            x = unrolled(graphdef, state, x)
+        return x
 
     def logits(
         self, hidden_btd: jax.Array, vocab: tuple[jax.Array | int, int] | None = None

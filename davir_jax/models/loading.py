@@ -40,6 +40,7 @@ def run_config(
     remat: bool = False,
     mesh: Mesh | None = None,
     attn_block: int = ATTN_BLOCK,
+    scan_layers: bool = False,
 ) -> RunConfig:
     return RunConfig(
         param_dtype=dtype,
@@ -47,6 +48,7 @@ def run_config(
         remat=remat,
         sharder=Sharder(mesh),
         attn_block=attn_block,
+        scan_layers=scan_layers,
     )
 
 
@@ -288,13 +290,16 @@ def load_model(
     compute_dtype: str | None = None,
     remat: bool = False,
     attn_block: int = ATTN_BLOCK,
+    scan_layers: bool = False,
 ) -> Decoder:
     """Load a decoder from any supported source, each parameter placed in its sharding.
 
     `dtype` is the parameter dtype; `compute_dtype` defaults to it. With a `mesh`, parameters are
     sharded by the logical-axis rules in `davir_jax.sharding`; without, they live on one device.
+    `remat`, `attn_block` and `scan_layers` say how it runs (`RunConfig`), not what is stored: a
+    checkpoint saved with any of them loads with any other.
     """
-    run = run_config(dtype, compute_dtype, remat, mesh, attn_block)
+    run = run_config(dtype, compute_dtype, remat, mesh, attn_block, scan_layers)
     kind, path = resolve_source(source)
     if kind == "gguf":
         w = GGUFWeights(path)
