@@ -386,12 +386,9 @@ def main() -> None:
         "",
         table(records, args.timeout),
     ]
-    text = "\n".join(section) + "\n"
-    print()
-    print(text)
-    if args.append_results:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+    from scoring_throughput import publish
+
+    publish(section, args.append_results)
 
 
 if __name__ == "__main__":

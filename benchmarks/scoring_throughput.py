@@ -769,10 +769,15 @@ def main() -> None:
             "",
             memory_table(mem),
         ]
+    publish(section, args.append_results)
+
+
+def publish(section: list[str], append: bool) -> None:
+    """Print a results section and, with `append`, add it to benchmarks/RESULTS.md."""
     text = "\n".join(section) + "\n"
     print()
     print(text)
-    if args.append_results:
+    if append:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
             f.write("\n" + text)
 

@@ -185,6 +185,13 @@ def _pool(cfg: Any, pairs: bool = False) -> None:
 # -- one check per job: returns the output directories to lock --------------------------------
 
 
+def _outputs(out: str, key: str, cfg: Any) -> list[Path]:
+    """The job's output directory and the data cache, both writable; the output to lock."""
+    locked = writable_dir(out, key)
+    writable_dir(cfg.data.cache_dir, "data.cache_dir")
+    return [locked]
+
+
 def check_score(cfg: Any) -> list[Path]:
     sc = cfg.scoring
     require(cfg, "score", ["scoring.reference", "scoring.out", "data.path"])
@@ -211,9 +218,7 @@ def check_sft(cfg: Any) -> list[Path]:
         raise UserError("davir sft needs data.path or train.selection")
     else:
         _pool(cfg)
-    out = writable_dir(cfg.train.out, "train.out")
-    writable_dir(cfg.data.cache_dir, "data.cache_dir")
-    return [out]
+    return _outputs(cfg.train.out, "train.out", cfg)
 
 
 def check_dpo(cfg: Any) -> list[Path]:
@@ -226,9 +231,7 @@ def check_dpo(cfg: Any) -> list[Path]:
     _pool(cfg, pairs=True)
     if dc.reference_scores is not None:
         scores_table(dc.reference_scores, "dpo.reference_scores", ("example_id", "nll_ref"))
-    out = writable_dir(cfg.train.out, "train.out")
-    writable_dir(cfg.data.cache_dir, "data.cache_dir")
-    return [out]
+    return _outputs(cfg.train.out, "train.out", cfg)
 
 
 def check_eval(cfg: Any) -> list[Path]:
