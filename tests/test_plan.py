@@ -3,6 +3,7 @@ their intended slices; a config that cannot fit is reported before any allocatio
 
 from __future__ import annotations
 
+import gc
 import pathlib
 
 import jax
@@ -23,12 +24,14 @@ PAPER = {  # config -> (job, devices)
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_plans_without_allocating(path):
+    gc.collect()  # earlier tests' garbage must not vanish mid-test and hide an allocation
     before = len(jax.live_arrays())
     cfg = load_config(path)
     for job in ("sft", "score"):
         p = plan(cfg, job, chip=cfg.mesh.chip or "h100", devices=8)
         assert p["params"] > 0 and p["memory_total_bytes"] > p["memory_bytes"]["params"] > 0
         assert p["step_flops"] > 0 and p["fits"] in (True, False)
+    gc.collect()
     assert len(jax.live_arrays()) == before
 
 
@@ -48,6 +51,7 @@ def test_param_memory_is_the_sharded_share():
 
 
 def test_a_config_that_cannot_fit_is_reported(capsys):
+    gc.collect()  # earlier tests' garbage must not vanish mid-test and hide an allocation
     before = len(jax.live_arrays())
     rc = main(
         [
@@ -61,4 +65,5 @@ def test_a_config_that_cannot_fit_is_reported(capsys):
         ]
     )
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
+    gc.collect()
     assert len(jax.live_arrays()) == before

@@ -217,7 +217,7 @@ def test_sft_with_scan_trains_as_the_loop_and_its_model_loads_unscanned(tmp_path
     assert len(loss_scan) == len(loss_loop) >= 3
     np.testing.assert_allclose(loss_scan, loss_loop, rtol=RTOL)
     ids = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
-    loop = load_model(out_scan)
+    loop = load_model(out_scan, scan_layers=False)
     assert loop.run.scan_layers is False
     assert jnp.allclose(
         loop(ids), load_model(out_scan, scan_layers=True)(ids), rtol=RTOL, atol=ATOL
@@ -274,10 +274,10 @@ def test_compiled_program_is_bounded_in_depth(remat):
 
 
 def test_scan_layers_config_key(tmp_path):
-    assert ModelConfig().scan_layers is False
+    assert ModelConfig().scan_layers is True  # the default: compile time bounded in depth
     assert ModelConfig().scan_layers == RunConfig().scan_layers
-    cfg = load_config(None, ["--model.scan_layers=true"])
-    assert cfg.model.scan_layers is True and cfg.model.run_options()["scan_layers"] is True
+    cfg = load_config(None, ["--model.scan_layers=false"])
+    assert cfg.model.scan_layers is False and cfg.model.run_options()["scan_layers"] is False
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  scan_layers: sometimes\n")
     with pytest.raises(ConfigError, match=r"c\.yaml.*model\.scan_layers"):

@@ -58,7 +58,7 @@ class RunConfig:
     # Run the layer stack as one `lax.scan` over groups of identical layers (`Decoder`), so the
     # compiled program holds one group body whatever the depth. The parameters stay stored
     # per layer (`layers.{i}`); they are stacked at trace time.
-    scan_layers: bool = False
+    scan_layers: bool = True
 
 
 @jax.tree_util.register_dataclass
