@@ -7,6 +7,8 @@ setup(
     version="0.1.0",
     description="Data selection via implicit reward (DavIR, arXiv 2310.13008) in JAX for TPU/GPU",
     packages=find_packages(include=["davir_jax", "davir_jax.*"]),
+    # The demo's real data (davir_jax/demo/data: rows, licenses, provenance).
+    package_data={"davir_jax.demo": ["data/*"]},
     python_requires=">=3.10",
     # Compatible ranges; requirements.lock pins the exact set CI and the README commands install.
     install_requires=[

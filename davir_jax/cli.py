@@ -70,12 +70,13 @@ def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
-    """The embedded default job: the whole pipeline with SmolLM2-135M on generated tasks with
-    planted quality tiers (or on `--data`/`--test` files)."""
+    """The embedded default job: the whole pipeline with SmolLM2-135M on the real instruction
+    data shipped in `davir_jax/demo` (pool, validation and test split i.i.d.), or on
+    `--data`/`--test` files."""
     from pathlib import Path
 
     from davir_jax.config import load_config
-    from davir_jax.demo_data import generate_demo
+    from davir_jax.demo import LABELS, make_splits
     from davir_jax.pipeline import run_pipeline
 
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
@@ -89,8 +90,13 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.test:
             flags.append(f"--pipeline.test={args.test}")
     else:
-        paths = generate_demo(out / "data", seed=cfg.seed)
-        flags += [f"--data.path={paths['pool']}", f"--pipeline.test={paths['test']}"]
+        paths = make_splits(out / "data", seed=cfg.seed)
+        flags += [
+            f"--data.path={paths['pool']}",
+            f"--pipeline.val={paths['val']}",
+            f"--pipeline.test={paths['test']}",
+            f"--pipeline.labels=[{','.join(LABELS)}]",
+        ]
     cfg = load_config(config, flags + overrides)
     t0 = time.time()
     run_pipeline(cfg, progress=not args.quiet)
@@ -338,12 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     d = sub.add_parser(
         "demo",
-        help="the embedded default job: the whole DavIR pipeline with SmolLM2-135M on generated "
-        "tasks with planted quality tiers (about 15 minutes on 2 CPU cores)",
+        help="the embedded default job: the whole DavIR pipeline with SmolLM2-135M on real "
+        "instruction data shipped with the package (alpaca-libre + GSM8K), 3 seeds",
     )
     _config_args(d)
     d.add_argument("--out", help="run folder (default runs/demo)")
-    d.add_argument("--data", help="your own pool instead of the generated tasks")
+    d.add_argument("--data", help="your own pool instead of the shipped data")
     d.add_argument("--test", help="held-out file for --data")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)

@@ -313,20 +313,33 @@ class PipelineConfig:
     5. evaluate the base, the reference (= SFT on the full pool, when `full`) and every subset
     model on `test` (held-out loss, and exact-match accuracy on `generate` examples);
     6. write `report.md`. Each stage is skipped when its outputs exist with the same inputs.
+
+    `val`: a split of the pool kept out of the reference's training; the reference's recipe
+    (its epoch, `train.val`/`train.keep_best`/`train.patience`) is chosen by the loss on it,
+    never by how the subsets turn out. `seeds`: every selection, subset SFT and evaluation is
+    repeated with seeds `seed`, `seed + 1`, ... (random draws another subset; every method's
+    SFT another data order); the report gives mean, spread and paired intervals over them.
+    `labels`: fields of the pool's rows (e.g. `task`, `quality`) that the report uses to
+    describe scores and selections; no selection method reads them.
     """
 
     out: str | None = None
     test: str | None = None
+    val: str | None = None
     reference: str | None = None
     methods: tuple[str, ...] = ("davir", "rho", "random")
     budgets: tuple[str, ...] = ("fraction=0.25",)
     extra_pools: tuple[str, ...] = ()
     full: bool = True
     generate: int = 64
+    seeds: int = 3
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.methods:
             raise ValueError("methods: at least one selection method")
+        if self.seeds < 1:
+            raise ValueError(f"seeds: must be positive, got {self.seeds}")
         from davir_jax.selection import Budget
 
         for b in self.budgets:

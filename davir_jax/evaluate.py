@@ -172,6 +172,24 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
     if ec.out:
         out = Path(ec.out)
         out.mkdir(parents=True, exist_ok=True)
+        # Per held-out example (what paired comparisons between models resample).
+        correct = {r["example_id"]: r["correct"] for r in rows}
+        write_atomic(
+            out / "examples.jsonl",
+            "".join(
+                dumps_json(
+                    {
+                        "example_id": eid,
+                        "nll": float(nll),
+                        "n_tokens": int(cnt),
+                        "loss": float(nll) / max(float(cnt), 1.0),
+                        **({"correct": correct[eid]} if eid in correct else {}),
+                    }
+                )
+                + "\n"
+                for eid, nll, cnt in zip(data.example_ids, loss["nll"], loss["n_tokens_each"])
+            ),
+        )
         if rows:
             write_atomic(
                 out / "generations.jsonl",

@@ -137,7 +137,6 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     from davir_jax.evaluate import run_eval
     from davir_jax.report import write_report
     from davir_jax.scoring import score
-    from davir_jax.selection import run_select
     from davir_jax.train import sft
 
     pc = cfg.pipeline
@@ -166,13 +165,18 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     # its job may replace them (a job still resumes its own unfinished run of the same inputs).
     train_own = {"overwrite": True}
 
-    # 1. The reference: the base fine-tuned on the whole pool (method.md step 1).
+    # 1. The reference: the base fine-tuned on the whole pool (method.md step 1). With
+    # `pipeline.val`, its recipe (the epoch it stops at) is chosen by the loss on that split of
+    # the pool alone: the later stages cannot influence it.
     ref = pc.reference or str(out / "reference")
     if pc.reference is None:
+        val = {"val": pc.val} if pc.val is not None else {}
         stages.run(
             "reference",
-            train_inputs,
-            lambda: sft(_with(cfg, train={"out": ref, "selection": None, **train_own}), progress),
+            {**train_inputs, "val": data_inputs(cfg.data, pc.val) if pc.val else None},
+            lambda: sft(
+                _with(cfg, train={"out": ref, "selection": None, **val, **train_own}), progress
+            ),
         )
 
     # 2. Both models over the pool (the reference by its content: retrained, it is rescored).
@@ -198,39 +202,16 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
         ),
     )
 
-    # 3-4. Select with every method at every budget; SFT the base on each subset.
+    # 3-4. Select with every method at every budget, for every seed; SFT the base on each
+    # subset with that seed (random draws another subset, every method another data order).
     runs: dict[str, str] = {}
     for budget in pc.budgets:
         for method in pc.methods:
-            name = f"{method}-{budget.replace('=', '')}"
-            sel = out / "select" / name
-            stages.run(
-                f"select/{name}",
-                {
-                    "scores": file_sha256(scores_dir / "scores.parquet"),
-                    "method": method,
-                    "budget": budget,
-                    "extra": [
-                        (n, _file_fp(f) if Path(f).is_file() else f)
-                        for n, _, f in (x.partition("=") for x in pc.extra_pools)
-                    ],
-                    "seed": cfg.seed,
-                },
-                lambda sel=sel, method=method, budget=budget: (
-                    run_select([f"pool={scores_dir}:{budget}"], method, str(sel), cfg.seed),
-                    add_extra_pools(sel, pc.extra_pools),
-                ),
-            )
-            target = str(out / "sft" / name)
-            stages.run(
-                f"sft/{name}",
-                {**train_inputs, "selection": _selection_fp(sel)},
-                lambda sel=sel, target=target: sft(
-                    _with(cfg, train={"out": target, "selection": str(sel), **train_own}),
-                    progress,
-                ),
-            )
-            runs[name] = target
+            for k in range(pc.seeds):
+                name = run_name(method, budget, k)
+                runs[name] = _subset_run(
+                    cfg, stages, out, name, (method, budget, cfg.seed + k), train_inputs, progress
+                )
 
     # 5. Held-out evaluation of the base, the full-pool SFT and every subset model (each by its
     # content: a retrained model is evaluated again).
@@ -262,6 +243,59 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     write_report(out, cfg)
     say(f"[pipeline] report: {out / 'report.md'}")
     return out
+
+
+def run_name(method: str, budget: str, seed_index: int) -> str:
+    """The name of one subset model: `davir-fraction0.1-s0`."""
+    return f"{method}-{budget.replace('=', '')}-s{seed_index}"
+
+
+def _subset_run(
+    cfg: Config,
+    stages: Stages,
+    out: Path,
+    name: str,
+    spec: tuple[str, str, int],
+    train_inputs: dict[str, Any],
+    progress: bool,
+) -> str:
+    """Select with `spec` = (method, budget, seed) and SFT the base on the subset with that
+    seed; returns the SFT run folder (a model source)."""
+    from davir_jax.selection import run_select
+    from davir_jax.train import sft
+
+    method, budget, seed = spec
+    pc, scores_dir = cfg.pipeline, out / "scores"
+    extra = [
+        (n, _file_fp(f) if Path(f).is_file() else f)
+        for n, _, f in (x.partition("=") for x in pc.extra_pools)
+    ]
+    sel = out / "select" / name
+    stages.run(
+        f"select/{name}",
+        {
+            "scores": file_sha256(scores_dir / "scores.parquet"),
+            "method": method,
+            "budget": budget,
+            "extra": extra,
+            "seed": seed,
+        },
+        lambda: (
+            run_select([f"pool={scores_dir}:{budget}"], method, str(sel), seed),
+            add_extra_pools(sel, pc.extra_pools),
+        ),
+    )
+    target = str(out / "sft" / name)
+    seeded = dataclasses.replace(cfg, seed=seed)
+    stages.run(
+        f"sft/{name}",
+        {**train_inputs, "seed": seed, "selection": _selection_fp(sel)},
+        lambda: sft(
+            _with(seeded, train={"out": target, "selection": str(sel), "overwrite": True}),
+            progress,
+        ),
+    )
+    return target
 
 
 def _selection_fp(sel: Path) -> str:

@@ -251,9 +251,10 @@ def check_pipeline(cfg: Any) -> list[Path]:
         model_source(pc.reference, "pipeline.reference")
     tokenizer_fits(cfg.model.source, "model.source", (pc.reference,))
     _pool(cfg)
-    if pc.test is not None:
-        # Evaluated with the pool's format settings, never strict (as the pipeline runs it).
-        data_file(pc.test, "pipeline.test", d.format, d.fields)
+    for key in ("test", "val"):
+        if getattr(pc, key) is not None:
+            # Read with the pool's format settings, never strict (as the pipeline runs it).
+            data_file(getattr(pc, key), f"pipeline.{key}", d.format, d.fields)
     for i, spec in enumerate(pc.extra_pools):
         name, eq, file = spec.partition("=")
         if not eq or not name:

@@ -151,14 +151,14 @@ def _stage_lines(err: str) -> tuple[set[str], set[str]]:
 STAGES = {
     "reference",
     "scores",
-    "select/davir-fraction0.5",
-    "select/random-fraction0.5",
-    "sft/davir-fraction0.5",
-    "sft/random-fraction0.5",
+    "select/davir-fraction0.5-s0",
+    "select/random-fraction0.5-s0",
+    "sft/davir-fraction0.5-s0",
+    "sft/random-fraction0.5-s0",
     "eval/base",
     "eval/full",
-    "eval/davir-fraction0.5",
-    "eval/random-fraction0.5",
+    "eval/davir-fraction0.5-s0",
+    "eval/random-fraction0.5-s0",
 }
 
 
@@ -166,10 +166,10 @@ STAGES = {
 def test_pipeline_reruns_exactly_what_a_changed_input_feeds(tmp_path, base, capsys):
     from davir_jax.cli import main
     from davir_jax.config import load_config
-    from davir_jax.demo_data import generate_demo
+    from davir_jax.demo import make_splits
     from davir_jax.train import sft
 
-    paths = generate_demo(tmp_path / "data", n_pool=40, n_test=8, seed=0)
+    paths = make_splits(tmp_path / "data", n_pool=40, n_val=8, n_test=8, seed=0)
     run = tmp_path / "run"
     config = str(ROOT / "configs" / "demo.yaml")
     overrides = [
@@ -180,6 +180,7 @@ def test_pipeline_reruns_exactly_what_a_changed_input_feeds(tmp_path, base, caps
         "--train.epochs=2",
         "--pipeline.methods=[davir, random]",
         "--pipeline.budgets=[fraction=0.5]",
+        "--pipeline.seeds=1",
         "--pipeline.generate=2",
         "--eval.max_new_tokens=2",
     ]
@@ -228,11 +229,16 @@ def test_pipeline_reruns_exactly_what_a_changed_input_feeds(tmp_path, base, caps
     sft(cfg, progress=False)
     ran, skipped = pipeline(*changed)
     assert "reference" in skipped and "eval/base" in skipped
-    assert {"scores", "select/davir-fraction0.5", "select/random-fraction0.5", "eval/full"} <= ran
+    assert {
+        "scores",
+        "select/davir-fraction0.5-s0",
+        "select/random-fraction0.5-s0",
+        "eval/full",
+    } <= ran
     assert not np.allclose(nll("nll_ref"), ref2)
     # The random selection does not depend on the scores: same rows, so its SFT and evaluation
     # are kept.
-    assert {"sft/random-fraction0.5", "eval/random-fraction0.5"} <= skipped
+    assert {"sft/random-fraction0.5-s0", "eval/random-fraction0.5-s0"} <= skipped
     assert ran | skipped == STAGES
     stage = json.loads((run / "stages" / "scores.json").read_text())
     assert str(run) not in json.dumps(stage["inputs"])  # contents, not paths

@@ -1,5 +1,6 @@
-"""The pipeline end to end on a tiny model with the real SmolLM2 tokenizer and the generated demo
-data: every stage runs, the report holds every section, and a rerun skips every stage."""
+"""The pipeline end to end on a tiny model with the real SmolLM2 tokenizer and the shipped demo
+data: every stage runs for every seed, the report holds every section, and a rerun skips every
+stage."""
 
 from __future__ import annotations
 
@@ -7,26 +8,6 @@ import importlib.util
 import json
 
 import pytest
-
-from davir_jax.demo_data import TIERS, generate_demo
-
-
-def test_demo_data_is_deterministic_with_planted_tiers_and_a_clean_test_split(tmp_path):
-    a = generate_demo(tmp_path / "a", n_pool=100, n_test=30, seed=3)
-    b = generate_demo(tmp_path / "b", n_pool=100, n_test=30, seed=3)
-    assert a["pool"].read_text() == b["pool"].read_text()
-    pool = [json.loads(x) for x in a["pool"].read_text().splitlines()]
-    test = [json.loads(x) for x in a["test"].read_text().splitlines()]
-    assert [sum(r["tier"] == t for r in pool) for t in TIERS] == [50, 30, 20]
-    assert all(r["tier"] == "correct" for r in test) and len(test) == 30
-    keys = {(r["instruction"], r["input"]) for r in pool}
-    assert not keys & {(r["instruction"], r["input"]) for r in test}
-    for r in pool:  # the tiers mean what they say
-        if r["instruction"] == "Add the two numbers.":
-            x, y = map(int, r["input"].split(" + "))
-            assert (int(r["output"]) == x + y) == (r["tier"] == "correct")
-        if r["instruction"] == "Write the word backwards.":
-            assert (r["output"] == r["input"][::-1]) == (r["tier"] == "correct")
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +47,9 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_smol, capsys):
         f"--model.source={tiny_smol}",
         f"--data.cache_dir={tmp_path / 'cache'}",
         "--data.batch_rows=8",
-        "--train.epochs=1",
+        "--train.epochs=2",
         "--optimizer.lr=1e-3",
+        "--pipeline.seeds=2",
         "--pipeline.generate=8",
         "--eval.max_new_tokens=4",
         "-q",
@@ -83,14 +65,26 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_smol, capsys):
         "## Stages",
     ):
         assert section in report, section
-    for name in ("base", "full", "davir-fraction0.25", "rho-fraction0.25", "random-fraction0.25"):
-        assert f"| {name} |" in report
+    subsets = [f"{m}-fraction0.15-s{k}" for m in ("davir", "rho", "random") for k in (0, 1)]
+    for name in ("base", "full", *subsets):
         assert (run / "eval" / name / "eval.json").is_file()
+        rows = (run / "eval" / name / "examples.jsonl").read_text().splitlines()
+        assert len(rows) == 300  # every held-out example, for the paired intervals
+    # The reference's epoch was chosen on the validation split.
+    val = json.loads((run / "reference" / "val.json").read_text())
+    assert val["n_val"] == 40 and 1 <= val["best_epoch"] <= len(val["val_loss"])
     for png in ("training_curves.png", "results.png", "scores/diagnostics_vs_length.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
-    sel = json.loads((run / "select" / "davir-fraction0.25" / "manifest.json").read_text())
-    assert sel["pools"][0]["n_selected"] == 60  # a quarter of the 240-example pool
+    sel = json.loads((run / "select" / "davir-fraction0.15-s0" / "manifest.json").read_text())
+    assert sel["pools"][0]["n_selected"] == 24  # 15% of the 160-example pool
+
+    # Seeds: random draws another subset; davir selects the same rows.
+    def rows(name: str) -> str:
+        return (run / "select" / name / "pool.jsonl").read_text()
+
+    assert rows("davir-fraction0.15-s0") == rows("davir-fraction0.15-s1")
+    assert rows("random-fraction0.15-s0") != rows("random-fraction0.15-s1")
     capsys.readouterr()
     assert main(args) == 0  # everything is done: every stage is skipped
     err = capsys.readouterr().err
-    assert err.count("done before, skipped") == 1 + 1 + 3 * 2 + 5
+    assert err.count("done before, skipped") == 1 + 1 + 3 * 2 * 2 + 2 + 6
