@@ -417,10 +417,10 @@ def _selection_line(pool: PoolScores, name: str, masks: list[np.ndarray]) -> str
     stats = [group_stats(pool, m) for m in masks if m.any()]
     if not stats:
         return f"| {name} | {len(masks)} | 0 | 0 | n/a | n/a | n/a |"
-    distinct = len({m.tobytes() for m in masks})
+    seeds = "" if name == "whole pool" else f"{len(masks)} | {len({m.tobytes() for m in masks})}"
     mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
     return (
-        f"| {name} | {len(masks)} | {distinct} | {mean['n']:.0f} | {mean['tokens']:.1f} | "
+        f"| {name} | {seeds or ' | '} | {mean['n']:.0f} | {mean['tokens']:.1f} | "
         f"{mean['loss_base']:.4f} | {mean['loss_ref']:.4f} |"
     )
 
