@@ -64,6 +64,8 @@ def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
         flags.append(f"--data.path={args.data}")
     if args.test:
         flags.append(f"--pipeline.test={args.test}")
+    if args.strict:
+        flags += [f"--{k}=true" for k in _STRICT]
     out = run_pipeline(_load_cfg(args, flags + overrides), progress=not args.quiet)
     print(f"wrote {out / 'report.md'}")
     return 0
@@ -186,17 +188,18 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _flags(args: argparse.Namespace, table: dict[str, str]) -> list[str]:
+def _flags(args: argparse.Namespace, table: dict[str, str | tuple[str, ...]]) -> list[str]:
     """Command-line shorthands -> config overrides (every option is also a config key).
 
-    `table` maps argparse names to config keys; `overwrite` and `strict` are switches.
+    `table` maps argparse names to config keys; `overwrite` and `strict` are switches (a switch
+    may set several keys).
     """
     out = []
     for name, key in table.items():
         value = getattr(args, name, None)
         if name in ("overwrite", "strict"):
             if value:
-                out.append(f"--{key}=true")
+                out += [f"--{k}=true" for k in ((key,) if isinstance(key, str) else key)]
         elif value is not None:
             out.append(f"--{key}={value}")
     return out
@@ -235,9 +238,12 @@ def cmd_score(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-_SFT_FLAGS = {
+# --strict: bad input rows and a run of fewer than train.min_steps steps are errors.
+_STRICT = ("data.strict", "train.strict_steps")
+
+_SFT_FLAGS: dict[str, str | tuple[str, ...]] = {
     "overwrite": "train.overwrite",
-    "strict": "data.strict",
+    "strict": _STRICT,
     **_DATA_FLAGS,
     "selection": "train.selection",
     "out": "train.out",
@@ -273,9 +279,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-_DPO_FLAGS = {
+_DPO_FLAGS: dict[str, str | tuple[str, ...]] = {
     "overwrite": "train.overwrite",
-    "strict": "data.strict",
+    "strict": _STRICT,
     **_DATA_FLAGS,
     "out": "train.out",
     "objective": "dpo.objective",
@@ -362,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="run folder (pipeline.out)")
     pl.add_argument("--data", help="the candidate pool (data.path)")
     pl.add_argument("--test", help="held-out data (pipeline.test)")
+    pl.add_argument(
+        "--strict",
+        action="store_true",
+        help="any bad input row, or an SFT run of fewer than train.min_steps steps, is an error",
+    )
     pl.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pl.set_defaults(fn=cmd_pipeline)
     h = sub.add_parser("hello", help="load a model: per-token losses and a greedy chat answer")
@@ -411,7 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-len", dest="max_len", type=int, help="data.max_len")
     t.add_argument("--out", help="output directory (train.out)")
     t.add_argument("--overwrite", action="store_true", help="discard another run's outputs")
-    t.add_argument("--strict", action="store_true", help="any bad input row is an error")
+    t.add_argument(
+        "--strict",
+        action="store_true",
+        help="any bad input row, or fewer than train.min_steps optimizer steps, is an error",
+    )
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_sft)
     po = sub.add_parser(
@@ -436,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a davir score run on the same pairs (its nll_ref column)",
     )
     po.add_argument("--overwrite", action="store_true", help="discard another run's outputs")
+    po.add_argument(
+        "--strict",
+        action="store_true",
+        help="any bad input pair, or fewer than train.min_steps optimizer steps, is an error",
+    )
     po.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     po.set_defaults(fn=cmd_dpo)
     ev = sub.add_parser(

@@ -212,11 +212,23 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The SFT loop (`davir sft`).
+    """The SFT loop (`davir sft`) and the DPO loop (`davir dpo`).
 
-    One optimizer step sees `grad_accum` batches of `data.batch_rows` rows; the loss is the mean
-    over all response tokens of that whole global batch. `selection`: a `davir select` output
-    directory (or its manifest.json) to train on instead of `data.path`.
+    The batch of one optimizer step, as researchers state it: `batch_examples` (the Alpaca
+    recipe's 128; pairs for DPO) or `batch_tokens` (whole examples, as close to that many tokens
+    as they allow; an example counts all its tokens, a pair both responses). The step's examples
+    are packed into rows of `data.row_len`, split into micro-batches of `data.batch_rows` rows;
+    the micro-batch count is derived (the most any step of the run needs; shorter steps get
+    empty, zero-weight micro-batches, so shapes never change). Unset: one step is `grad_accum`
+    batches of `data.batch_rows` packed rows. The loss is the mean over all response tokens
+    of the whole step either way. `selection`: a `davir select` output directory (or its
+    manifest.json) to train on instead of `data.path`.
+
+    A run of fewer than `min_steps` optimizer steps is reported before it starts (an error
+    with `strict_steps`, set by the CLI's --strict). `val`: a data file (read with the data
+    settings) whose response loss is measured after every epoch (DIR/val.json); `keep_best`
+    exports the epoch with the lowest one, and `patience` stops after that many epochs without
+    improvement (None: never).
     """
 
     out: str | None = None
@@ -224,6 +236,13 @@ class TrainConfig:
     epochs: int = 3
     max_steps: int | None = None
     grad_accum: int = 1
+    batch_examples: int | None = None
+    batch_tokens: int | None = None
+    min_steps: int = 20
+    strict_steps: bool = False
+    val: str | None = None
+    keep_best: bool = True
+    patience: int | None = 1
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     log_every: int = 1
@@ -234,6 +253,29 @@ class TrainConfig:
         for k in ("epochs", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k}: must be positive, got {getattr(self, k)}")
+        for k in ("batch_examples", "batch_tokens", "patience", "max_steps"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ValueError(f"{k}: must be positive (or unset), got {v}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps: must be >= 0, got {self.min_steps}")
+        if self.batch_examples is not None and self.batch_tokens is not None:
+            raise ValueError(
+                f"batch_tokens: set batch_examples ({self.batch_examples}) or batch_tokens "
+                f"({self.batch_tokens}), not both"
+            )
+        if self.grad_accum != 1 and (self.batch_examples or self.batch_tokens):
+            # An error, not a silent override: the step is sized by the batch key alone.
+            which = "batch_examples" if self.batch_examples else "batch_tokens"
+            raise ValueError(
+                f"grad_accum: {self.grad_accum} with train.{which}: the micro-batches per step "
+                f"follow from {which} and data.batch_rows; leave grad_accum at 1"
+            )
+
+    @property
+    def sized_batch(self) -> bool:
+        """Whether a step is sized in examples or tokens (not in rows)."""
+        return self.batch_examples is not None or self.batch_tokens is not None
 
 
 @dataclasses.dataclass(frozen=True)

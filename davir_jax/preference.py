@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from davir_jax.config import Config, to_dict
-from davir_jax.data.batching import BatchPlan, assemble, local_rows
+from davir_jax.data.batching import BatchPlan
 from davir_jax.io_utils import write_atomic
 from davir_jax.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, example_nll
 from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
 from davir_jax.preflight import checked
 from davir_jax.runs import check_batch_rows
 from davir_jax.sharding import mesh_from_config
-from davir_jax.train import Job, Objective, accum_batch_sharding, fit
+from davir_jax.train import Job, Objective, fit, plan_steps, step_batch
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "weights", "ref_nll")
 METRICS = (
@@ -163,18 +164,24 @@ class PairData:
         ev = np.array([held_out(p, fraction) for p in self.pair_ids], bool)
         return PairData(self.data, ~ev), PairData(self.data, ev)
 
+    def get(self, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.data.get(idx)
+
+    def expand(self, plan: BatchPlan) -> BatchPlan:
+        """A plan of pairs as a plan of responses: pair p becomes segments (chosen[p],
+        rejected[p])."""
+        rows = tuple(
+            tuple(int(x) for q in row for x in (self.chosen[q], self.rejected[q]))
+            for row in plan.rows
+        )
+        return BatchPlan(plan.width, rows)
+
     def plans(self, shuffle: bool = False, seed: int = 0) -> list[BatchPlan]:
-        """Example-level plans: each pair p becomes segments (chosen[p], rejected[p])."""
+        """Example-level plans of all the pairs (evaluation; training plans come from
+        `train.plan_steps`)."""
         from davir_jax.data.dataset import make_plans
 
-        out = []
-        for p in make_plans(self.lengths, self.cfg, shuffle, seed):
-            rows = tuple(
-                tuple(int(x) for q in row for x in (self.chosen[q], self.rejected[q]))
-                for row in p.rows
-            )
-            out.append(BatchPlan(p.width, rows))
-        return out
+        return [self.expand(p) for p in make_plans(self.lengths, self.cfg, shuffle, seed)]
 
 
 # -- reference log-probs -----------------------------------------------------------------------
@@ -298,6 +305,11 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     from davir_jax.data.dataset import prepare
 
     dc, tc = cfg.dpo, cfg.train
+    if tc.val is not None:
+        raise ValueError(
+            "train.val: per-epoch validation is for davir sft; davir dpo holds out "
+            "dpo.eval_fraction of the pairs instead"
+        )
     if tc.out is None or cfg.model.source is None or cfg.data.path is None:
         raise ValueError("davir dpo needs model.source, data.path and train.out")
     mesh = mesh or mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
@@ -320,27 +332,14 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         ref = reference_nll(cfg, data, mesh, progress)
     lengths = data.lengths
 
-    def plans(epoch: int) -> list[BatchPlan]:
-        out = train_pairs.plans(shuffle=True, seed=cfg.seed * 100_003 + epoch)
-        n_rows = len(out[0].rows)
-        while len(out) % tc.grad_accum:
-            out.append(BatchPlan(out[-1].width, ((),) * n_rows))
-        return out
+    def ref_column(bs: list[Any]) -> dict[str, np.ndarray]:
+        col = [np.where(b.example_index >= 0, ref[np.maximum(b.example_index, 0)], 0.0) for b in bs]
+        return {"ref_nll": np.stack(col).astype(np.float32)}
 
-    def batch(step_plans: list[BatchPlan]) -> dict[str, jax.Array]:
-        width = max(p.width for p in step_plans)
-        bs = [
-            assemble(local_rows(p, pi, pc), width, train_pairs.num_segments, data.get)
-            for p in step_plans
-        ]
-        host = {k: np.stack([getattr(b, k) for b in bs]) for k in PAIR_KEYS[:-1]}
-        host["ref_nll"] = np.stack(
-            [np.where(b.example_index >= 0, ref[np.maximum(b.example_index, 0)], 0.0) for b in bs]
-        ).astype(np.float32)
-        sh = accum_batch_sharding(mesh)
-        return {k: jax.make_array_from_process_local_data(sh, v) for k, v in host.items()}
+    def batch(step_plans: Sequence[BatchPlan]) -> dict[str, jax.Array]:
+        return step_batch(train_pairs, step_plans, mesh, pi, pc, PAIR_KEYS[:-1], ref_column)
 
-    def count(step_plans: list[BatchPlan]) -> tuple[int, int]:
+    def count(step_plans: Sequence[BatchPlan]) -> tuple[int, int]:
         idx = [i for p in step_plans for row in p.rows for i in row]
         return len(idx) // 2, int(lengths[idx].sum()) if idx else 0
 
@@ -370,7 +369,11 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     job = Job(
         name="dpo",
         objective=preference_objective(dc.objective, beta, dc.label_smoothing, tc.chunk),
-        plans=plans,
+        # The shared planner over pairs (pair-level settings), each pair then as its two
+        # responses side by side.
+        steps=plan_steps(train_pairs.lengths, train_pairs.cfg, tc, cfg.seed, "pairs").map(
+            train_pairs.expand
+        ),
         batch=batch,
         count=count,
         tokenizer=tok,
@@ -381,6 +384,7 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         frozen=frozen,
         after=after,
         example_ids=data.example_ids,
+        noun="pairs",
     )
     return fit(cfg, job, mesh, progress)
 

@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +38,16 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
-from davir_jax.data.batching import BatchPlan, assemble, local_rows
-from davir_jax.io_utils import dumps_json, file_sha256, progress_bar, write_atomic, write_json
+from davir_jax.data.batching import Batch, BatchPlan, assemble, local_rows
+from davir_jax.errors import UserError
+from davir_jax.io_utils import (
+    dumps_json,
+    file_sha256,
+    progress_bar,
+    publish_dir,
+    write_atomic,
+    write_json,
+)
 from davir_jax.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.models.loading import (
     load_model,
@@ -48,7 +56,7 @@ from davir_jax.models.loading import (
     save_model,
 )
 from davir_jax.preflight import checked
-from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
+from davir_jax.runs import _barrier, batching_identity, check_batch_rows, claim_run_dir
 from davir_jax.scoring import NonFiniteLossError, name_examples
 from davir_jax.sharding import logical_to_spec, mesh_from_config, state_shardings
 
@@ -285,26 +293,178 @@ def training_data(
     return mix, {"selection": file_sha256(manifest_path), "data": [p.fields for p in parts]}
 
 
-def epoch_plans(data: Any, seed: int, epoch: int, accum: int) -> list[BatchPlan]:
-    """The shuffled plan of one epoch, padded with empty batches to a multiple of `accum`."""
-    plans = data.plans(shuffle=True, seed=seed * 100_003 + epoch)
-    n_rows = len(plans[0].rows) if plans else data.cfg.batch_rows
-    while len(plans) % accum:
-        plans.append(BatchPlan(plans[-1].width if plans else data.cfg.max_len, ((),) * n_rows))
-    return plans
+# One optimizer step's micro-batch plans: `accum` global batches of `data.batch_rows` rows.
+Step = tuple[BatchPlan, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Every optimizer step of a run: `epochs[e][k]` is step k of epoch e, `accum` micro-batch
+    plans of item indices (examples for SFT, pairs for DPO; `()` rows are zero-weight filler).
+
+    A pure function of (lengths, data settings, train settings, seed), so a resumed run
+    recomputes exactly the steps of the interrupted one. `batch` says in words how a step is
+    sized (for messages).
+    """
+
+    epochs: tuple[tuple[Step, ...], ...]
+    accum: int
+    n_items: int
+    batch: str
+
+    @property
+    def steps_per_epoch(self) -> list[int]:
+        return [len(e) for e in self.epochs]
+
+    @property
+    def n_steps(self) -> int:
+        return sum(self.steps_per_epoch)
+
+    def epoch_ends(self) -> list[int]:
+        """The global step number (1-based count of steps done) at which each epoch ends."""
+        return np.cumsum(self.steps_per_epoch).tolist()
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, index within it) of global step `step` (0-based)."""
+        for e, n in enumerate(self.steps_per_epoch):
+            if step < n:
+                return e, step
+            step -= n
+        raise IndexError("step beyond the planned run")
+
+    def step(self, step: int) -> Step:
+        e, k = self.locate(step)
+        return self.epochs[e][k]
+
+    def map(self, fn: Callable[[BatchPlan], BatchPlan]) -> StepPlan:
+        """The same steps with every micro-batch plan rewritten (e.g. pairs -> responses)."""
+        epochs = tuple(tuple(tuple(fn(p) for p in st) for st in ep) for ep in self.epochs)
+        return dataclasses.replace(self, epochs=epochs)
+
+
+def _item_groups(lengths: np.ndarray, train: Any, order: np.ndarray) -> list[np.ndarray]:
+    """Items (in `order`) split into consecutive steps: `batch_examples` each (the last step of
+    the epoch keeps the remainder: no item is dropped), or whole items as close to
+    `batch_tokens` tokens as they allow (an item is added while that brings the step's total no
+    farther from the target; every step holds at least one item)."""
+    if train.batch_examples is not None:
+        b = train.batch_examples
+        return [order[i : i + b] for i in range(0, len(order), b)]
+    target, groups, cur, total = train.batch_tokens, [], [], 0
+    for i in order.tolist():
+        n = int(lengths[i])
+        if cur and abs(total + n - target) > abs(total - target):
+            groups.append(np.asarray(cur))
+            cur, total = [], 0
+        cur.append(i)
+        total += n
+    if cur:
+        groups.append(np.asarray(cur))
+    return groups
+
+
+def _step_rows(lengths: np.ndarray, items: np.ndarray, data: DataConfig) -> list[BatchPlan]:
+    """One step's items as micro-batches of `data.batch_rows` rows: packed into rows of
+    `data.row_len` (best-fit decreasing), or one per row at the smallest bucket width that holds
+    the step's longest item."""
+    from davir_jax.data.batching import bucket_widths, pack_bfd
+
+    if data.pack:
+        local = pack_bfd(lengths[items], data.packed_row_len, data.max_segments)
+        rows = [tuple(int(items[j]) for j in r) for r in local]
+        width = data.packed_row_len
+    else:
+        rows = [(int(i),) for i in items]
+        longest = int(lengths[items].max())
+        width = next(w for w in bucket_widths(data.max_len, data.bucket_min) if w >= longest)
+    per = data.batch_rows
+    out = []
+    for i in range(0, len(rows), per):
+        chunk = rows[i : i + per]
+        out.append(BatchPlan(width, tuple(chunk) + ((),) * (per - len(chunk))))
+    return out
+
+
+def describe_batch(data: DataConfig, train: Any, noun: str = "examples") -> str:
+    """How one optimizer step is sized, in words."""
+    if train.batch_examples is not None:
+        return f"{train.batch_examples:,} {noun} per step"
+    if train.batch_tokens is not None:
+        return f"about {train.batch_tokens:,} tokens of whole {noun} per step"
+    rows = train.grad_accum * data.batch_rows
+    if data.pack:
+        return f"{rows} rows of {data.packed_row_len} tokens per step"
+    return f"{rows} padded rows (one example each) per step"
+
+
+def plan_steps(
+    lengths: np.ndarray,
+    data: DataConfig,
+    train: Any,
+    seed: int,
+    noun: str = "examples",
+) -> StepPlan:
+    """The one planner of SFT and DPO steps: every epoch's optimizer steps over items of
+    `lengths` (examples, or pairs with their pair-level `data` settings).
+
+    Epoch e shuffles with seed `seed * 100_003 + e`. With `train.batch_examples` or
+    `train.batch_tokens`, the permuted items are cut into steps (`_item_groups`) and each
+    step is packed on its own (`_step_rows`); the accumulation count is the largest any step of
+    the run needs, and shorter steps are completed with empty micro-batches (zero weight: they
+    change no sum), so every step has the same shapes and nothing recompiles. Otherwise the
+    epoch's packed batches (`make_plans`) are grouped `train.grad_accum` to a step, the last
+    completed with empty batches.
+    """
+    from davir_jax.data.dataset import make_plans
+
+    lengths = np.asarray(lengths)
+    epochs: list[list[list[BatchPlan]]] = []
+    for e in range(train.epochs):
+        s = seed * 100_003 + e
+        if train.sized_batch:
+            order = np.random.default_rng(s).permutation(len(lengths))
+            steps = [
+                _step_rows(lengths, g, data) for g in _item_groups(lengths, train, order) if len(g)
+            ]
+        else:
+            plans = make_plans(lengths, data, shuffle=True, seed=s)
+            a = train.grad_accum
+            steps = [plans[i : i + a] for i in range(0, len(plans), a)]
+        epochs.append(steps)
+    accum = train.grad_accum
+    if train.sized_batch:
+        accum = max((len(st) for ep in epochs for st in ep), default=1)
+    padded = tuple(
+        tuple(
+            tuple(st) + (BatchPlan(st[0].width, ((),) * data.batch_rows),) * (accum - len(st))
+            for st in ep
+        )
+        for ep in epochs
+    )
+    return StepPlan(padded, accum, len(lengths), describe_batch(data, train, noun))
 
 
 def step_batch(
-    data: Any, plans: list[BatchPlan], mesh: Mesh | None, process_index: int, process_count: int
+    data: Any,
+    plans: Sequence[BatchPlan],
+    mesh: Mesh | None,
+    process_index: int,
+    process_count: int,
+    keys: tuple[str, ...] = _BATCH_KEYS,
+    extra: Callable[[list[Batch]], dict[str, np.ndarray]] | None = None,
 ) -> dict[str, jax.Array]:
     """This process's rows of `accum` micro-batches, stacked `[accum, rows, width]`, as global
-    arrays. Micro-batches share the largest width among them (a fixed set of shapes)."""
+    arrays. Micro-batches share the largest width among them (a fixed set of shapes). `data`
+    needs `num_segments` and `get`; `extra(host batches)` adds more arrays (DPO: reference
+    NLLs)."""
     width = max(p.width for p in plans)
     batches = [
         assemble(local_rows(p, process_index, process_count), width, data.num_segments, data.get)
         for p in plans
     ]
-    host = {k: np.stack([getattr(b, k) for b in batches]) for k in _BATCH_KEYS}
+    host = {k: np.stack([getattr(b, k) for b in batches]) for k in keys}
+    if extra is not None:
+        host.update(extra(batches))
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in host.items()}
     sh = accum_batch_sharding(mesh)
@@ -441,6 +601,18 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 # -- the loop ----------------------------------------------------------------------------------
 
 
+# Train settings that decide how often a run reports or where it writes, not what it computes.
+_NOT_IDENTITY = (
+    "out",
+    "overwrite",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "min_steps",
+    "strict_steps",
+)
+
+
 def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -> dict[str, Any]:
     return {
         "model": model_fingerprint(cfg.model.source),
@@ -448,11 +620,7 @@ def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -
         **data_identity,
         "batching": batching_identity(cfg),
         "optimizer": to_dict(cfg.optimizer),
-        "train": {
-            k: v
-            for k, v in to_dict(cfg.train).items()
-            if k not in ("out", "overwrite", "log_every", "checkpoint_every", "keep_checkpoints")
-        },
+        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in _NOT_IDENTITY},
         "total_steps": total_steps,
         "seed": cfg.seed,
     }
@@ -462,25 +630,28 @@ def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -
 class Job:
     """What `fit` trains: the objective and how to get each step's batch.
 
-    `plans(epoch)` gives an epoch's global batch plans (a multiple of `grad_accum` long);
-    `batch(plans)` this process's micro-batches for one step as global arrays; `count(plans)`
-    the (examples, real tokens) they hold.
+    `steps`: every step of the run (`plan_steps`); `batch(plans)` this process's micro-batches
+    for one step as global arrays; `count(plans)` the (examples, real tokens) they hold.
+    `validate(model)`: the held-out loss after every epoch (`evaluate.held_out_loss`'s dict), or
+    None.
     """
 
     name: str
     objective: Objective
-    plans: Callable[[int], list[BatchPlan]]
-    batch: Callable[[list[BatchPlan]], dict[str, jax.Array]]
-    count: Callable[[list[BatchPlan]], tuple[int, int]]
+    steps: StepPlan
+    batch: Callable[[Sequence[BatchPlan]], dict[str, jax.Array]]
+    count: Callable[[Sequence[BatchPlan]], tuple[int, int]]
     tokenizer: Any
     identity: dict[str, Any]
     frozen: Any = None  # (graphdef, params) of an in-step reference model
     after: Callable[[Any, Path], dict[str, Any]] | None = None  # evaluation at the end
     example_ids: Any = None  # example index -> id (`<source>:<row>`), to name failing examples
+    noun: str = "examples"  # what an item of `steps` is, for messages
+    validate: Callable[[Any], dict[str, Any]] | None = None
 
 
 def refuse_nonfinite(
-    job: Job, step: int, plans: list[BatchPlan], metrics: dict[str, Any], saved: int
+    job: Job, step: int, plans: Sequence[BatchPlan], metrics: dict[str, Any], saved: int
 ) -> None:
     """Raise `NonFiniteLossError` for a step whose loss, gradient or any example's value was
     NaN or infinite, naming the examples (those flagged, else every example of the step)."""
@@ -498,21 +669,91 @@ def refuse_nonfinite(
     )
 
 
+STEPS_FILE = "steps.json"
+VAL_FILE = "val.json"
+BEST_DIR = "best"
+
+
+def check_min_steps(cfg: Config, job: Job, total: int) -> str | None:
+    """The warning line for a run of fewer than `train.min_steps` optimizer steps (None if it
+    has enough); a `UserError` with `train.strict_steps`. Called before anything is written."""
+    tc = cfg.train
+    if total >= tc.min_steps:
+        return None
+    capped = f", train.max_steps={tc.max_steps}" if total < job.steps.n_steps else ""
+    epochs = f"{tc.epochs} epoch{'s' if tc.epochs != 1 else ''}"
+    msg = (
+        f"davir {job.name}: this run takes {total:,} optimizer steps ({job.steps.n_items:,} "
+        f"{job.noun}, {epochs}{capped}, {job.steps.batch}); fewer than "
+        f"train.min_steps={tc.min_steps}: set train.batch_examples or more epochs"
+    )
+    if tc.strict_steps:
+        raise UserError(msg + " (an error under --strict / train.strict_steps)")
+    return msg
+
+
+def _val_summary(hist: dict[str, Any], stopped: bool, job_val: dict[str, Any]) -> dict[str, Any]:
+    losses = hist["val_loss"]
+    best = int(np.argmin(losses)) + 1 if losses else None
+    out = {
+        "val_loss": losses,
+        "val_step": hist["val_step"],
+        "best_epoch": best,
+        "best_step": hist["val_step"][best - 1] if best else None,
+        "epochs_run": len(losses),
+        "stopped_early": stopped,
+        "initial_val_loss": hist.get("initial"),
+        **job_val,
+    }
+    # keep_best never silently returns the untrained model: it picks among trained epochs,
+    # and says when none of them beats the starting point.
+    out["no_epoch_improved"] = bool(
+        best is not None and hist.get("initial") is not None and losses[best - 1] >= hist["initial"]
+    )
+    return out
+
+
+def _patience_spent(losses: list[float], patience: int | None) -> bool:
+    if patience is None or not losses:
+        return False
+    return len(losses) - (int(np.argmin(losses)) + 1) >= patience
+
+
 def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     """The training loop shared by `davir sft` and `davir dpo`: optimizer, sharded jitted step,
-    orbax checkpoints with exact resume, metrics, and the final model in `train.out/model`."""
+    orbax checkpoints with exact resume, metrics, per-epoch validation, and the final model in
+    `train.out/model`."""
     tc, pi = cfg.train, jax.process_index()
     out = Path(tc.out)
     say = (lambda *a: print(*a, file=sys.stderr)) if pi == 0 else (lambda *a: None)
-    accum = tc.grad_accum
-    steps_per_epoch = len(job.plans(0)) // accum
-    if steps_per_epoch == 0:
+    plan = job.steps
+    if plan.n_steps == 0:
         raise ValueError("no training batches: the data set is empty after skipping bad rows")
-    total = tc.epochs * steps_per_epoch
+    total = plan.n_steps
     if tc.max_steps is not None:
         total = min(total, tc.max_steps)
+    few = check_min_steps(cfg, job, total)  # strict: refused before anything is written
     identity = {**run_identity(cfg, job.identity, total), "job": job.name}
     claim_run_dir(out, identity, tc.overwrite, "training run")
+    if few:
+        say(few)
+    if pi == 0:
+        write_json(
+            out / STEPS_FILE,
+            {
+                "total_steps": total,
+                "planned_steps": plan.n_steps,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "epochs": tc.epochs,
+                "items": plan.n_items,
+                "noun": job.noun,
+                "batch": plan.batch,
+                "micro_batches_per_step": plan.accum,
+                "rows_per_micro_batch": cfg.data.batch_rows,
+                "min_steps": tc.min_steps,
+                "below_min_steps": few is not None,
+            },
+        )
 
     m = cfg.model
     model = load_model(m.source, m.dtype, mesh, **m.run_options())
@@ -523,15 +764,33 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     state = (params, jax.jit(tx.init, out_shardings=opt_sh)(params))
     mngr = _manager(out / "checkpoints", tc.keep_checkpoints)
     step, examples_seen = 0, 0
+    # The validation history lives in every checkpoint's metadata, so a resumed run carries
+    # exactly the evaluations of the steps it restored.
+    hist: dict[str, Any] = {"val_loss": [], "val_step": [], "initial": None}
     target = {"params": _abstract(params, param_sh), "opt_state": _abstract(state[1], opt_sh)}
     restored = restore_latest(mngr, target, say)
     if restored is not None:
         step, got, meta = restored
         state, examples_seen = (got["params"], got["opt_state"]), meta["examples_seen"]
+        hist = meta.get("val", hist)
         say(
             f"resumed from checkpoint step {step} (epoch {meta['epoch']}, "
             f"{examples_seen:,} examples seen)"
         )
+    ends = set(plan.epoch_ends())
+    val_info: dict[str, Any] = {}  # the validation set's size, from its last evaluation
+    if restored is not None and (out / VAL_FILE).is_file():
+        old = json.loads((out / VAL_FILE).read_text())
+        val_info = {k: old[k] for k in ("n_val", "n_val_tokens") if k in old}
+
+    def validate(params: Any) -> float:
+        res = job.validate(nnx.merge(graphdef, params))
+        val_info.update(n_val=res["n_examples"], n_val_tokens=res["n_tokens"])
+        return res["loss"]
+
+    if job.validate is not None and step == 0 and hist["initial"] is None:
+        hist["initial"] = validate(state[0])  # epoch 0: is any epoch better than no training?
+    stopped = step < total and _patience_spent(hist["val_loss"], tc.patience)
     frozen_sh = None
     if job.frozen is not None:
         frozen_sh = (job.frozen[0], state_shardings(job.frozen[1], mesh))
@@ -540,13 +799,12 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     schedule = lr_schedule(cfg.optimizer, total)
     metrics = Metrics(out, step, pi == 0)
     bar = progress_bar(total, job.name, "step", progress and pi == 0, step)
-    plans_cache: dict[int, list[BatchPlan]] = {}
     t0, tokens_run = time.time(), 0
     saved = step
     # Every step's `_nonfinite` scalar is read on the host, one step late (after the next step
     # is dispatched, when the device has finished it, so the host never waits for it), and at
     # once before anything is logged or saved: a NaN step stops the run before it is stored.
-    pending: tuple[int, list[BatchPlan], dict[str, Any]] | None = None
+    pending: tuple[int, Sequence[BatchPlan], dict[str, Any]] | None = None
 
     def check() -> None:
         nonlocal pending
@@ -555,11 +813,13 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
             refuse_nonfinite(job, *pending, saved)
         pending = None
 
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch not in plans_cache:
-            plans_cache = {epoch: job.plans(epoch)}
-        plans = plans_cache[epoch][k * accum : (k + 1) * accum]
+    def write_val() -> None:
+        if pi == 0:
+            write_json(out / VAL_FILE, _val_summary(hist, stopped, val_info))
+
+    while step < total and not stopped:
+        epoch, _ = plan.locate(step)
+        plans = plan.step(step)
         state, mt = train_step(state, job.batch(plans), *extra)
         step += 1
         check()
@@ -567,26 +827,44 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
         n_ex, n_tok = job.count(plans)
         examples_seen += n_ex
         tokens_run += n_tok
-        if step % tc.log_every == 0 or step == total:
+        # Validation after every epoch, and after a last step that ends the run mid-epoch.
+        evaluate_now = job.validate is not None and (step in ends or step == total)
+        val = None
+        if evaluate_now:
+            check()
+            val = validate(state[0])
+            hist["val_loss"].append(val)
+            hist["val_step"].append(step)
+            if tc.keep_best and all(val < v for v in hist["val_loss"][:-1]):
+                # The best so far (the first of equals). Saved before this step's checkpoint: a
+                # crash in between redoes the epoch, which reproduces the same parameters.
+                save_model(nnx.merge(graphdef, state[0]), out / BEST_DIR, job.tokenizer)
+            stopped = step < total and _patience_spent(hist["val_loss"], tc.patience)
+            write_val()
+        last = step == total or stopped
+        if step % tc.log_every == 0 or last or evaluate_now:
             check()
             rec = {"step": step, "epoch": epoch}
             rec.update({k: float(v) for k, v in mt.items() if not k.startswith("_")})
             rec["lr"] = float(schedule(step - 1))
             rec["examples_seen"] = examples_seen
             rec["tokens_per_s"] = tokens_run / max(time.time() - t0, 1e-9)
+            if val is not None:
+                rec["val_loss"] = val
             metrics.log(rec)
             bar.set_postfix_str(
                 f"loss {rec['loss']:.4f} {rec['tokens_per_s']:,.0f} tok/s", refresh=False
             )
         bar.update(1)
-        if step % tc.checkpoint_every == 0 or step == total:
+        if step % tc.checkpoint_every == 0 or last or evaluate_now:
             check()
             meta = {
                 "step": step,
-                "epoch": step // steps_per_epoch,
+                "epoch": sum(1 for e in ends if e <= step),
                 "seed": cfg.seed,
                 "examples_seen": examples_seen,
-                "steps_per_epoch": steps_per_epoch,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "val": hist,
             }
             save_checkpoint(mngr, step, state, meta)
             saved = step
@@ -595,16 +873,54 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     mngr.wait_until_finished()
     mngr.close()
     metrics.close()
+    if stopped:
+        say(
+            f"stopped early after epoch {len(hist['val_loss'])} (step {step} of {total}): no "
+            f"better validation loss for train.patience={tc.patience} epochs"
+        )
     final = nnx.merge(graphdef, state[0])
     if job.after is not None:
         summary = job.after(final, out)
         if pi == 0:
             write_json(out / "eval.json", summary)
-    save_model(final, out / "model", job.tokenizer)
+    if job.validate is not None and hist["val_loss"]:
+        summary = _val_summary(hist, stopped, val_info)
+        summary["keep_best"] = tc.keep_best
+        summary["exported_epoch"] = summary["best_epoch"] if tc.keep_best else len(hist["val_loss"])
+        if pi == 0:
+            write_json(out / VAL_FILE, summary)
+            if summary["no_epoch_improved"]:
+                say(
+                    f"validation: no epoch improved on the starting model "
+                    f"({summary['initial_val_loss']:.4f}); the best epoch "
+                    f"{summary['best_epoch']} ({min(hist['val_loss']):.4f}) is exported"
+                )
+    if job.validate is not None and tc.keep_best and hist["val_loss"]:
+        best = out / BEST_DIR
+        if pi == 0:
+            if best.is_dir():
+                publish_dir(best, out / "model")
+            elif not (out / "model").is_dir():
+                raise TrainRunError(
+                    f"{best}: the best epoch's model is missing; use --overwrite to start again"
+                )
+        _barrier("davir best model")
+    else:
+        save_model(final, out / "model", job.tokenizer)
     if pi == 0:
         plot_losses(out / METRICS_FILE, out / "loss.png")
         say(f"wrote {out / 'model'} (a load_model source) after {step} steps")
     return out
+
+
+def validation_data(
+    cfg: Config, tokenizer: Any, process_index: int, process_count: int, progress: bool = True
+) -> TokenizedData:
+    """`train.val`, read with the training data's settings."""
+    from davir_jax.data.dataset import prepare
+
+    dc = dataclasses.replace(cfg.data, path=cfg.train.val, name=None)
+    return prepare(dc, tokenizer, process_index, process_count, progress)
 
 
 @checked("sft")  # preflight: every input and output checked, the output locked
@@ -621,19 +937,29 @@ def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     tok = load_tokenizer_for(cfg.model.source)  # refused if its ids do not fit the model
     data, data_identity = training_data(cfg, tok, pi, pc, progress and pi == 0)
     lengths = data.lengths
+    validate = None
+    if tc.val is not None:
+        val_data = validation_data(cfg, tok, pi, pc, progress and pi == 0)
+        data_identity = {**data_identity, "val": val_data.fields}
 
-    def count(plans: list[BatchPlan]) -> tuple[int, int]:
+        def validate(model: Any) -> dict[str, Any]:
+            from davir_jax.evaluate import held_out_loss
+
+            return held_out_loss(model, val_data, tc.chunk, what="the model in training")
+
+    def count(plans: Sequence[BatchPlan]) -> tuple[int, int]:
         idx = [i for p in plans for r in p.rows for i in r]
         return len(idx), int(lengths[idx].sum()) if idx else 0
 
     job = Job(
         name="sft",
         objective=sft_objective(tc.chunk),
-        plans=lambda epoch: epoch_plans(data, cfg.seed, epoch, tc.grad_accum),
+        steps=plan_steps(lengths, data.cfg, tc, cfg.seed),
         batch=lambda plans: step_batch(data, plans, mesh, pi, pc),
         count=count,
         tokenizer=tok,
         identity=data_identity,
         example_ids=data.example_ids,
+        validate=validate,
     )
     return fit(cfg, job, mesh, progress)
