@@ -4,16 +4,24 @@ with exact resume.
     davir sft --model SRC --data FILE --template T --out DIR
     davir sft --model SRC --selection runs/sel --out DIR       # a `davir select` output
 
-The step (`make_train_step`) runs `grad_accum` micro-batches in a `lax.scan`, summing the
-token-weighted NLL and its gradient, and divides by the response-token count of the whole global
-batch once: the loss is the mean over every response token of the accumulated batch, identical
-with or without accumulation or packing. Parameters and optimizer state keep the shardings of the
-rules table (declared on the jit, donated in place).
+The step (`make_train_step`) runs its micro-batches in a `lax.scan`, summing the token-weighted
+NLL and its gradient, and divides by the response-token count of the whole global batch once: the
+loss is the mean over every response token of the accumulated batch, identical with or without
+accumulation or packing. What a step holds comes from one planner for SFT and DPO
+(`plan_steps`): `train.batch_examples` examples (or about `train.batch_tokens` tokens of whole
+examples), packed and split into micro-batches of `data.batch_rows` rows, their count fixed for
+the run; or, unset, `train.grad_accum` batches of packed rows. A run of fewer than
+`train.min_steps` steps says so before it starts (`steps.json` records the count). Parameters
+and optimizer state keep the shardings of the rules table (declared on the jit, donated in
+place).
 
 `DIR` receives: `checkpoints/<step>/` (orbax: parameters, optimizer state, step and data
 position; the last `keep_checkpoints`), `metrics.jsonl`, TensorBoard events under `tb/`,
-`loss.png`, `run.json` (what this run is; a different rerun is refused unless `--overwrite`) and,
-at the end, `model/` (a `load_model` source: `DIR` itself resolves to it). Killed at any moment and
+`loss.png`, `run.json` (what this run is; a different rerun is refused unless `--overwrite`),
+`steps.json` (the planned steps) and, at the end, `model/` (a `load_model` source: `DIR` itself
+resolves to it). With `train.val`, the held-out loss of every epoch goes to `val.json` (and
+metrics.jsonl), and `model/` is the best epoch (`keep_best`; kept in `best/` while training);
+`train.patience` stops a run whose validation loss has stopped improving. Killed at any moment and
 restarted with the same command, training continues from the last good checkpoint and the losses
 equal an uninterrupted run's: the data order is a pure function of (seed, epoch, step).
 """
@@ -585,7 +593,11 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     fig = Figure(figsize=(6, 3.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", lw=1, ms=3, label="validation (epoch end)")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / response token)")
     ax.set_title(f"SFT loss, {metrics_path.parent.name}")
