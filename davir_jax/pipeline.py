@@ -70,7 +70,10 @@ def _file_fp(path: str | None) -> str | None:
 
 # Settings that decide where a job writes or how often it reports, not what it computes.
 _NOT_RESULTS = {
-    "train": ("out", "overwrite", "selection", "log_every", "checkpoint_every", "keep_checkpoints"),
+    "train": (
+        *("out", "overwrite", "selection", "log_every", "checkpoint_every", "keep_checkpoints"),
+        *("min_steps", "strict_steps"),
+    ),
     "data": ("path", "cache_dir"),
     "scoring": ("base", "reference", "out", "overwrite", "diagnostics"),
     "eval": ("out",),

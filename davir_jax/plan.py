@@ -162,7 +162,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
             act = tok_dev * L * (per_tok_layer + scores)
         mem["activations"] = act
         mem["logits"] = 3 * logits
-        tokens = d.batch_rows * seq * cfg.train.grad_accum
+        tokens = _step_tokens(cfg, seq)
         flops = 3 * forward_flops(arch, seq) * tokens
         if job == "dpo" and cfg.dpo.reference_in_step:
             flops += forward_flops(arch, seq) * tokens
@@ -170,7 +170,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     out["memory_bytes"] = {k: int(v) for k, v in mem.items()}
     out["memory_total_bytes"] = int(total)
     out["step_flops"] = float(flops)
-    out["tokens_per_step"] = d.batch_rows * seq * (cfg.train.grad_accum if job != "score" else 1)
+    out["tokens_per_step"] = d.batch_rows * seq if job == "score" else _step_tokens(cfg, seq)
     if chip is not None:
         gib, peak = CHIPS[chip]
         out["chip_memory_bytes"] = int(gib * 2**30)
@@ -179,6 +179,20 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     else:
         out["fits"] = None
     return out
+
+
+def _step_tokens(cfg: Any, seq: int) -> int:
+    """Token positions one optimizer step computes, padding included. With a batch stated in
+    examples (or tokens) the micro-batch count depends on the data; this is its upper bound:
+    every example in a row of its own (`train.plan_steps` packs them, so a step uses fewer)."""
+    d, t = cfg.data, cfg.train
+    if t.batch_examples is not None:
+        rows = t.batch_examples
+    elif t.batch_tokens is not None:
+        rows = -(-t.batch_tokens // seq) + 1  # whole examples may overshoot by one row
+    else:
+        return d.batch_rows * seq * t.grad_accum
+    return -(-rows // d.batch_rows) * d.batch_rows * seq
 
 
 def forward_flops(arch: Any, seq: int) -> float:

@@ -218,6 +218,8 @@ def check_sft(cfg: Any) -> list[Path]:
         raise UserError("davir sft needs data.path or train.selection")
     else:
         _pool(cfg)
+    if cfg.train.val is not None:
+        data_file(cfg.train.val, "train.val", cfg.data.format, cfg.data.fields)
     return _outputs(cfg.train.out, "train.out", cfg)
 
 

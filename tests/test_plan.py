@@ -67,3 +67,21 @@ def test_a_config_that_cannot_fit_is_reported(capsys):
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
     gc.collect()
     assert len(jax.live_arrays()) == before
+
+
+def test_a_batch_in_examples_or_tokens_plans_its_step_tokens():
+    """A step of `batch_examples` holds at most one row per example (micro-batches of
+    batch_rows); `batch_tokens` at most one row more than the tokens fill; FLOPs follow."""
+    model = CONFIGS / "models" / "llama2-7b.yaml"
+    rows = load_config(model, ["--data.batch_rows=2", "--data.max_len=512", "--train.grad_accum=3"])
+    ex = load_config(
+        model, ["--data.batch_rows=2", "--data.max_len=512", "--train.batch_examples=7"]
+    )
+    tok = load_config(
+        model, ["--data.batch_rows=2", "--data.max_len=512", "--train.batch_tokens=2000"]
+    )
+    p_rows, p_ex, p_tok = (plan(c, "sft") for c in (rows, ex, tok))
+    assert p_rows["tokens_per_step"] == 2 * 512 * 3
+    assert p_ex["tokens_per_step"] == 8 * 512  # 7 rows -> 4 micro-batches of 2
+    assert p_tok["tokens_per_step"] == 6 * 512  # ceil(2000 / 512) + 1 = 5 rows -> 3 x 2
+    assert p_ex["step_flops"] / p_rows["step_flops"] == pytest.approx(8 / 6)

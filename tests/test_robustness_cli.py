@@ -207,11 +207,13 @@ def _cases(tmp_path, base, pool):
         ),
         (sft, {"train": {"out": out, "selection": _selection(tmp_path, pool)}}, "pool 'b'"),
         (sft, {"train": {"out": out}, "data": {"cache_dir": afile}}, "data.cache_dir"),
+        (sft, {"train": {"out": out, "val": missing}}, "train.val"),
         (dpo, {"train": {"out": out}, "dpo": {"reference_scores": missing}}, "reference_scores"),
         (dpo, {"train": {"out": out}, "dpo": {"reference": missing}}, "dpo.reference"),
         (run_eval, {"data": {"path": missing}}, "data.path"),
         (run_eval, {"eval": {"out": afile}}, "eval.out"),
         (run_pipeline, {"pipeline": {**pipe, "test": missing}}, "pipeline.test"),
+        (run_pipeline, {"pipeline": {**pipe, "val": missing}}, "pipeline.val"),
         (run_pipeline, {"pipeline": {**pipe, "extra_pools": f"[g={missing}]"}}, "extra_pools"),
         (run_pipeline, {"pipeline": pipe, "model": {"source": missing}}, "model.source"),
     ], pairs
