@@ -79,6 +79,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from davir_jax.config import load_config
     from davir_jax.demo import LABELS, make_splits
+    from davir_jax.errors import UserError
     from davir_jax.pipeline import run_pipeline
 
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
@@ -92,7 +93,13 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.test:
             flags.append(f"--pipeline.test={args.test}")
     else:
-        paths = make_splits(out / "data", seed=cfg.seed)
+        try:
+            n_pool, n_val, n_test = (int(x) for x in args.sizes.split(","))
+        except ValueError:
+            raise UserError(
+                f"--sizes: {args.sizes!r} is not POOL,VAL,TEST (three integers)"
+            ) from None
+        paths = make_splits(out / "data", n_pool, n_val, n_test, seed=cfg.seed)
         flags += [
             f"--data.path={paths['pool']}",
             f"--pipeline.val={paths['val']}",
@@ -357,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="run folder (default runs/demo)")
     d.add_argument("--data", help="your own pool instead of the shipped data")
     d.add_argument("--test", help="held-out file for --data")
+    d.add_argument(
+        "--sizes",
+        default="160,40,300",
+        help="POOL,VAL,TEST: how many shipped rows each split draws (default 160,40,300)",
+    )
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)
     pl = sub.add_parser(

@@ -209,7 +209,15 @@ def make_train_step(
 
         def micro_step(carry, micro):
             g_acc, l_acc, n_acc, aux_acc = carry
-            (loss_sum, (denom, aux, bad)), g = grad_fn(params, micro, frozen_params)
+            # A micro-batch of padding rows only (a step of a batch stated in examples or
+            # tokens that needs fewer rows than the run's fixed count) costs nothing: XLA runs
+            # one branch of a cond, so the shapes stay fixed without computing the filler.
+            shapes = jax.eval_shape(grad_fn, params, micro, frozen_params)
+            (loss_sum, (denom, aux, bad)), g = jax.lax.cond(
+                jnp.any(micro["segment_ids"] > 0),
+                lambda: grad_fn(params, micro, frozen_params),
+                lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+            )
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             aux_acc = {k: aux_acc[k] + aux[k] for k in aux_acc}
             return (g_acc, l_acc + loss_sum, n_acc + denom, aux_acc), bad

@@ -50,6 +50,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_smol, capsys):
         "--train.epochs=2",
         "--optimizer.lr=1e-3",
         "--pipeline.seeds=2",
+        "--sizes=60,16,40",
         "--pipeline.generate=8",
         "--eval.max_new_tokens=4",
         "-q",
@@ -69,14 +70,14 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_smol, capsys):
     for name in ("base", "full", *subsets):
         assert (run / "eval" / name / "eval.json").is_file()
         rows = (run / "eval" / name / "examples.jsonl").read_text().splitlines()
-        assert len(rows) == 300  # every held-out example, for the paired intervals
+        assert len(rows) == 40  # every held-out example, for the paired intervals
     # The reference's epoch was chosen on the validation split.
     val = json.loads((run / "reference" / "val.json").read_text())
-    assert val["n_val"] == 40 and 1 <= val["best_epoch"] <= len(val["val_loss"])
+    assert val["n_val"] == 16 and 1 <= val["best_epoch"] <= len(val["val_loss"])
     for png in ("training_curves.png", "results.png", "scores/diagnostics_vs_length.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     sel = json.loads((run / "select" / "davir-fraction0.15-s0" / "manifest.json").read_text())
-    assert sel["pools"][0]["n_selected"] == 24  # 15% of the 160-example pool
+    assert sel["pools"][0]["n_selected"] == 9  # 15% of the 60-example pool
 
     # Seeds: random draws another subset; davir selects the same rows.
     def rows(name: str) -> str:
