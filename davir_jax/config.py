@@ -113,8 +113,9 @@ class DataConfig:
     response token in the loss mask, i.e. in every loss (SFT, DPO, eval) and in the scores' NLLs
     and T. Default true: training must see the EOS to learn to stop, as HF/Stanford Alpaca SFT
     does. False keeps the EOS in the ids (the sequence is unchanged) with loss weight 0, e.g. to
-    score without it (its loss, large under a base model and near 0 after SFT, weighs most on
-    short responses). Part of the token cache key and of every run's identity.
+    score without it: one token's loss weighs most on short responses
+    (benchmarks/eos_length_ablation.py measures what it changes). Part of the token cache key,
+    so of every run's identity.
     """
 
     path: str | None = None
