@@ -109,6 +109,13 @@ class DataConfig:
     `strict`: any skipped row is an error instead of a counted skip.
     `pack`: several examples per row (`row_len`, at most `max_segments`), else length buckets.
     `batch_rows`: rows per global batch (split over processes and data-parallel devices).
+    `eos_in_loss`: whether the EOS (end-of-turn) token that ends every response counts as a
+    response token in the loss mask, i.e. in every loss (SFT, DPO, eval) and in the scores' NLLs
+    and T. Default true: training must see the EOS to learn to stop, as HF/Stanford Alpaca SFT
+    does. False keeps the EOS in the ids (the sequence is unchanged) with loss weight 0, e.g. to
+    score without it: one token's loss weighs most on short responses
+    (benchmarks/eos_length_ablation.py measures what it changes). Part of the token cache key,
+    so of every run's identity.
     """
 
     path: str | None = None
@@ -125,6 +132,7 @@ class DataConfig:
     max_segments: int = 16
     bucket_min: int = 64
     batch_rows: int = 8
+    eos_in_loss: bool = True
 
     def __post_init__(self) -> None:
         from davir_jax.data.readers import FORMATS

@@ -2,7 +2,8 @@
 
 `prepare` reads the file with its reader, encodes it with a template and stores the tokens in a
 tensorflow-datasets `array_record` store keyed by everything that changes the tokens (the file's
-content hash, the tokenizer fingerprint, the template, the maximum length and the reader options),
+content hash, the tokenizer fingerprint, the template, whether EOS is in the loss mask, the maximum
+length and the reader options),
 so a second run reuses it and a changed input rebuilds it. In a multi-host run every process
 tokenizes the rows `row % process_count == process_index` and writes its own part; all parts are
 awaited, and the skip accounts of all parts are merged.
@@ -65,6 +66,8 @@ def store_fields(cfg: DataConfig, tokenizer: Any, pairs: bool = False) -> dict[s
         "source": cfg.name or source_name(cfg.path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": cfg.template,
+        # The same ids, another loss mask: a set tokenized one way is never reused for the other.
+        "eos_in_loss": cfg.eos_in_loss,
         "max_len": cfg.max_len,
         "overlong": cfg.overlong,
     }
@@ -166,7 +169,8 @@ class TokenizedData(_Batched):
         return [(r["input_ids"], r["loss_mask"]) for r in recs]
 
     def n_response_tokens(self) -> np.ndarray:
-        """T per example (response tokens incl. EOS); reads every record once."""
+        """T per example (loss tokens: the response, plus EOS unless `eos_in_loss` is off);
+        reads every record once."""
         out = np.zeros(len(self), np.int64)
         for s in range(0, len(self), 4096):
             idx = list(range(s, min(s + 4096, len(self))))
@@ -193,7 +197,7 @@ def prepare(
     directory = store_dir(cfg.cache_dir, fields["source"], fields)
     if not part_complete(directory, process_index, process_count):
         log = SkipLog(strict=cfg.strict)
-        encoder = Encoder(tokenizer, cfg.template, cfg.max_len, cfg.overlong)
+        encoder = Encoder(tokenizer, cfg.template, cfg.max_len, cfg.overlong, cfg.eos_in_loss)
         reader = read_pairs if pairs else read_examples
         examples = reader(
             cfg.path,

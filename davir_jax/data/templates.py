@@ -13,7 +13,9 @@ Three templates, each defined exactly so anyone can reproduce our numbers:
   after it (e.g. a newline) is not part of the sequence. No special tokens are added beyond what
   the template writes (transformers' own `apply_chat_template(tokenize=True)` convention).
 
-The loss mask covers exactly the response tokens and the EOS. BOS appears at most once. Prompt and
+The loss mask covers exactly the response tokens and the EOS; with `eos_in_loss=False` the EOS stays
+in the sequence (the ids are unchanged) but its mask entry is 0, so no loss counts it (see
+`DataConfig.eos_in_loss`). BOS appears at most once. Prompt and
 response are tokenized separately (so the mask boundary is exact); when the prompt's tokens are
 not a prefix of the joint tokenization (a merge across the boundary) the example is kept and a
 `boundary_merge` warning is counted. Over-long examples are dropped (`overlong="drop"`) or have
@@ -48,7 +50,8 @@ ALPACA_PROMPT_NO_INPUT = (
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-    """Token ids `[L]` int32 and the loss mask `[L]` uint8 (1 = response token or EOS)."""
+    """Token ids `[L]` int32 and the loss mask `[L]` uint8 (1 = response token, or the EOS when
+    it is counted)."""
 
     example_id: str
     input_ids: np.ndarray
@@ -56,7 +59,7 @@ class Encoded:
 
     @property
     def n_tokens(self) -> int:
-        """Response tokens (incl. EOS): the T of method.md."""
+        """Loss tokens (the response, plus EOS when counted): the T of method.md."""
         return int(self.loss_mask.sum())
 
 
@@ -70,7 +73,14 @@ def alpaca_prompt(instruction: str, inp: str) -> str:
 class Encoder:
     """Tokenizes examples with one template; batched (the tokenizer's fast batch path)."""
 
-    def __init__(self, tokenizer: Any, template: str, max_len: int, overlong: str = "drop") -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str,
+        max_len: int,
+        overlong: str = "drop",
+        eos_in_loss: bool = True,
+    ) -> None:
         if template not in TEMPLATES:
             raise DataError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
         if overlong not in OVERLONG:
@@ -89,6 +99,7 @@ class Encoder:
             max_len,
             overlong,
         )
+        self.eos_in_loss = eos_in_loss
         self.eos = int(tokenizer.eos_token_id)
         self.bos = None if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id)
         # Some tokenizers' post-processors also append EOS to every text; a prompt must not end
@@ -185,4 +196,6 @@ class Encoder:
         ids = np.asarray(p + r, np.int32)
         mask = np.zeros(len(ids), np.uint8)
         mask[len(p) :] = 1
+        if not self.eos_in_loss:
+            mask[-1] = 0  # every template ends the sequence with the EOS (end-of-turn) token
         return Encoded(ex.example_id, ids, mask)
