@@ -746,6 +746,13 @@ def section_heldout(
     return lines + ["![results](results.png)", ""]
 
 
+def _dot(ax: Any, iv: Any, y: float, color: str) -> None:
+    """One interval as a dot with error bars at height `y`."""
+    ax.errorbar(
+        iv.point, y, xerr=[[iv.point - iv.lo], [iv.hi - iv.point]], fmt="o", color=color, capsize=3
+    )
+
+
 def _results_png(
     out: Path, groups: list[ModelGroup], items: HeldOutItems | None, cmp: list[Any]
 ) -> None:
@@ -754,14 +761,7 @@ def _results_png(
     for y, g in enumerate(groups):
         iv = _loss_interval(g, items)
         if iv is not None:
-            ax.errorbar(
-                iv.point,
-                y,
-                xerr=[[iv.point - iv.lo], [iv.hi - iv.point]],
-                fmt="o",
-                color="tab:blue",
-                capsize=3,
-            )
+            _dot(ax, iv, y, "tab:blue")
         ax.scatter(g.losses(), [y] * len(g.runs), marker="x", color="0.4", s=15, zorder=3)
     ax.set_yticks(range(len(groups)), [g.name for g in groups], fontsize=7)
     ax.invert_yaxis()
@@ -769,14 +769,7 @@ def _results_png(
     ax = fig.add_subplot(1, 2, 2)
     shown = [(g, d) for g, _, d, _ in cmp if d is not None]
     for y, (_, d) in enumerate(shown):
-        ax.errorbar(
-            d.point,
-            y,
-            xerr=[[d.point - d.lo], [d.hi - d.point]],
-            fmt="o",
-            color="tab:red",
-            capsize=3,
-        )
+        _dot(ax, d, y, "tab:red")
     ax.axvline(0, color="0.5", lw=0.8)
     ax.set_yticks(range(len(shown)), [g.name for g, _ in shown], fontsize=7)
     ax.invert_yaxis()

@@ -63,3 +63,19 @@ def run_cli(command: str, args: list[str], env_extra: dict[str, str] | None = No
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two tiny HF Llama models (base, reference) with the BOS-adding word tokenizer saved in."""
+    from hf_models import make_hf_model
+    from toy_tokenizers import word_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tok = word_tokenizer(True)
+    out = {}
+    for name, seed in (("base", 0), ("reference", 1)):
+        d = root / name
+        out[name] = make_hf_model("llama", d, seed=seed)
+        tok.save_pretrained(d)
+    return root, out, tok

@@ -99,21 +99,6 @@ def test_preference_pairs_drop_eos_on_both_sides(tmp_path):
         assert m_b.sum() == m_a.sum() - 1
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Two tiny HF Llama models (base, reference) with the BOS-adding word tokenizer saved in."""
-    from hf_models import make_hf_model
-
-    root = tmp_path_factory.mktemp("models")
-    tok = word_tokenizer(True)
-    out = {}
-    for name, seed in (("base", 0), ("reference", 1)):
-        d = root / name
-        out[name] = make_hf_model("llama", d, seed=seed)
-        tok.save_pretrained(d)
-    return root, out, tok
-
-
 def _cfg(tmp_path, root, path, eos_in_loss: bool, out: str) -> Config:
     data = DataConfig(
         path=str(path),

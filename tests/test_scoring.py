@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
-from toy_tokenizers import WORDS, word_tokenizer
+from toy_tokenizers import WORDS
 
 from davir_jax.config import Config, DataConfig, ModelConfig, ScoringConfig
 from davir_jax.runs import MixedRunError
@@ -36,21 +36,6 @@ def _rows(n: int, seed: int = 0) -> list[dict[str, str]]:
         {"prompt": pick(rng.integers(2, 12)), "response": pick(rng.integers(1, 16))}
         for _ in range(n)
     ]
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Two tiny HF Llama models (base, reference) with the BOS-adding word tokenizer saved in."""
-    from hf_models import make_hf_model
-
-    root = tmp_path_factory.mktemp("models")
-    tok = word_tokenizer(True)
-    out = {}
-    for name, seed in (("base", 0), ("reference", 1)):
-        d = root / name
-        out[name] = make_hf_model("llama", d, seed=seed)
-        tok.save_pretrained(d)
-    return root, out, tok
 
 
 def _cfg(tmp_path, root, path, out="out", **kw) -> Config:
