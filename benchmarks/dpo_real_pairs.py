@@ -156,6 +156,13 @@ def step_times(data: Path, out: Path, args) -> dict[str, float]:
     return res
 
 
+def _ci(point: float | None, ci: list[float] | None) -> str:
+    """`0.625 [0.48, 0.77]`: a value with its 95% bootstrap interval over held-out pairs."""
+    if point is None:
+        return "n/a"
+    return f"{point:.3f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--train", type=int, default=64)
@@ -196,15 +203,16 @@ def main() -> None:
         f"{args.eval} held-out pairs each, 1 epoch, lr {args.lr}, max_len {args.max_len}"
     )
     print(
-        "| run | objective | beta | held-out pairs | held-out accuracy | margin-length "
-        "Pearson | train accuracy (last 4 steps) | seconds |"
+        "| run | objective | beta | held-out pairs | held-out accuracy [95% CI] | margin-length "
+        "Pearson [95% CI] | train accuracy (last 4 steps) | seconds |"
     )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        corr = "n/a" if r["margin_length_pearson"] is None else f"{r['margin_length_pearson']:.3f}"
         print(
             f"| {r['name']} | {r['objective']} | {r['beta']:g} | {r['pairs']} | "
-            f"{r['accuracy']:.3f} | {corr} | {r['train_acc_last']:.2f} | {r['seconds']:.0f} |"
+            f"{_ci(r['accuracy'], r.get('accuracy_ci95'))} | "
+            f"{_ci(r['margin_length_pearson'], r.get('margin_length_pearson_ci95'))} | "
+            f"{r['train_acc_last']:.2f} | {r['seconds']:.0f} |"
         )
     print(
         f"davir_dpo beta chosen on GSM8K (held-out accuracy, then smaller |correlation|): "

@@ -283,16 +283,26 @@ def evaluate_pairs(
     c, r = pairs.chosen, pairs.rejected
     fn = PREFERENCE_OBJECTIVES[name][0]
     _, rc, rr = fn(-nll[c], -nll[r], -ref_nll[c], -ref_nll[r], cnt[c], cnt[r], beta, 0.0)
+    from davir_jax.stats import bootstrap_ci, correlation_ci
+
     margin = np.asarray(rc) - np.asarray(rr)
-    dlen = cnt[c] - cnt[r]
-    corr = None
+    dlen = (cnt[c] - cnt[r]).astype(np.float64)
+    corr = corr_ci = acc_ci = None
     if len(margin) > 2 and margin.std() > 0 and dlen.std() > 0:
         corr = float(np.corrcoef(margin, dlen)[0, 1])
+        iv = correlation_ci(margin, dlen, "pearson")
+        corr_ci = [iv.lo, iv.hi]
+    if len(margin) > 1:
+        # 95% percentile bootstrap over held-out pairs (davir_jax.stats).
+        iv = bootstrap_ci(lambda m: (m > 0).mean(axis=-1), margin)
+        acc_ci = [iv.lo, iv.hi]
     return {
         "pairs": len(margin),
         "accuracy": float(np.mean(margin > 0)) if len(margin) else None,
+        "accuracy_ci95": acc_ci,
         "margin_mean": float(margin.mean()) if len(margin) else None,
         "margin_length_pearson": corr,
+        "margin_length_pearson_ci95": corr_ci,
     }
 
 

@@ -148,6 +148,10 @@ def test_training_raises_margin_and_accuracy(tmp_path, base, objective):
     assert np.mean([r["rewards/accuracies"] for r in late]) > 0.8
     ev = json.loads((out / "eval.json").read_text())
     assert ev["objective"] == objective and ev["held_out"]["pairs"] > 0
+    ho = ev["held_out"]
+    if ho["pairs"] > 1:  # a 95% bootstrap interval over held-out pairs around the accuracy
+        lo, hi = ho["accuracy_ci95"]
+        assert 0.0 <= lo <= ho["accuracy"] <= hi <= 1.0
     assert set(m[0]) >= {
         "rewards/chosen",
         "rewards/rejected",
