@@ -35,9 +35,10 @@ def _load_cfg(args: argparse.Namespace, overrides: list[str]) -> Any:
 def _started(cfg: Any) -> Any:
     """`cfg` once its `mesh.cpu_devices` is applied: before any JAX computation, which fixes the
     device count (library entry points apply it too, through `mesh_from_config`)."""
-    from davir_jax.sharding import use_cpu_devices
+    from davir_jax.sharding import use_compile_cache, use_cpu_devices
 
     use_cpu_devices(cfg.mesh.cpu_devices)
+    use_compile_cache(cfg.mesh.compile_cache)
     return cfg
 
 
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
         help="the embedded default job: the whole DavIR pipeline with SmolLM2-135M on real "
-        "instruction data shipped with the package (alpaca-libre + GSM8K), 3 seeds",
+        "instruction data shipped with the package (alpaca-libre + GSM8K), 2 seeds",
     )
     _config_args(d)
     d.add_argument("--out", help="run folder (default runs/demo)")
@@ -366,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test", help="held-out file for --data")
     d.add_argument(
         "--sizes",
-        default="160,40,300",
-        help="POOL,VAL,TEST: how many shipped rows each split draws (default 160,40,300)",
+        default="120,30,300",
+        help="POOL,VAL,TEST: how many shipped rows each split draws (default 120,30,300)",
     )
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     d.set_defaults(fn=cmd_demo)

@@ -78,7 +78,9 @@ class MeshConfig:
     runs on CPU (-1: one per logical CPU; 0: as JAX starts, one device unless set elsewhere);
     with `data=-1, fsdp=1` the batch is split over them (`configs/mesh/cpu.yaml`; the default
     `fsdp=-1` shards the weights instead, slower for small models). See
-    `sharding.use_cpu_devices`.
+    `sharding.use_cpu_devices`. `compile_cache`: a directory for XLA's compiled programs (JAX's
+    persistent compilation cache), so that the identical steps of a pipeline's stages and of
+    reruns compile once (`sharding.use_compile_cache`); None leaves JAX's own setting.
     """
 
     data: int = 1
@@ -86,6 +88,7 @@ class MeshConfig:
     tensor: int = 1
     chip: str | None = None
     cpu_devices: int = 0
+    compile_cache: str | None = None
 
     def __post_init__(self) -> None:
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}

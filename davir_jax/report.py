@@ -238,8 +238,10 @@ def section_groups(pool: PoolScores | None, labels: tuple[str, ...]) -> list[str
         memorisation_sentence(pool),
         "",
     ]
+    one_source = len(set(pool.labels["source"].tolist())) == 1
     for label in dict.fromkeys(labels + ("source",)):
-        lines += _group_table(pool, label)
+        if label != "source" or not (labels and one_source):  # a one-row table says nothing
+            lines += _group_table(pool, label)
     if not labels:
         lines += ["No `pipeline.labels` were given: the pool is grouped by data source only.", ""]
     return lines

@@ -50,7 +50,7 @@ def test_splits_are_disjoint_iid_by_task_and_cover_every_task_type(tmp_path):
     assert all(paths[k].read_bytes() == again[k].read_bytes() for k in paths)
     assert paths["pool"].read_bytes() != other["pool"].read_bytes()
     rows = {k: [json.loads(x) for x in p.read_text().splitlines()] for k, p in paths.items()}
-    assert {k: len(v) for k, v in rows.items()} == {"pool": 160, "val": 40, "test": 300}
+    assert {k: len(v) for k, v in rows.items()} == {"pool": 120, "val": 30, "test": 300}
     prompts = {k: {(r["instruction"], r["input"]) for r in v} for k, v in rows.items()}
     assert not prompts["pool"] & prompts["test"]
     assert not prompts["pool"] & prompts["val"]
@@ -70,7 +70,7 @@ def test_the_corruption_swaps_a_tenth_of_the_pool_responses_and_nothing_else(tmp
     pool = [json.loads(x) for x in paths["pool"].read_text().splitlines()]
     original = {(r["instruction"], r["input"]): r["output"] for r in vendored_rows()}
     swapped = [r for r in pool if r["quality"] == "swapped"]
-    assert len(swapped) == 16  # 10% of 160
+    assert len(swapped) == 12  # 10% of 120
     for r in pool:
         own = original[(r["instruction"], r["input"])]
         assert (r["output"] != own) == (r["quality"] == "swapped")

@@ -325,6 +325,8 @@ def test_group_table_equals_numpy(tmp_path):
     assert shares["davir-fraction0.25"] == [
         f"{np.mean(fx['task'][idx] == v):.3f}" for v in ("add", "count", "reverse")
     ]
+    # One data source and labels given: no one-row source table.
+    assert "| source | n |" not in report
     sel = {r[0]: r for r in _table(report, "| selection | seeds |")}
     assert sel["davir-fraction0.25"][1:4] == ["3", "1", "60"]
     assert sel["random-fraction0.25"][2] == "3"  # three different random subsets

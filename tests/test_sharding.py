@@ -177,3 +177,34 @@ def test_sequence_losses_jitted_with_declared_shardings_equal_one_device(tmp_pat
     ref = sequence_losses(load_model(tmp_path), seqs)
     got = sequence_losses(load_model(tmp_path, mesh=make_mesh(1, 4, 2)), seqs)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+COMPILE_CACHE = """
+import sys, time, jax, jax.numpy as jnp
+from davir_jax.config import MeshConfig
+from davir_jax.sharding import mesh_from_config
+mesh_from_config(MeshConfig(fsdp=1, compile_cache=sys.argv[1]))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # store even a tiny program
+f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum() * float(sys.argv[2]))
+print(jax.config.jax_compilation_cache_dir, float(f(jnp.ones((8, 8)))))
+"""
+
+
+def test_compile_cache_keeps_compiled_programs_across_processes(tmp_path):
+    """mesh.compile_cache: a fresh process stores the program it compiled in the directory; the
+    same program in a second process adds nothing (it was found), another program adds one."""
+    cache = tmp_path / "xla"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+
+    def run(scale: str) -> set[str]:
+        args = [sys.executable, "-c", COMPILE_CACHE, str(cache), scale]
+        out = subprocess.run(args, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[0] == str(cache)
+        return {p.name for p in cache.iterdir()}
+
+    first = run("2.0")
+    assert first, "nothing was stored"
+    assert run("2.0") == first
+    assert len(run("3.0") - first) >= 1

@@ -93,8 +93,8 @@ def write_splits(
 
 def make_splits(
     out_dir: str | Path,
-    n_pool: int = 160,
-    n_val: int = 40,
+    n_pool: int = 120,
+    n_val: int = 30,
     n_test: int = 300,
     corrupt: float = 0.1,
     seed: int = 0,
