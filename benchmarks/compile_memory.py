@@ -5,8 +5,8 @@
         [--override model.attn_block=0 ...] [--append-results]
 
 Models: `tiny` is the 2-layer random Llama of `configs/tiny.yaml`; `smollm2` is SmolLM2-135M
-(`model.source=smollm2-135m`, the real weights). Steps: `davir_jax.scoring.nll_step` (one
-model's scoring step), `davir_jax.train.make_train_step` with `sft_objective` (forward, backward,
+(`model.source=smollm2-135m`, the real weights). Steps: `davir_jax.jobs.score.nll_step` (one
+model's scoring step), `davir_jax.jobs.sft.make_train_step` with `sft_objective` (forward, backward,
 AdamW) and with `preference.preference_objective` (DPO, `dpo.objective`; reference log-probs fed
 in the batch unless `dpo.reference_in_step=true`). The config is built as the CLI builds it
 (`load_config` with dotted overrides, `mesh_from_config`), so `--override` reaches every key
@@ -117,12 +117,10 @@ def build_step(cfg: Any, job: str, mesh: Any) -> tuple[Any, tuple[Any, ...], dic
     import numpy as np
     from flax import nnx
 
+    from davir_jax.core.sharding import state_shardings
     from davir_jax.data.batching import BatchPlan, assemble
-    from davir_jax.models import load_model, random_model
-    from davir_jax.preference import PAIR_KEYS, preference_objective
-    from davir_jax.scoring import device_batch, nll_step
-    from davir_jax.sharding import state_shardings
-    from davir_jax.train import (
+    from davir_jax.engine.nll import device_batch, nll_step
+    from davir_jax.engine.trainer import (
         accum_batch_sharding,
         make_optimizer,
         make_train_step,
@@ -130,6 +128,8 @@ def build_step(cfg: Any, job: str, mesh: Any) -> tuple[Any, tuple[Any, ...], dic
         sft_objective,
         step_batch,
     )
+    from davir_jax.jobs.dpo import PAIR_KEYS, preference_objective
+    from davir_jax.models import load_model, random_model
 
     m, dc = cfg.model, cfg.data
 
@@ -206,7 +206,7 @@ def run_cell(model: str, job: str, row_len: int, args: argparse.Namespace) -> No
         return
     import jax
 
-    from davir_jax.sharding import mesh_from_config
+    from davir_jax.core.sharding import mesh_from_config
 
     mesh = mesh_from_config(cfg.mesh)
     fn, fn_args, facts = build_step(cfg, job, mesh)

@@ -65,7 +65,7 @@ def data_overrides(data: Path, out: Path, args) -> list[str]:
 
 
 def run(name: str, data: Path, out: Path, objective: str, beta: float, args, extra=()) -> dict:
-    from davir_jax.preference import dpo
+    from davir_jax.jobs.dpo import dpo
 
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
@@ -100,11 +100,11 @@ def run(name: str, data: Path, out: Path, objective: str, beta: float, args, ext
 def step_times(data: Path, out: Path, args) -> dict[str, float]:
     """Median step time with the reference precomputed vs computed in the step."""
     from davir_jax.config import load_config as lc
+    from davir_jax.core.sharding import make_mesh, state_shardings
     from davir_jax.data.dataset import prepare
+    from davir_jax.engine.trainer import make_optimizer, make_train_step, optimizer_shardings
+    from davir_jax.jobs.dpo import PairData, preference_objective
     from davir_jax.models import load_model, load_tokenizer
-    from davir_jax.preference import PairData, preference_objective
-    from davir_jax.sharding import make_mesh, state_shardings
-    from davir_jax.train import make_optimizer, make_train_step, optimizer_shardings
 
     cfg = lc(
         ROOT / "configs" / "default.yaml",

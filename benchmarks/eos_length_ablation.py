@@ -8,7 +8,7 @@ collapsed), then a seeded sample of `--n` rows. Base: `smollm2-135m` (float32). 
 base after one epoch of SFT on the sample with the EOS counted (the standard recipe: the
 optimizer defaults, i.e. the Stanford Alpaca recipe, `plain` template, packed rows of 512
 tokens, one row per optimizer step). Then the sample is scored with base and reference twice,
-`data.eos_in_loss` true and false, through `davir_jax.scoring.score`.
+`data.eos_in_loss` true and false, through `davir_jax.jobs.score.score`.
 
 For every registered score: Spearman and Pearson correlation with the response length (tokens
 without the EOS, the same length both ways) and bootstrap 95% intervals (1000 resamples of
@@ -99,7 +99,7 @@ def data_overrides(pool: Path, out: Path, args: argparse.Namespace) -> list[str]
 
 def run_sft(pool: Path, out: Path, args: argparse.Namespace) -> tuple[Path, float]:
     from davir_jax.config import load_config
-    from davir_jax.train import sft
+    from davir_jax.jobs.sft import sft
 
     cfg = load_config(
         None,
@@ -115,7 +115,7 @@ def run_score(pool: Path, out: Path, ref: Path, eos: bool, args: argparse.Namesp
     import pyarrow.parquet as pq
 
     from davir_jax.config import load_config
-    from davir_jax.scoring import score
+    from davir_jax.jobs.score import score
 
     name = "scores-eos-" + ("on" if eos else "off")
     cfg = load_config(
@@ -139,10 +139,10 @@ def first_token_nll(pool: Path, out: Path, ref: Path, args: argparse.Namespace, 
     the `plain` template marks with no separator) under base and reference: the scoring
     step (`scoring.dataset_nll`) over the same tokens with only that position in the mask."""
     from davir_jax.config import load_config
+    from davir_jax.core.sharding import mesh_from_config
     from davir_jax.data.dataset import prepare
+    from davir_jax.engine.nll import dataset_nll
     from davir_jax.models.loading import load_model, load_tokenizer_for
-    from davir_jax.scoring import dataset_nll
-    from davir_jax.sharding import mesh_from_config
 
     cfg = load_config(None, data_overrides(pool, out, args) + ["--data.eos_in_loss=false"])
     mesh = mesh_from_config(cfg.mesh)
@@ -293,7 +293,7 @@ def main() -> None:
     for eos in (True, False):
         tables[eos], t_score[eos] = run_score(pool, out, ref, eos, args)
 
-    from davir_jax.scores import SCORES, compute_scores
+    from davir_jax.core.scores import SCORES, compute_scores
 
     cols = {
         eos: {c: tables[eos].column(c).to_numpy() for c in ("nll_base", "nll_ref", "n_tokens")}

@@ -1,4 +1,4 @@
-"""Throughput and MFU of the scoring step (`davir_jax.scoring.nll_step`: hidden states + chunked
+"""Throughput and MFU of the scoring step (`davir_jax.jobs.score.nll_step`: hidden states + chunked
 token log-probs + per-example NLL, exactly what `davir score` runs) on randomly initialised models
 of real shapes. Parameters are filled on the host and placed tensor by tensor (the weight-import
 path), which avoids compiling a jitted initialiser of the whole unrolled layer stack.
@@ -27,13 +27,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from davir_jax.config import load_config  # noqa: E402
+from davir_jax.core.sharding import Sharder, batch_sharding, make_mesh  # noqa: E402
+from davir_jax.jobs.plan import CHIPS, forward_flops  # noqa: E402
+from davir_jax.jobs.score import nll_step  # noqa: E402
 from davir_jax.models.decoder import RunConfig  # noqa: E402
 from davir_jax.models.weights import abstract_model, build_model, iter_params, param_table  # noqa: E402
-from davir_jax.plan import CHIPS, forward_flops  # noqa: E402
-from davir_jax.scoring import nll_step  # noqa: E402
-from davir_jax.sharding import Sharder, batch_sharding, make_mesh  # noqa: E402
 
-# device_kind spellings -> davir_jax.plan.CHIPS names (the one table of chip peaks)
+# device_kind spellings -> davir_jax.jobs.plan.CHIPS names (the one table of chip peaks)
 _KIND_ALIASES = {
     "v5 lite": "v5e",
     "v5e": "v5e",

@@ -87,7 +87,7 @@ def main() -> None:
     a = ap.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"shared data not found at {SHARED}: the study reads ../shared/data")
-    from davir_jax.pipeline import run_pipeline
+    from davir_jax.jobs.pipeline import run_pipeline
 
     out = Path(a.out)
     rows = study_rows(a.source, a.pool + a.val + a.test, a.gsm8k_share, a.seed)

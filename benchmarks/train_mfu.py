@@ -1,6 +1,6 @@
-"""Throughput and MFU of the SFT step (`davir_jax.train.make_train_step`: forward, backward,
-AdamW update, gradient accumulation in one jitted, sharded, donated step) on models of real
-shapes with host-filled random weights (see forward_mfu.py).
+"""Throughput and MFU of the SFT step (`davir_jax.engine.trainer.make_train_step`: forward,
+backward, AdamW update, gradient accumulation in one jitted, sharded, donated step) on models of
+real shapes with host-filled random weights (see forward_mfu.py).
 
     python benchmarks/train_mfu.py --preset qwen2-0.5b --rows 8 --seq 2048 --accum 1 \
         --compute-dtype bfloat16
@@ -30,14 +30,14 @@ from flax import nnx  # noqa: E402
 from forward_mfu import host_random_model, peak_flops  # noqa: E402
 
 from davir_jax.config import OptimizerConfig, load_config  # noqa: E402
-from davir_jax.plan import forward_flops  # noqa: E402
-from davir_jax.sharding import make_mesh, state_shardings  # noqa: E402
-from davir_jax.train import (  # noqa: E402
+from davir_jax.core.sharding import make_mesh, state_shardings  # noqa: E402
+from davir_jax.engine.trainer import (  # noqa: E402
     accum_batch_sharding,
     make_optimizer,
     make_train_step,
     optimizer_shardings,
 )
+from davir_jax.jobs.plan import forward_flops  # noqa: E402
 
 
 def main() -> None:

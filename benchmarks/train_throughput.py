@@ -28,16 +28,16 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from davir_jax.config import DataConfig, OptimizerConfig  # noqa: E402
+from davir_jax.core.sharding import make_mesh, state_shardings  # noqa: E402
 from davir_jax.data.batching import BatchPlan  # noqa: E402
 from davir_jax.data.dataset import prepare  # noqa: E402
-from davir_jax.models import export_hf, load_model, load_tokenizer  # noqa: E402
-from davir_jax.sharding import make_mesh, state_shardings  # noqa: E402
-from davir_jax.train import (  # noqa: E402
+from davir_jax.engine.trainer import (  # noqa: E402
     make_optimizer,
     make_train_step,
     optimizer_shardings,
     step_batch,
 )
+from davir_jax.models import export_hf, load_model, load_tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

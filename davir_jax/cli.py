@@ -35,7 +35,7 @@ def _load_cfg(args: argparse.Namespace, overrides: list[str]) -> Any:
 def _started(cfg: Any) -> Any:
     """`cfg` once its `mesh.cpu_devices` is applied: before any JAX computation, which fixes the
     device count (library entry points apply it too, through `mesh_from_config`)."""
-    from davir_jax.sharding import use_compile_cache, use_cpu_devices
+    from davir_jax.core.sharding import use_compile_cache, use_cpu_devices
 
     use_cpu_devices(cfg.mesh.cpu_devices)
     use_compile_cache(cfg.mesh.compile_cache)
@@ -43,7 +43,7 @@ def _started(cfg: Any) -> Any:
 
 
 def _mesh(cfg: Any) -> Any:
-    from davir_jax.sharding import mesh_from_config
+    from davir_jax.core.sharding import mesh_from_config
 
     return mesh_from_config(cfg.mesh)
 
@@ -58,7 +58,7 @@ def _model(cfg: Any, mesh: Any) -> Any:
 
 
 def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.pipeline import run_pipeline
+    from davir_jax.jobs.pipeline import run_pipeline
 
     flags = [f"--pipeline.out={args.out}"] if args.out else []
     if args.data:
@@ -79,9 +79,9 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from pathlib import Path
 
     from davir_jax.config import load_config
+    from davir_jax.core.errors import UserError
     from davir_jax.demo import LABELS, make_splits
-    from davir_jax.errors import UserError
-    from davir_jax.pipeline import run_pipeline
+    from davir_jax.jobs.pipeline import run_pipeline
 
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
     if not Path(config).is_file():  # installed without the repository's configs/
@@ -119,8 +119,8 @@ def cmd_hello(args: argparse.Namespace, overrides: list[str]) -> int:
     """Load the default model, print per-token losses and a greedy chat answer."""
     import numpy as np
 
-    from davir_jax.evaluate import sequence_losses as sentence_losses
-    from davir_jax.generation import greedy_generate
+    from davir_jax.engine.nll import sequence_losses as sentence_losses
+    from davir_jax.models.generation import greedy_generate
     from davir_jax.models.loading import load_tokenizer_for as load_tokenizer
 
     cfg = _load_cfg(args, overrides)
@@ -237,7 +237,7 @@ _SCORE_FLAGS = {
 
 
 def cmd_score(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.scoring import score
+    from davir_jax.jobs.score import score
 
     flags = _flags(args, _SCORE_FLAGS)
     cfg = _load_cfg(args, flags + overrides)
@@ -259,7 +259,7 @@ _SFT_FLAGS: dict[str, str | tuple[str, ...]] = {
 
 
 def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.train import sft
+    from davir_jax.jobs.sft import sft
 
     flags = _flags(args, _SFT_FLAGS)
     out = sft(_load_cfg(args, flags + overrides), progress=not args.quiet)
@@ -276,7 +276,7 @@ _EVAL_FLAGS = {
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.evaluate import run_eval
+    from davir_jax.jobs.evaluate import run_eval
 
     flags = _flags(args, _EVAL_FLAGS)
     res = run_eval(_load_cfg(args, flags + overrides), progress=not args.quiet)
@@ -300,7 +300,7 @@ _DPO_FLAGS: dict[str, str | tuple[str, ...]] = {
 
 
 def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.preference import dpo
+    from davir_jax.jobs.dpo import dpo
 
     flags = _flags(args, _DPO_FLAGS)
     out = dpo(_load_cfg(args, flags + overrides), progress=not args.quiet)
@@ -309,7 +309,7 @@ def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_select(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.selection import run_select
+    from davir_jax.jobs.select import run_select
 
     if overrides:
         raise ValueError(f"davir select takes no config overrides, got {overrides}")
@@ -321,14 +321,14 @@ def cmd_select(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_diagnostics(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.diagnostics import write_diagnostics
+    from davir_jax.reports.diagnostics import write_diagnostics
 
     write_diagnostics(args.scores, args.out, k=args.k, echo=True)
     return 0
 
 
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
-    from davir_jax.plan import plan, render
+    from davir_jax.jobs.plan import plan, render
 
     p = plan(_load_cfg(args, overrides), args.job, args.chip, args.devices)
     print(json.dumps(p, indent=1) if args.json else render(p))
@@ -523,10 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. The error boundary: a user's mistake (a missing or unwritable path, a
     bad config value or override, unusable data, a run directory in use; see
-    `davir_jax.errors`) prints one line `davir CMD: error: ...` and returns 2; anything else is
+    `davir_jax.core.errors`) prints one line `davir CMD: error: ...` and returns 2; anything else is
     a bug and keeps its traceback. `--debug` prints the traceback of every error."""
-    from davir_jax.distributed import init_from_env
-    from davir_jax.errors import describe, user_error_types
+    from davir_jax.core.distributed import init_from_env
+    from davir_jax.core.errors import describe, user_error_types
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is global: accepted before or after the subcommand.

@@ -16,7 +16,7 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
-from davir_jax.errors import UserError
+from davir_jax.core.errors import UserError
 from davir_jax.models.arch import ArchConfig, RopeScaling
 
 T = TypeVar("T")
@@ -293,7 +293,7 @@ class TrainConfig:
 class DPOConfig:
     """Preference training (`davir dpo`) on `data.path` (a preference format), from `model.source`.
 
-    `objective`: dpo | ipo | dpo_norm | davir_dpo (`davir_jax.losses.PREFERENCE_OBJECTIVES`);
+    `objective`: dpo | ipo | dpo_norm | davir_dpo (`davir_jax.core.losses.PREFERENCE_OBJECTIVES`);
     `beta`: None takes the objective's documented default. The reference log-probs are
     precomputed once (`reference`, default the starting model) and read from the batch, or taken
     from a `davir score` run on the same pairs (`reference_scores`); `reference_in_step` computes
@@ -311,7 +311,7 @@ class DPOConfig:
     eval_fraction: float = 0.05
 
     def __post_init__(self) -> None:
-        from davir_jax.losses import PREFERENCE_OBJECTIVES
+        from davir_jax.core.losses import PREFERENCE_OBJECTIVES
 
         if self.objective not in PREFERENCE_OBJECTIVES:
             raise ValueError(
@@ -326,7 +326,7 @@ class DPOConfig:
 
     @property
     def resolved_beta(self) -> float:
-        from davir_jax.losses import PREFERENCE_OBJECTIVES
+        from davir_jax.core.losses import PREFERENCE_OBJECTIVES
 
         return self.beta if self.beta is not None else PREFERENCE_OBJECTIVES[self.objective][1]
 
@@ -393,7 +393,7 @@ class PipelineConfig:
             raise ValueError("methods: at least one selection method")
         if self.seeds < 1:
             raise ValueError(f"seeds: must be positive, got {self.seeds}")
-        from davir_jax.selection import Budget
+        from davir_jax.core.selection import Budget
 
         for b in self.budgets:
             Budget.parse(b)

@@ -25,9 +25,10 @@ from davir_jax.config import (
     TrainConfig,
     load_config,
 )
-from davir_jax.errors import UserError
-from davir_jax.sharding import make_mesh
-from davir_jax.train import plan_steps, sft
+from davir_jax.core.errors import UserError
+from davir_jax.core.sharding import make_mesh
+from davir_jax.engine.trainer import plan_steps
+from davir_jax.jobs.sft import sft
 
 
 def _one_device():
@@ -87,7 +88,7 @@ def test_batch_examples_steps_one_compile_and_the_loss_oracle(tmp_path, base, mo
     is kept, not dropped), one compiled step for all, and every step's loss is the mean over its
     response tokens. The learning rate is so small that no parameter moves (Adam's update,
     ~lr, is below float32 spacing), so every step's loss is the starting model's."""
-    import davir_jax.train as train_mod
+    import davir_jax.engine.trainer as train_mod
 
     steps_fns = []
     real = train_mod.make_train_step
@@ -200,7 +201,7 @@ def test_batch_settings_are_checked(tmp_path):
 
 
 def test_a_run_with_another_batch_is_refused(tmp_path, base):
-    from davir_jax.runs import MixedRunError
+    from davir_jax.core.runs import MixedRunError
 
     data = _data(tmp_path / "d.jsonl", 20)
     cfg = _cfg(tmp_path, base, data, train={"batch_examples": 6, "max_steps": 1})
@@ -213,7 +214,7 @@ def test_a_run_with_another_batch_is_refused(tmp_path, base):
 def test_dpo_steps_come_from_the_shared_planner(tmp_path, base):
     from test_preference import _pairs
 
-    from davir_jax.preference import PairData, dpo
+    from davir_jax.jobs.dpo import PairData, dpo
 
     pairs = _pairs(tmp_path / "p.jsonl", 30, seed=2)
     cfg = dataclasses.replace(

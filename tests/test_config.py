@@ -84,7 +84,7 @@ def test_yaml_is_safe_loaded(tmp_path):
 def test_config_defaults_equal_the_code_defaults():
     """config.py stays free of jax: its copies of the run defaults must equal the code's."""
     from davir_jax.config import ModelConfig, ScoringConfig, TrainConfig
-    from davir_jax.losses import LM_HEAD_CHUNK
+    from davir_jax.core.losses import LM_HEAD_CHUNK
     from davir_jax.models.decoder import ATTN_BLOCK
 
     assert ModelConfig().attn_block == ATTN_BLOCK

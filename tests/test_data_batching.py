@@ -13,10 +13,10 @@ from flax import nnx
 from toy_tokenizers import word_tokenizer
 
 from davir_jax.config import DataConfig
+from davir_jax.core.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.data import batching
 from davir_jax.data.dataset import prepare
 from davir_jax.data.skips import DataError
-from davir_jax.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.models import ArchConfig, random_model
 
 
@@ -223,7 +223,7 @@ def test_prepare_in_parts_equals_one_part(tmp_path):
 
 def test_no_recompilation_after_warm_up():
     """A fixed set of shapes: one compilation per bucket width, none on a second pass."""
-    from davir_jax.scoring import batch_nll, nll_step
+    from davir_jax.engine.nll import batch_nll, nll_step
 
     rng = np.random.default_rng(3)
     lengths = rng.integers(3, 120, 60)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from davir_jax.diagnostics import length_correlations, preview, write_diagnostics
+from davir_jax.reports.diagnostics import length_correlations, preview, write_diagnostics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,12 +12,12 @@ import pytest
 from toy_tokenizers import WORDS, word_tokenizer
 
 from davir_jax.config import Config, DataConfig, ModelConfig, ScoringConfig, load_config
+from davir_jax.core.runs import MixedRunError
 from davir_jax.data.dataset import prepare, store_fields
 from davir_jax.data.readers import read_examples
 from davir_jax.data.skips import SkipLog
 from davir_jax.data.templates import Encoder
-from davir_jax.runs import MixedRunError
-from davir_jax.scoring import score
+from davir_jax.jobs.score import score
 
 PLAIN_WORDS = [w for w in WORDS if w.isalpha()]
 

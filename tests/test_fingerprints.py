@@ -102,8 +102,8 @@ def test_score_refuses_a_reference_retrained_at_the_same_path(tmp_path, base):
     from hf_models import make_hf_model
 
     from davir_jax.config import Config, DataConfig, ScoringConfig
-    from davir_jax.runs import MixedRunError
-    from davir_jax.scoring import score
+    from davir_jax.core.runs import MixedRunError
+    from davir_jax.jobs.score import score
 
     ref = tmp_path / "ref"
     make_hf_model("llama", ref, seed=1, hidden_size=128, intermediate_size=1024)
@@ -167,7 +167,7 @@ def test_pipeline_reruns_exactly_what_a_changed_input_feeds(tmp_path, base, caps
     from davir_jax.cli import main
     from davir_jax.config import load_config
     from davir_jax.demo import make_splits
-    from davir_jax.train import sft
+    from davir_jax.jobs.sft import sft
 
     paths = make_splits(tmp_path / "data", n_pool=40, n_val=8, n_test=8, seed=0)
     run = tmp_path / "run"

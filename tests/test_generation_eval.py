@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from davir_jax.answers import exact_correct, gsm8k_answer, gsm8k_correct
-from davir_jax.generation import generate
+from davir_jax.data.answers import exact_correct, gsm8k_answer, gsm8k_correct
 from davir_jax.models import load_model
+from davir_jax.models.generation import generate
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
@@ -116,7 +116,7 @@ def test_davir_eval_cli(tmp_path, capsys):
     # The reported loss is the token-weighted response NLL, as the scoring step computes it.
     from davir_jax.config import DataConfig
     from davir_jax.data.dataset import prepare
-    from davir_jax.scoring import batch_nll
+    from davir_jax.engine.nll import batch_nll
 
     data = prepare(
         DataConfig(path=str(tmp_path / "g.jsonl"), cache_dir=str(tmp_path / "c")),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from davir_jax.losses import masked_nll, shift_targets, token_logprobs
+from davir_jax.core.losses import masked_nll, shift_targets, token_logprobs
 
 
 def _np_logprobs(hidden, w, targets):
@@ -38,7 +38,7 @@ def test_shift_and_masked_nll():
 
 
 def test_segment_nll_equals_numpy_per_segment_sums():
-    from davir_jax.losses import segment_nll
+    from davir_jax.core.losses import segment_nll
 
     rng = np.random.default_rng(1)
     lp = -rng.random((3, 10)).astype(np.float32)
@@ -164,8 +164,8 @@ def test_model_head_vocabulary_slice(tied, softcap):
     over devices."""
     import jax
 
+    from davir_jax.core.sharding import make_mesh
     from davir_jax.models import ArchConfig, random_model
-    from davir_jax.sharding import make_mesh
 
     arch = ArchConfig(
         family="llama",

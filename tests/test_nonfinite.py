@@ -24,8 +24,8 @@ from davir_jax.config import (
     ScoringConfig,
     TrainConfig,
 )
+from davir_jax.engine.nll import NonFiniteLossError
 from davir_jax.models.loading import TokenizerMismatchError, load_tokenizer_for
-from davir_jax.scoring import NonFiniteLossError
 
 # Words of the data; "five" is kept out and put into chosen prompts only.
 PLAIN = [w for w in WORDS if w.isalpha() and w != "five"]
@@ -99,11 +99,11 @@ def _named(err: pytest.ExceptionInfo, source: str) -> set[str]:
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, small_vocab, base):
-    from davir_jax.evaluate import run_eval
-    from davir_jax.pipeline import run_pipeline
-    from davir_jax.preference import dpo
-    from davir_jax.scoring import score
-    from davir_jax.train import sft
+    from davir_jax.jobs.dpo import dpo
+    from davir_jax.jobs.evaluate import run_eval
+    from davir_jax.jobs.pipeline import run_pipeline
+    from davir_jax.jobs.score import score
+    from davir_jax.jobs.sft import sft
 
     n_ids = len(word_tokenizer(True))
     assert n_ids > 32
@@ -164,7 +164,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, sma
 
 
 def test_scoring_stops_at_a_nan_and_writes_no_table(tmp_path, nan_model, base):
-    from davir_jax.scoring import score
+    from davir_jax.jobs.score import score
 
     data = _write(tmp_path / "d.jsonl", _rows(16))
     out = tmp_path / "scores"
@@ -177,7 +177,7 @@ def test_scoring_stops_at_a_nan_and_writes_no_table(tmp_path, nan_model, base):
 
 
 def test_eval_stops_at_a_nan_and_writes_no_result(tmp_path, nan_model):
-    from davir_jax.evaluate import run_eval
+    from davir_jax.jobs.evaluate import run_eval
 
     data = _write(tmp_path / "d.jsonl", _rows(16))
     cfg = _cfg(tmp_path, nan_model, data, eval=EvalConfig(out=str(tmp_path / "ev")))
@@ -188,7 +188,7 @@ def test_eval_stops_at_a_nan_and_writes_no_result(tmp_path, nan_model):
 
 
 def test_sft_stops_at_the_nan_step_and_saves_no_model(tmp_path, nan_model):
-    from davir_jax.train import sft
+    from davir_jax.jobs.sft import sft
 
     data = _write(tmp_path / "d.jsonl", _rows(16))
     out = tmp_path / "run"
@@ -209,7 +209,7 @@ def test_sft_stops_at_the_nan_step_and_saves_no_model(tmp_path, nan_model):
 
 
 def test_dpo_stops_at_the_nan_step_and_saves_no_model(tmp_path, nan_model, base):
-    from davir_jax.preference import dpo
+    from davir_jax.jobs.dpo import dpo
 
     rows = _rows(10)
     pairs = _write(

@@ -11,7 +11,7 @@ import pytest
 
 from davir_jax.cli import main
 from davir_jax.config import load_config
-from davir_jax.plan import plan
+from davir_jax.jobs.plan import plan
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 PAPER = {  # config -> (job, devices)

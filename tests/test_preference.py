@@ -26,8 +26,8 @@ from davir_jax.config import (
     OptimizerConfig,
     TrainConfig,
 )
-from davir_jax.losses import MIN_REF_NLL, PREFERENCE_OBJECTIVES
-from davir_jax.preference import dpo
+from davir_jax.core.losses import MIN_REF_NLL, PREFERENCE_OBJECTIVES
+from davir_jax.jobs.dpo import dpo
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = [w for w in WORDS if w.isalpha()]
@@ -162,7 +162,7 @@ def test_training_raises_margin_and_accuracy(tmp_path, base, objective):
 
 
 def test_precomputed_in_step_and_scored_reference_agree(tmp_path, base):
-    from davir_jax.scoring import score
+    from davir_jax.jobs.score import score
 
     data = _pairs(tmp_path / "p.jsonl", 24)
     cfg = _cfg(tmp_path, base, data, train={"max_steps": 4})

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from davir_jax.config import Config, DataConfig, PipelineConfig
-from davir_jax.report import classify_length_claim, write_report
-from davir_jax.stats import Interval
+from davir_jax.core.stats import Interval
+from davir_jax.reports.report import classify_length_claim, write_report
 
 TASKS = ("add", "reverse", "count")
 QUALITY = ("good", "bad")

@@ -2,7 +2,7 @@
 
 * the error boundary of `davir` (OSError, YAML, config and data errors are one line; a bug keeps
   its traceback; `--debug` shows every traceback);
-* every job checks all its inputs and outputs first (`davir_jax.preflight`);
+* every job checks all its inputs and outputs first (`davir_jax.engine.preflight`);
 * a data file of which every row is skipped is one error naming the file and the reasons;
 * every JSON file written is strict JSON;
 * a run directory is locked: a second process into it stops at once, naming the holder.
@@ -182,11 +182,11 @@ def _selection(tmp_path, pool) -> Path:
 
 
 def _cases(tmp_path, base, pool):
-    from davir_jax.evaluate import run_eval
-    from davir_jax.pipeline import run_pipeline
-    from davir_jax.preference import dpo
-    from davir_jax.scoring import score
-    from davir_jax.train import sft
+    from davir_jax.jobs.dpo import dpo
+    from davir_jax.jobs.evaluate import run_eval
+    from davir_jax.jobs.pipeline import run_pipeline
+    from davir_jax.jobs.score import score
+    from davir_jax.jobs.sft import sft
 
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -290,7 +290,7 @@ def test_prepare_raises_for_an_empty_data_set(tmp_path):
 
 
 def test_write_json_is_strict_and_atomic(tmp_path):
-    from davir_jax.io_utils import dumps_json, write_json
+    from davir_jax.core.io import dumps_json, write_json
 
     obj = {
         "nan": float("nan"),
@@ -316,7 +316,7 @@ def test_write_json_is_strict_and_atomic(tmp_path):
 
 def test_no_json_file_is_written_without_the_strict_helper():
     """No `json.dump(obj, file)` and no `json.dumps` inside a write call anywhere in the
-    package: JSON files go through `io_utils.write_json` / `dumps_json` (json.dumps stays for
+    package: JSON files go through `core.io.write_json` / `dumps_json` (json.dumps stays for
     hashes, keys and messages)."""
     import ast
 
@@ -400,7 +400,7 @@ def test_two_processes_into_one_run_dir(tmp_path, base, pool):
 
 
 def test_lock_is_reentrant_released_and_ignored_by_claim(tmp_path):
-    from davir_jax.runs import (
+    from davir_jax.core.runs import (
         LOCK_FILE,
         RunLockedError,
         claim_run_dir,

@@ -158,7 +158,7 @@ def test_remat_checkpoints_the_scanned_body():
 
 
 def test_generation_keeps_the_loop_and_its_results(family_dir):
-    from davir_jax.generation import greedy_generate
+    from davir_jax.models.generation import greedy_generate
 
     _, d = family_dir
     prompts = [[3, 5, 7, 9], [11, 2]]
@@ -189,7 +189,7 @@ def test_checkpoints_interchange_between_scan_and_loop(tmp_path, saved_with_scan
 
 def test_sft_with_scan_trains_as_the_loop_and_its_model_loads_unscanned(tmp_path, base):
     from davir_jax.config import Config, DataConfig, OptimizerConfig, TrainConfig
-    from davir_jax.train import sft
+    from davir_jax.jobs.sft import sft
 
     rows = [
         {"prompt": "the cat sat", "response": " on the mat"},
@@ -232,7 +232,7 @@ def test_scan_on_8_devices_equals_one_device(family_dir):
     test_sharding.py); gradients as everywhere here. Against the one-device loop and against
     the same mesh's loop.
     """
-    from davir_jax.sharding import batch_sharding, make_mesh
+    from davir_jax.core.sharding import batch_sharding, make_mesh
 
     family, d = family_dir
     if family not in ("llama", "gemma2"):

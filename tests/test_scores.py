@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from davir_jax.scores import (
+from davir_jax.core.scores import (
     SCORES,
     ScoreColumns,
     compute_scores,

@@ -21,9 +21,9 @@ from conftest import run_cli
 from toy_tokenizers import WORDS
 
 from davir_jax.config import Config, DataConfig, ModelConfig, ScoringConfig
-from davir_jax.runs import MixedRunError
-from davir_jax.scoring import score
-from davir_jax.sharding import make_mesh
+from davir_jax.core.runs import MixedRunError
+from davir_jax.core.sharding import make_mesh
+from davir_jax.jobs.score import score
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_WORDS = [w for w in WORDS if w.isalpha()]
@@ -236,7 +236,7 @@ jax.config.update("jax_num_cpu_devices", 4)
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                            process_id=int(sys.argv[2]))
 from davir_jax.config import load_config
-from davir_jax.scoring import score
+from davir_jax.jobs.score import score
 cfg = load_config(None, json.loads(sys.argv[3]))
 score(cfg, progress=False)
 print("process", jax.process_index(), "of", jax.process_count(), "devices", len(jax.devices()))

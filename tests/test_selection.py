@@ -11,16 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from davir_jax.scores import random_uniform
-from davir_jax.selection import (
-    Budget,
-    Pool,
-    budget_count,
-    parse_pool,
-    run_select,
-    select_mixture,
-    select_top,
-)
+from davir_jax.core.scores import random_uniform
+from davir_jax.core.selection import Budget, budget_count, select_top
+from davir_jax.jobs.select import Pool, parse_pool, run_select, select_mixture
 
 
 def _write_scores_dir(

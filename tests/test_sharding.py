@@ -13,15 +13,15 @@ from hf_models import make_hf_model
 from jax.sharding import PartitionSpec as P
 
 from davir_jax.config import MeshConfig
-from davir_jax.models import ArchConfig, load_model, random_model
-from davir_jax.models.weights import iter_params
-from davir_jax.sharding import (
+from davir_jax.core.sharding import (
     LOGICAL_RULES,
     logical_to_spec,
     make_mesh,
     mesh_from_config,
     use_cpu_devices,
 )
+from davir_jax.models import ArchConfig, load_model, random_model
+from davir_jax.models.weights import iter_params
 
 pytestmark = pytest.mark.devices(8)
 
@@ -51,7 +51,7 @@ def test_cpu_devices_once_jax_has_started():
 
 CPU_DEVICES = """
 import sys, jax
-from davir_jax.sharding import use_cpu_devices
+from davir_jax.core.sharding import use_cpu_devices
 case, n = sys.argv[1], int(sys.argv[2])
 if case == "started":
     jax.devices()  # the backends start with JAX's default, one CPU device
@@ -136,7 +136,7 @@ def test_fsdp4_tensor2_forward_equals_one_device(tmp_path, family):
     rng = np.random.default_rng(0)
     ids = rng.integers(0, single.arch.vocab_size, (8, 12)).astype(np.int32)
     ref = np.asarray(single(ids))
-    from davir_jax.sharding import batch_sharding
+    from davir_jax.core.sharding import batch_sharding
 
     ids_sharded = jax.device_put(ids, batch_sharding(mesh))
     out = jax.jit(lambda m, x: m(x))(sharded, ids_sharded)
@@ -170,7 +170,7 @@ def test_indivisible_axes_are_replicated_not_failing():
 
 def test_sequence_losses_jitted_with_declared_shardings_equal_one_device(tmp_path):
     """The evaluation step declares its in/out shardings; rows are padded to the dp size."""
-    from davir_jax.evaluate import sequence_losses
+    from davir_jax.engine.nll import sequence_losses
 
     make_hf_model("mistral", tmp_path)
     seqs = [list(range(1, 12)), list(range(5, 9)), list(range(20, 40))]  # 3 rows, dp = 4
@@ -182,7 +182,7 @@ def test_sequence_losses_jitted_with_declared_shardings_equal_one_device(tmp_pat
 COMPILE_CACHE = """
 import sys, time, jax, jax.numpy as jnp
 from davir_jax.config import MeshConfig
-from davir_jax.sharding import mesh_from_config
+from davir_jax.core.sharding import mesh_from_config
 mesh_from_config(MeshConfig(fsdp=1, compile_cache=sys.argv[1]))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # store even a tiny program
 f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum() * float(sys.argv[2]))

@@ -1,4 +1,4 @@
-"""davir_jax.stats against independent oracles: scipy.stats.bootstrap (paired, percentile) for
+"""davir_jax.core.stats against independent oracles: scipy.stats.bootstrap (paired, percentile) for
 the paired held-out-loss difference and for correlations, scipy.stats.spearmanr/pearsonr for
 the row-wise correlations, and exact properties of the paired difference."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from davir_jax.stats import (
+from davir_jax.core.stats import (
     bootstrap_ci,
     correlation_ci,
     dense_ranks,

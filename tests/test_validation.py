@@ -1,5 +1,5 @@
 """Validation during SFT (`train.val`): after every epoch the held-out response loss of the
-current parameters (`evaluate.held_out_loss`) goes to DIR/val.json and metrics.jsonl;
+current parameters (`nll.held_out_loss`) goes to DIR/val.json and metrics.jsonl;
 `keep_best` exports the best epoch, `patience` stops when the loss stops improving, and a run
 that crashes and is restarted keeps the history."""
 
@@ -15,10 +15,11 @@ from flax import nnx
 from test_train import _data
 
 from davir_jax.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
-from davir_jax.evaluate import held_out_loss
+from davir_jax.core.sharding import make_mesh, state_shardings
+from davir_jax.engine.nll import held_out_loss
+from davir_jax.engine.trainer import _abstract, _manager, make_optimizer, optimizer_shardings
+from davir_jax.jobs.sft import sft
 from davir_jax.models import load_model
-from davir_jax.sharding import make_mesh, state_shardings
-from davir_jax.train import _abstract, _manager, make_optimizer, optimizer_shardings, sft
 
 
 def _mesh():
@@ -155,7 +156,7 @@ def test_patience_stops_when_the_loss_stops_improving(run):
 def test_a_crashed_and_restarted_run_keeps_the_val_history(run, monkeypatch):
     """A run that dies mid-epoch after two validated epochs, restarted: the same history,
     losses and exported model as the uninterrupted run."""
-    import davir_jax.train as train_mod
+    import davir_jax.engine.trainer as train_mod
 
     root, cfg_full, full = run
     want = _json(full / "val.json")

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from davir_jax.config import DataConfig
+from davir_jax.core.fingerprints import tokenizer_fingerprint
+from davir_jax.core.io import dumps_json, file_sha256, progress_bar, write_atomic
 from davir_jax.data import batching
 from davir_jax.data.readers import (
     PAIR_FORMATS,
@@ -40,8 +42,6 @@ from davir_jax.data.storage import (
     wait_for_parts,
 )
 from davir_jax.data.templates import Encoder
-from davir_jax.io_utils import dumps_json, file_sha256, progress_bar, write_atomic
-from davir_jax.models.tokenizer import tokenizer_fingerprint
 
 # Bump when the tokenized layout or a template's definition changes (invalidates caches).
 STORE_VERSION = 1

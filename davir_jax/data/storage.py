@@ -49,7 +49,7 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from davir_jax.io_utils import dumps_json
+from davir_jax.core.io import dumps_json
 
 log = logging.getLogger(__name__)
 

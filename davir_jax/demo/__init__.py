@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from davir_jax.io_utils import dumps_json, write_atomic
+from davir_jax.core.io import dumps_json, write_atomic
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
 LABELS = ("task", "quality")

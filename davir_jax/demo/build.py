@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from davir_jax.io_utils import dumps_json, write_atomic
+from davir_jax.core.io import dumps_json, write_atomic
 
 DATA = Path(__file__).resolve().parent / "data"
 ROWS_FILE = "instructions.jsonl"

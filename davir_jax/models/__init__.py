@@ -8,7 +8,7 @@ from davir_jax.models.arch import ArchConfig, RopeScaling, UnsupportedConfigErro
 from davir_jax.models.decoder import ATTN_BLOCK, Decoder, RunConfig
 from davir_jax.models.loading import load_arch, load_model, save_model
 from davir_jax.models.safetensors_io import WeightFileError
-from davir_jax.models.tokenizer import load_tokenizer, tokenizer_fingerprint
+from davir_jax.models.tokenizer import load_tokenizer
 from davir_jax.models.weights import export_hf
 
 
@@ -26,8 +26,8 @@ def random_model(
     """A randomly initialised decoder, every parameter born in its sharding."""
     from flax import nnx
 
+    from davir_jax.core.sharding import create_sharded
     from davir_jax.models.loading import run_config
-    from davir_jax.sharding import create_sharded
 
     run = run_config(dtype, compute_dtype, remat, mesh, attn_block, scan_layers)
     return create_sharded(lambda: Decoder(arch, run, rngs=nnx.Rngs(seed)), mesh)
@@ -46,5 +46,4 @@ __all__ = [
     "load_tokenizer",
     "random_model",
     "save_model",
-    "tokenizer_fingerprint",
 ]

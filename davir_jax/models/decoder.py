@@ -1,6 +1,6 @@
 """One decoder-only transformer, configured per family (Llama, Mistral, Qwen2, Gemma, Gemma2).
 
-Parameters carry logical axis names only (`out_sharding` metadata); `davir_jax.sharding` maps them
+Parameters carry logical axis names only (`out_sharding` metadata); `core.sharding` maps them
 to the mesh. Kernels are stored input-major (`x @ W`): q `[embed, heads, head_dim]`, o
 `[heads, head_dim, embed]`, MLP `[embed, mlp]` / `[mlp, embed]`, embedding `[vocab, embed]`,
 untied LM head `[embed, vocab]`.
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from davir_jax.core.sharding import Sharder
 from davir_jax.models.arch import ArchConfig, llama3_inv_freq_scale
-from davir_jax.sharding import Sharder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

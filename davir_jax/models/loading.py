@@ -21,14 +21,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from davir_jax.io_utils import dumps_json, file_sha256, publish_dir, write_atomic
+from davir_jax.core.fingerprints import tokenizer_id_extent
+from davir_jax.core.io import dumps_json, file_sha256, publish_dir, write_atomic
+from davir_jax.core.sharding import Sharder, state_shardings
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import ATTN_BLOCK, Decoder, RunConfig
 from davir_jax.models.gguf_io import GGUFWeights
+from davir_jax.models.registry import resolve_registered
 from davir_jax.models.safetensors_io import WeightFileError
-from davir_jax.models.tokenizer import load_tokenizer, resolve_registered, tokenizer_id_extent
+from davir_jax.models.tokenizer import load_tokenizer
 from davir_jax.models.weights import abstract_model, build_model, load_hf
-from davir_jax.sharding import Sharder, state_shardings
 
 MODEL_META = "davir_model.json"
 FORMAT_VERSION = 1
@@ -295,7 +297,7 @@ def load_model(
     """Load a decoder from any supported source, each parameter placed in its sharding.
 
     `dtype` is the parameter dtype; `compute_dtype` defaults to it. With a `mesh`, parameters are
-    sharded by the logical-axis rules in `davir_jax.sharding`; without, they live on one device.
+    sharded by the logical-axis rules in `core.sharding`; without, they live on one device.
     `remat`, `attn_block` and `scan_layers` say how it runs (`RunConfig`), not what is stored: a
     checkpoint saved with any of them loads with any other.
     """

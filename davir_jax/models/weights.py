@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from davir_jax.io_utils import dumps_json, publish_dir
+from davir_jax.core.io import dumps_json, publish_dir
+from davir_jax.core.sharding import state_shardings
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig, to_dtype
 from davir_jax.models.safetensors_io import (
@@ -31,7 +32,6 @@ from davir_jax.models.safetensors_io import (
     umask_mode,
     write_streaming,
 )
-from davir_jax.sharding import state_shardings
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 import jax
 
-from davir_jax.errors import UserError
-from davir_jax.io_utils import dumps_json, write_json
+from davir_jax.core.errors import UserError
+from davir_jax.core.io import dumps_json, write_json
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".davir.lock"

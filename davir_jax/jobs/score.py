@@ -5,7 +5,7 @@
 One pass over a tokenized data set (`davir_jax.data`); each fixed-shape batch goes through both
 models (or, with `scoring.resident=sequential`, all batches through the base, then all through the
 reference, for when both do not fit), so both see the same token ids and masks. The per-example
-summed NLL is `davir_jax.losses.example_nll`, the same function the trainers use.
+summed NLL is `davir_jax.core.losses.example_nll`, the same function the trainers use.
 
 Output, resumable at any moment:
     DIR/run.json                          what this run is (models, data, tokenizer, batching):
@@ -27,202 +27,42 @@ in lockstep. The final table equals an uninterrupted run's.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from davir_jax.config import Config, to_dict
+from davir_jax.core.fingerprints import tokenizer_fingerprint
+from davir_jax.core.io import progress_bar, write_atomic, write_json
+from davir_jax.core.runs import batching_identity, check_batch_rows, claim_run_dir
+from davir_jax.core.scores import MANIFEST_FILE, SCORES_FILE
+from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import Batch
 from davir_jax.data.readers import iter_rows
 from davir_jax.data.skips import SkipLog
-from davir_jax.io_utils import progress_bar, write_atomic, write_json
-from davir_jax.losses import LM_HEAD_CHUNK, example_nll
-from davir_jax.models.arch import ArchConfig
-from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.engine.nll import NonFiniteLossError, name_examples, nonfinite_examples, stream_nll
+from davir_jax.engine.preflight import checked
+from davir_jax.models.decoder import Decoder
 from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
-from davir_jax.models.tokenizer import tokenizer_fingerprint
-from davir_jax.models.weights import abstract_model
-from davir_jax.preflight import checked
-from davir_jax.runs import batching_identity, check_batch_rows, claim_run_dir
-from davir_jax.sharding import batch_sharding, mesh_from_config, state_shardings
 
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
     from davir_jax.data.dataset import TokenizedData
 
 MODELS = ("base", "reference")
-SCORES_FILE = "scores.parquet"
-MANIFEST_FILE = "manifest.json"
-_BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
 
 
 # -- non-finite values ---------------------------------------------------------------------
 
 
-class NonFiniteLossError(FloatingPointError, ValueError):
-    """A model gave a NaN or infinite loss: nothing computed from it is written."""
-
-
-def name_examples(ids: list[str], limit: int = 8) -> str:
-    """`a, b, c (+N more)`: example ids for a one-line error."""
-    more = f" (+{len(ids) - limit} more)" if len(ids) > limit else ""
-    return ", ".join(ids[:limit]) + more
-
-
-def nonfinite_examples(batch: Batch, nll: np.ndarray, example_ids: Any) -> list[str]:
-    """Ids of the real examples of a host batch whose NLL (`[R, S]`) is NaN or infinite."""
-    bad = (batch.example_index >= 0) & ~np.isfinite(nll)
-    return [str(example_ids[i]) for i in batch.example_index[bad]]
-
-
 # -- the jitted step -----------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=32)
-def nll_step(arch: ArchConfig, run: RunConfig, num_segments: int, chunk: int) -> Any:
-    """Jitted `(state, ids, segment_ids, positions, loss_mask) -> (nll [B, S], count [B, S])`.
-
-    Built once per model configuration. On a mesh, the parameter shardings come from the rules
-    table, the batch is split over the data-parallel axes, and the (small) outputs are
-    replicated so every process can read its own rows.
-    """
-    graphdef, abs_state = abstract_model(arch, run)
-
-    def step(state: nnx.State, ids: jax.Array, seg: jax.Array, pos: jax.Array, mask: jax.Array):
-        model = nnx.merge(graphdef, state)
-        return example_nll(model, ids, seg, pos, mask, num_segments, chunk)
-
-    mesh = run.sharder.mesh
-    if mesh is None:
-        return jax.jit(step)
-    rows = batch_sharding(mesh, 2)
-    rep = NamedSharding(mesh, P())
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings(abs_state, mesh), rows, rows, rows, rows),
-        out_shardings=(rep, rep),
-    )
-
-
-def data_parallel_size(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def device_batch(batch: Batch, mesh: Mesh | None) -> list[jax.Array]:
-    """This process's host rows -> global arrays sharded over the data-parallel axes."""
-    arrays = [getattr(batch, k) for k in _BATCH_KEYS]
-    if mesh is None:
-        return [jnp.asarray(a) for a in arrays]
-    sharding = batch_sharding(mesh, 2)
-    return [jax.make_array_from_process_local_data(sharding, a) for a in arrays]
-
-
-def _launch_nll(
-    model: Decoder, batch: Batch, num_segments: int, chunk: int
-) -> tuple[jax.Array, jax.Array]:
-    """Dispatch one batch's step; JAX returns before the device has finished it."""
-    _, state = nnx.split(model)
-    fn = nll_step(model.arch, model.run, num_segments, chunk)
-    return fn(state, *device_batch(batch, model.run.sharder.mesh))
-
-
-def _local_rows(batch: Batch, out: tuple[jax.Array, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
-    """This process's rows of a step's global `[R, S]` outputs, on the host (waits for them)."""
-    r = batch.input_ids.shape[0]
-    lo = jax.process_index() * r if jax.process_count() > 1 else 0
-    return np.asarray(out[0])[lo : lo + r], np.asarray(out[1])[lo : lo + r]
-
-
-def batch_nll(
-    model: Decoder, batch: Batch, num_segments: int, chunk: int = LM_HEAD_CHUNK
-) -> tuple[np.ndarray, np.ndarray]:
-    """(summed NLL, token count) `[R_local, S]` of this process's rows of one batch."""
-    return _local_rows(batch, _launch_nll(model, batch, num_segments, chunk))
-
-
-def stream_nll(
-    models: dict[str, Decoder],
-    batches: Iterable[Batch],
-    num_segments: int,
-    chunk: int = LM_HEAD_CHUNK,
-) -> Iterator[tuple[Batch, dict[str, tuple[np.ndarray, np.ndarray]]]]:
-    """Every batch, in order, with each model's `batch_nll` of it. The next batch's steps are
-    dispatched before this batch's results are read back, so the host's work (assembling and
-    sending the next batch, and the caller's: shards, progress) overlaps the device's."""
-
-    def read(batch: Batch, launched: dict[str, Any]) -> tuple[Batch, dict[str, Any]]:
-        return batch, {m: _local_rows(batch, out) for m, out in launched.items()}
-
-    pending = None
-    for batch in batches:
-        launched = {m: _launch_nll(md, batch, num_segments, chunk) for m, md in models.items()}
-        if pending is not None:
-            yield read(*pending)
-        pending = (batch, launched)
-    if pending is not None:
-        yield read(*pending)
-
-
-def dataset_nll(
-    model: Decoder,
-    plans: list[Any],
-    num_segments: int,
-    get: Any,
-    n_examples: int,
-    chunk: int = LM_HEAD_CHUNK,
-    desc: str | None = None,
-    example_ids: Any = None,
-    what: str = "the model",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every example's summed response NLL and token count `([N], [N])` over global batch
-    `plans`: each process runs its own rows of every batch, and the arrays are gathered so every
-    process gets all of them. `get(indices)` gives (input_ids, loss_mask) per example.
-
-    A NaN or infinite NLL raises `NonFiniteLossError` naming the examples (`example_ids[i]`, or
-    the indices): at its batch on one process, after the gather (so every process raises
-    together) on several."""
-    from davir_jax.data.batching import assemble, local_rows
-
-    pi, pc = jax.process_index(), jax.process_count()
-    nll, cnt = np.zeros(n_examples), np.zeros(n_examples)
-    bar = progress_bar(len(plans), desc or "nll", "batch", desc is not None and pi == 0)
-    batches = (assemble(local_rows(p, pi, pc), p.width, num_segments, get) for p in plans)
-    names = example_ids if example_ids is not None else range(n_examples)
-
-    def refuse(bad: list[str]) -> None:
-        raise NonFiniteLossError(
-            f"{what} gives a non-finite NLL for example(s) {name_examples(bad)}; "
-            "nothing was written"
-        )
-
-    for batch, out in stream_nll({"model": model}, batches, num_segments, chunk):
-        a, c = out["model"]
-        if pc == 1 and (bad := nonfinite_examples(batch, a, names)):
-            refuse(bad)
-        sel = batch.example_index >= 0
-        nll[batch.example_index[sel]] = a[sel]
-        cnt[batch.example_index[sel]] = c[sel]
-        bar.update(1)
-    bar.close()
-    if pc > 1:  # rows scored elsewhere are 0 here; NLLs and counts are >= 0
-        from jax.experimental import multihost_utils
-
-        nll = np.max(multihost_utils.process_allgather(nll), axis=0)  # NaN wins the max
-        cnt = np.max(multihost_utils.process_allgather(cnt), axis=0)
-        if not np.isfinite(nll).all():
-            refuse([str(names[i]) for i in np.flatnonzero(~np.isfinite(nll))])
-    return nll, cnt
 
 
 # -- the job -------------------------------------------------------------------------------
@@ -536,7 +376,7 @@ def _merge(
     }
     write_json(out / MANIFEST_FILE, manifest, sort_keys=True)
     if cfg.scoring.diagnostics and base is not None:
-        from davir_jax.diagnostics import write_diagnostics
+        from davir_jax.reports.diagnostics import write_diagnostics
 
         write_diagnostics(out, echo=False)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from davir_jax.config import Config, to_dict
-from davir_jax.io_utils import file_sha256, write_json
-from davir_jax.preflight import checked
+from davir_jax.core.io import file_sha256, write_json
+from davir_jax.engine.preflight import checked
 
 
 def _fp(obj: Any) -> str:
@@ -137,10 +137,10 @@ def add_extra_pools(sel_dir: Path, extra: tuple[str, ...]) -> None:
 @checked("pipeline")  # preflight: every input and output checked, the output locked
 def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     """Run (or resume) the pipeline of `cfg.pipeline`; returns the run folder."""
-    from davir_jax.evaluate import run_eval
-    from davir_jax.report import write_report
-    from davir_jax.scoring import score
-    from davir_jax.train import sft
+    from davir_jax.jobs.evaluate import run_eval
+    from davir_jax.jobs.score import score
+    from davir_jax.jobs.sft import sft
+    from davir_jax.reports.report import write_report
 
     pc = cfg.pipeline
     if pc.out is None or cfg.data.path is None or cfg.model.source is None:
@@ -264,8 +264,8 @@ def _subset_run(
 ) -> str:
     """Select with `spec` = (method, budget, seed) and SFT the base on the subset with that
     seed; returns the SFT run folder (a model source)."""
-    from davir_jax.selection import run_select
-    from davir_jax.train import sft
+    from davir_jax.jobs.select import run_select
+    from davir_jax.jobs.sft import sft
 
     method, budget, seed = spec
     pc, scores_dir = cfg.pipeline, out / "scores"

@@ -79,7 +79,7 @@ def _param_table(arch: Any, dtype: str) -> tuple[tuple[tuple[int, ...], Any], ..
 
 def per_device_params(arch: Any, dtype: str, mesh: _Mesh) -> tuple[int, int]:
     """(parameter count, bytes of one device's shards) from the abstract model."""
-    from davir_jax.sharding import logical_to_spec
+    from davir_jax.core.sharding import logical_to_spec
 
     count, local = 0, 0
     for shape, axes in _param_table(arch, dtype):
@@ -123,8 +123,8 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
 
     blocked = uses_blocked_attention(m.attn_block, seq)
     chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
-    from davir_jax.losses import VOCAB_BLOCK
-    from davir_jax.sharding import Sharder
+    from davir_jax.core.losses import VOCAB_BLOCK
+    from davir_jax.core.sharding import Sharder
 
     # The head's log-sum-exp holds one vocabulary block, unless the rules table splits the
     # vocabulary over devices (as `Decoder.vocab_block` decides for the real model).

@@ -6,7 +6,7 @@ each score with response length, 95% bootstrap intervals, and whether the paper'
 confirmed, weakened or reversed here, see `classify_length_claim`); what each method selected;
 training curves; held-out results per method and budget over `pipeline.seeds` seeds, with the
 paired difference against `random` at the same budget and its 95% bootstrap interval over
-held-out items (`davir_jax.stats`); stage timings.
+held-out items (`davir_jax.core.stats`); stage timings.
 
 The report states what it measured and nothing else: a difference whose interval contains 0 is
 written as "no difference shown at this size"; a missing input (no evaluation, no labels, one
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from davir_jax.io_utils import write_atomic
-from davir_jax.stats import (
+from davir_jax.core.io import write_atomic
+from davir_jax.core.stats import (
     Interval,
     bootstrap_ci,
     correlation_samples,
@@ -149,7 +149,7 @@ def load_pool(
     out: Path, labels: tuple[str, ...], extra_scores: tuple[str, ...] = ()
 ) -> PoolScores | None:
     """The run's scores table as arrays (None when there is none, or it has no base NLLs)."""
-    from davir_jax.scores import SCORES, compute_scores, read_scores
+    from davir_jax.core.scores import SCORES, compute_scores, read_scores
 
     f = out / "scores" / "scores.parquet"
     if not f.is_file():

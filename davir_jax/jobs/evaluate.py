@@ -1,62 +1,14 @@
 """Evaluation: per-sequence language-model loss (held-out loss). Generation lives in
-`generation.py`."""
+`models/generation.py`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from davir_jax.data.batching import assemble
-from davir_jax.losses import LM_HEAD_CHUNK
-from davir_jax.models.decoder import Decoder
-from davir_jax.preflight import checked
-from davir_jax.scoring import batch_nll, data_parallel_size, dataset_nll
-
-
-def sequence_losses(
-    model: Decoder, sequences: Sequence[Sequence[int]], bucket: int = 64
-) -> list[float]:
-    """Mean NLL (nats per token) of each whole sequence, every token after the first scored.
-
-    Uses the scoring step (`davir_jax.scoring.nll_step`): one row per sequence, rows padded to
-    the data-parallel size with zero-weight filler, width rounded up to `bucket`.
-    """
-    dp = data_parallel_size(model.run.sharder.mesh)
-    n_rows = -(-len(sequences) // dp) * dp
-    width = -(-max(len(s) for s in sequences) // bucket) * bucket
-    items = [(np.asarray(s, np.int32), np.ones(len(s), np.int32)) for s in sequences]
-    rows = [(i,) for i in range(len(sequences))] + [()] * (n_rows - len(sequences))
-    batch = assemble(rows, width, 1, lambda idx: [items[i] for i in idx])
-    nll, n = batch_nll(model, batch, num_segments=1)
-    return [float(a) / max(float(c), 1.0) for a, c in zip(nll[: len(sequences), 0], n[:, 0])]
-
-
-def held_out_loss(
-    model: Decoder, data: Any, chunk: int = LM_HEAD_CHUNK, what: str = "the model"
-) -> dict[str, Any]:
-    """Response NLL of every example of a prepared data set: the token-weighted mean (nats per
-    response token, the SFT loss) and the mean of per-example means; and the per-example rows.
-    A NaN or infinite NLL raises `scoring.NonFiniteLossError` naming the examples."""
-    nll, cnt = dataset_nll(
-        model,
-        data.plans(),
-        data.num_segments,
-        data.get,
-        len(data),
-        chunk,
-        example_ids=data.example_ids,
-        what=what,
-    )
-    return {
-        "loss": float(nll.sum() / max(cnt.sum(), 1.0)),
-        "mean_example_loss": float(np.mean(nll / np.maximum(cnt, 1.0))),
-        "n_examples": len(data),
-        "n_tokens": int(cnt.sum()),
-        "nll": nll,
-        "n_tokens_each": cnt,
-    }
+from davir_jax.engine.nll import held_out_loss
+from davir_jax.engine.preflight import checked
 
 
 @checked("eval")  # preflight: every input and output checked, the output locked
@@ -66,14 +18,14 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
     import time
     from pathlib import Path
 
-    from davir_jax.answers import CHECKERS
+    from davir_jax.core.io import dumps_json, progress_bar, write_atomic, write_json
+    from davir_jax.core.runs import check_batch_rows
+    from davir_jax.core.sharding import mesh_from_config
+    from davir_jax.data.answers import CHECKERS
     from davir_jax.data.dataset import prepare
     from davir_jax.data.readers import read_examples
-    from davir_jax.generation import generate
-    from davir_jax.io_utils import dumps_json, progress_bar, write_atomic, write_json
+    from davir_jax.models.generation import generate
     from davir_jax.models.loading import load_model, load_tokenizer_for
-    from davir_jax.runs import check_batch_rows
-    from davir_jax.sharding import mesh_from_config
 
     ec, m = cfg.eval, cfg.model
     if m.source is None or cfg.data.path is None:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from davir_jax.errors import UserError
+from davir_jax.core.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -294,8 +294,8 @@ def batch_rows(cfg: Any, mesh: Any = None) -> None:
     """`data.batch_rows` splits over the mesh's data-parallel devices and the processes. The
     mesh is made as the job makes it (`mesh_from_config` applies `mesh.cpu_devices` before JAX
     starts), so this starts JAX's backends, as the job's first step would."""
-    from davir_jax.runs import check_batch_rows
-    from davir_jax.sharding import mesh_from_config
+    from davir_jax.core.runs import check_batch_rows
+    from davir_jax.core.sharding import mesh_from_config
 
     check_batch_rows(cfg, mesh if mesh is not None else mesh_from_config(cfg.mesh))
 
@@ -304,7 +304,7 @@ def batch_rows(cfg: Any, mesh: Any = None) -> None:
 def preflight(job: str, cfg: Any, mesh: Any = None) -> Any:
     """Check `cfg` for `job` (the config first, then every file and directory), then hold the
     lock of its output directories while the block runs. `mesh`: the job's, if given."""
-    from davir_jax.runs import RunLockedError, lock_run_dir, unlock_run_dir
+    from davir_jax.core.runs import RunLockedError, lock_run_dir, unlock_run_dir
 
     batch_rows(cfg, mesh)
     outs = CHECKS[job](cfg)
@@ -325,7 +325,7 @@ def preflight(job: str, cfg: Any, mesh: Any = None) -> Any:
             import numpy as np
             from jax.experimental import multihost_utils
 
-            from davir_jax.sharding import use_cpu_devices
+            from davir_jax.core.sharding import use_cpu_devices
 
             use_cpu_devices(cfg.mesh.cpu_devices)  # before the collective starts the backends
             ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCORES_FILE = "scores.parquet"
+MANIFEST_FILE = "manifest.json"  # beside the table: what the scoring run was
 # Columns every scores.parquet must have (written by the scoring job).
 REQUIRED_COLUMNS = (
     "example_id",

@@ -1,29 +1,25 @@
-"""Supervised fine-tuning (`davir sft`): optax AdamW, one jitted sharded step, orbax checkpoints
-with exact resume.
+"""The trainer every training job uses: optax AdamW, one jitted, sharded, accumulated step
+with an objective, the step planner, orbax checkpoints with exact resume, metrics and `fit`.
 
-    davir sft --model SRC --data FILE --template T --out DIR
-    davir sft --model SRC --selection runs/sel --out DIR       # a `davir select` output
+An `Objective` (`sft_objective` here, the preference objectives in `jobs/dpo.py`)
+gives a micro-batch's summed loss and its token or pair count; the step (`make_train_step`) runs
+the micro-batches in a `lax.scan`, summing the loss and its gradient, and divides by the count of
+the whole global batch once: the loss is the mean over every response token (or pair) of the
+accumulated batch, identical with or without accumulation or packing. What a step holds comes
+from one planner (`plan_steps`): `train.batch_examples` examples (or about `train.batch_tokens`
+tokens of whole examples), packed and split into micro-batches of `data.batch_rows` rows, their
+count fixed for the run; or, unset, `train.grad_accum` batches of packed rows. A run of fewer
+than `train.min_steps` steps says so before it starts (`steps.json` records the count).
+Parameters and optimizer state keep the shardings of the rules table (declared on the jit,
+donated in place).
 
-The step (`make_train_step`) runs its micro-batches in a `lax.scan`, summing the token-weighted
-NLL and its gradient, and divides by the response-token count of the whole global batch once: the
-loss is the mean over every response token of the accumulated batch, identical with or without
-accumulation or packing. What a step holds comes from one planner for SFT and DPO
-(`plan_steps`): `train.batch_examples` examples (or about `train.batch_tokens` tokens of whole
-examples), packed and split into micro-batches of `data.batch_rows` rows, their count fixed for
-the run; or, unset, `train.grad_accum` batches of packed rows. A run of fewer than
-`train.min_steps` steps says so before it starts (`steps.json` records the count). Parameters
-and optimizer state keep the shardings of the rules table (declared on the jit, donated in
-place).
-
-`DIR` receives: `checkpoints/<step>/` (orbax: parameters, optimizer state, step and data
-position; the last `keep_checkpoints`), `metrics.jsonl`, TensorBoard events under `tb/`,
-`loss.png`, `run.json` (what this run is; a different rerun is refused unless `--overwrite`),
-`steps.json` (the planned steps) and, at the end, `model/` (a `load_model` source: `DIR` itself
-resolves to it). With `train.val`, the held-out loss of every epoch goes to `val.json` (and
-metrics.jsonl), and `model/` is the best epoch (`keep_best`; kept in `best/` while training);
-`train.patience` stops a run whose validation loss has stopped improving. Killed at any moment and
-restarted with the same command, training continues from the last good checkpoint and the losses
-equal an uninterrupted run's: the data order is a pure function of (seed, epoch, step).
+`fit` writes into the run directory: `checkpoints/<step>/` (orbax: parameters, optimizer state,
+step and data position; the last `keep_checkpoints`), `metrics.jsonl`, TensorBoard events under
+`tb/`, `loss.png`, `run.json`, `steps.json` and, at the end, `model/`. With a validation set, the
+held-out loss of every epoch goes to `val.json`, `model/` is the best epoch (`keep_best`) and
+`train.patience` stops a run whose validation loss has stopped improving. Killed at any moment
+and restarted with the same command, training continues from the last good checkpoint and the
+losses equal an uninterrupted run's: the data order is a pure function of (seed, epoch, step).
 """
 
 from __future__ import annotations
@@ -46,40 +42,37 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
-from davir_jax.data.batching import Batch, BatchPlan, assemble, local_rows
-from davir_jax.errors import UserError
-from davir_jax.io_utils import (
+from davir_jax.core.errors import UserError
+from davir_jax.core.io import (
     dumps_json,
-    file_sha256,
     progress_bar,
     publish_dir,
     write_atomic,
     write_json,
 )
-from davir_jax.losses import LM_HEAD_CHUNK, example_nll
+from davir_jax.core.losses import LM_HEAD_CHUNK, example_nll
+from davir_jax.core.runs import _barrier, batching_identity, claim_run_dir
+from davir_jax.core.sharding import logical_to_spec, state_shardings
+from davir_jax.data.batching import Batch, BatchPlan, assemble, local_rows
+from davir_jax.engine.nll import NonFiniteLossError, name_examples
 from davir_jax.models.loading import (
     load_model,
-    load_tokenizer_for,
     model_fingerprint,
     save_model,
 )
-from davir_jax.preflight import checked
-from davir_jax.runs import _barrier, batching_identity, check_batch_rows, claim_run_dir
-from davir_jax.scoring import NonFiniteLossError, name_examples
-from davir_jax.sharding import logical_to_spec, mesh_from_config, state_shardings
 
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
-    from davir_jax.data.dataset import Mixture, TokenizedData
+    pass
+
 
 METRICS_FILE = "metrics.jsonl"
+
+
 _BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "weights")
 
 
 class TrainRunError(ValueError):
     """No checkpoint in the output directory can be restored."""
-
-
-# -- optimizer -------------------------------------------------------------------------------
 
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -127,9 +120,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
         )
     )
     return optax.chain(*parts)
-
-
-# -- the step --------------------------------------------------------------------------------
 
 
 def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -267,46 +257,6 @@ def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_sh:
         transform_non_params=lambda _: rep,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-
-
-# -- data --------------------------------------------------------------------------------------
-
-
-def training_data(
-    cfg: Config,
-    tokenizer: Any,
-    process_index: int = 0,
-    process_count: int = 1,
-    progress: bool = True,
-) -> tuple[TokenizedData | Mixture, dict[str, Any]]:
-    """The data set to train on (`data.path`, or every pool of `train.selection`) and its
-    identity for run.json."""
-    from davir_jax.data.dataset import Mixture, prepare
-
-    sel = cfg.train.selection
-    if sel is None:
-        data = prepare(cfg.data, tokenizer, process_index, process_count, progress)
-        return data, {"data": data.fields}
-    manifest_path = Path(sel) / "manifest.json" if Path(sel).is_dir() else Path(sel)
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{sel}: no selection manifest.json (write one with davir select)")
-    manifest = json.loads(manifest_path.read_text())
-    parts = []
-    for pool in manifest.get("pools", []):
-        dc = DataConfig(
-            **{
-                **to_dict(cfg.data),
-                "path": str(manifest_path.parent / pool["file"]),
-                "format": pool.get("format") or pool.get("data", {}).get("format", "auto"),
-                "template": pool.get("template") or cfg.data.template,
-                "name": pool["name"],
-            }
-        )
-        parts.append(prepare(dc, tokenizer, process_index, process_count, progress))
-    if not parts:
-        raise ValueError(f"{manifest_path}: the selection has no pools")
-    mix = Mixture(parts, cfg.data)
-    return mix, {"selection": file_sha256(manifest_path), "data": [p.fields for p in parts]}
 
 
 # One optimizer step's micro-batch plans: `accum` global batches of `data.batch_rows` rows.
@@ -487,9 +437,6 @@ def step_batch(
     return {k: jax.make_array_from_process_local_data(sh, v) for k, v in host.items()}
 
 
-# -- checkpoints -------------------------------------------------------------------------------
-
-
 def _manager(directory: Path, keep: int) -> Any:
     import orbax.checkpoint as ocp
 
@@ -549,9 +496,6 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
     )
-
-
-# -- metrics -----------------------------------------------------------------------------------
 
 
 class Metrics:
@@ -618,9 +562,6 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     write_atomic(png, buf.getvalue())
 
 
-# -- the loop ----------------------------------------------------------------------------------
-
-
 # Train settings that decide how often a run reports or where it writes, not what it computes.
 _NOT_IDENTITY = (
     "out",
@@ -652,7 +593,7 @@ class Job:
 
     `steps`: every step of the run (`plan_steps`); `batch(plans)` this process's micro-batches
     for one step as global arrays; `count(plans)` the (examples, real tokens) they hold.
-    `validate(model)`: the held-out loss after every epoch (`evaluate.held_out_loss`'s dict), or
+    `validate(model)`: the held-out loss after every epoch (`nll.held_out_loss`'s dict), or
     None.
     """
 
@@ -690,7 +631,11 @@ def refuse_nonfinite(
 
 
 STEPS_FILE = "steps.json"
+
+
 VAL_FILE = "val.json"
+
+
 BEST_DIR = "best"
 
 
@@ -931,55 +876,3 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
         plot_losses(out / METRICS_FILE, out / "loss.png")
         say(f"wrote {out / 'model'} (a load_model source) after {step} steps")
     return out
-
-
-def validation_data(
-    cfg: Config, tokenizer: Any, process_index: int, process_count: int, progress: bool = True
-) -> TokenizedData:
-    """`train.val`, read with the training data's settings."""
-    from davir_jax.data.dataset import prepare
-
-    dc = dataclasses.replace(cfg.data, path=cfg.train.val, name=None)
-    return prepare(dc, tokenizer, process_index, process_count, progress)
-
-
-@checked("sft")  # preflight: every input and output checked, the output locked
-def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
-    """Run (or resume) supervised fine-tuning as described by `cfg`; returns the output dir."""
-    tc = cfg.train
-    if tc.out is None or cfg.model.source is None:
-        raise ValueError("davir sft needs train.out and model.source")
-    if tc.selection is None and cfg.data.path is None:
-        raise ValueError("davir sft needs data.path or train.selection")
-    mesh = mesh or mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
-    pi, pc = jax.process_index(), jax.process_count()
-    check_batch_rows(cfg, mesh)
-    tok = load_tokenizer_for(cfg.model.source)  # refused if its ids do not fit the model
-    data, data_identity = training_data(cfg, tok, pi, pc, progress and pi == 0)
-    lengths = data.lengths
-    validate = None
-    if tc.val is not None:
-        val_data = validation_data(cfg, tok, pi, pc, progress and pi == 0)
-        data_identity = {**data_identity, "val": val_data.fields}
-
-        def validate(model: Any) -> dict[str, Any]:
-            from davir_jax.evaluate import held_out_loss
-
-            return held_out_loss(model, val_data, tc.chunk, what="the model in training")
-
-    def count(plans: Sequence[BatchPlan]) -> tuple[int, int]:
-        idx = [i for p in plans for r in p.rows for i in r]
-        return len(idx), int(lengths[idx].sum()) if idx else 0
-
-    job = Job(
-        name="sft",
-        objective=sft_objective(tc.chunk),
-        steps=plan_steps(lengths, data.cfg, tc, cfg.seed),
-        batch=lambda plans: step_batch(data, plans, mesh, pi, pc),
-        count=count,
-        tokenizer=tok,
-        identity=data_identity,
-        example_ids=data.example_ids,
-        validate=validate,
-    )
-    return fit(cfg, job, mesh, progress)

@@ -11,7 +11,7 @@ a `davir score` run on the same pairs), cached under `data.cache_dir`, and fed i
 reference model is not resident while training (method.md: everything DavIR-DPO needs from the
 reference comes out of the scoring pass). `dpo.reference_in_step=true` computes them inside the
 step instead, under `stop_gradient`. The loop, optimizer, sharding, checkpoints, resume and
-logging are `davir_jax.train.fit`'s.
+logging are `davir_jax.jobs.sft.fit`'s.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from davir_jax.config import Config, to_dict
+from davir_jax.core.io import write_atomic
+from davir_jax.core.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, example_nll
+from davir_jax.core.runs import check_batch_rows
+from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import BatchPlan
-from davir_jax.io_utils import write_atomic
-from davir_jax.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, example_nll
+from davir_jax.engine.preflight import checked
+from davir_jax.engine.trainer import Job, Objective, fit, plan_steps, step_batch
 from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
-from davir_jax.preflight import checked
-from davir_jax.runs import check_batch_rows
-from davir_jax.sharding import mesh_from_config
-from davir_jax.train import Job, Objective, fit, plan_steps, step_batch
 
 PAIR_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask", "weights", "ref_nll")
 METRICS = (
@@ -206,7 +206,7 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
             )
         out = np.array([got[i] for i in ids], np.float64)
         if not np.isfinite(out).all():
-            from davir_jax.scoring import NonFiniteLossError, name_examples
+            from davir_jax.engine.nll import NonFiniteLossError, name_examples
 
             bad = [ids[i] for i in np.flatnonzero(~np.isfinite(out))]
             raise NonFiniteLossError(
@@ -229,7 +229,7 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
         t = pq.read_table(cache)
         if t.column("example_id").to_pylist() == list(ids):
             return t.column("nll").to_numpy()
-    from davir_jax.scoring import dataset_nll
+    from davir_jax.engine.nll import dataset_nll
 
     m = cfg.model
     model = load_model(ref, m.dtype, mesh, **m.run_options())
@@ -267,7 +267,7 @@ def evaluate_pairs(
     """Preference accuracy, mean margin and the Pearson correlation of the margin with the
     chosen-minus-rejected length difference (tokens) on `pairs` (method.md: 0.38 for DPO vs
     0.07 for DavIR-DPO in the paper)."""
-    from davir_jax.scoring import dataset_nll
+    from davir_jax.engine.nll import dataset_nll
 
     data = pairs.data
     nll, cnt = dataset_nll(
@@ -283,7 +283,7 @@ def evaluate_pairs(
     c, r = pairs.chosen, pairs.rejected
     fn = PREFERENCE_OBJECTIVES[name][0]
     _, rc, rr = fn(-nll[c], -nll[r], -ref_nll[c], -ref_nll[r], cnt[c], cnt[r], beta, 0.0)
-    from davir_jax.stats import bootstrap_ci, correlation_ci
+    from davir_jax.core.stats import bootstrap_ci, correlation_ci
 
     margin = np.asarray(rc) - np.asarray(rr)
     dlen = (cnt[c] - cnt[r]).astype(np.float64)
@@ -293,7 +293,7 @@ def evaluate_pairs(
         iv = correlation_ci(margin, dlen, "pearson")
         corr_ci = [iv.lo, iv.hi]
     if len(margin) > 1:
-        # 95% percentile bootstrap over held-out pairs (davir_jax.stats).
+        # 95% percentile bootstrap over held-out pairs (davir_jax.core.stats).
         iv = bootstrap_ci(lambda m: (m > 0).mean(axis=-1), margin)
         acc_ci = [iv.lo, iv.hi]
     return {
@@ -356,7 +356,7 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     def after(model: Any, out: Path) -> dict[str, Any]:
         ev_ref = ref
         if frozen is not None:  # no precomputed array: the reference scores the held-out pairs
-            from davir_jax.scoring import dataset_nll
+            from davir_jax.engine.nll import dataset_nll
 
             ev_ref, _ = dataset_nll(
                 nnx.merge(*frozen),

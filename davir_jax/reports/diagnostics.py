@@ -27,9 +27,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from davir_jax.io_utils import dumps_json, file_sha256, write_atomic
-from davir_jax.scores import SCORES, compute_scores, read_scores, scores_file
-from davir_jax.selection import MANIFEST_FILE, rank_order
+from davir_jax.core.io import dumps_json, file_sha256, write_atomic
+from davir_jax.core.scores import MANIFEST_FILE, SCORES, compute_scores, read_scores, scores_file
+from davir_jax.core.selection import rank_order
 
 JSON_FILE = "diagnostics.json"
 MD_FILE = "diagnostics.md"

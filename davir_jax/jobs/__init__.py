@@ -1,0 +1,1 @@
+"""The jobs (score, select, sft, dpo, eval, plan, pipeline): each reads top to bottom."""

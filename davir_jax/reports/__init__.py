@@ -1,0 +1,1 @@
+"""Diagnostics, plots and the run report, computed from a run's outputs."""
