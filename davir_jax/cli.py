@@ -5,6 +5,9 @@ and shardings), `export` (any model source to a Hugging Face directory), `score`
 scoring job), `select` (top examples by a score, mixtures), `diagnostics` (length correlations),
 `config` (print the resolved config).
 
+`--plugins FILE.py,MODULE` (or `DAVIR_PLUGINS`) loads objectives, scores and model families from
+outside the package first (`davir_jax.plugins`).
+
 Errors: a user's mistake (a path, a config key or value, a data file) prints one line
 `davir CMD: error: ...` and exits 2; a bug keeps its traceback; `--debug` shows every traceback.
 """
@@ -355,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show the traceback of every error (also after the subcommand; or DAVIR_DEBUG=1)",
     )
+    p.add_argument(
+        "--plugins",
+        metavar="SPEC[,SPEC]",
+        help="load objectives, scores or model families from .py files or modules first "
+        "(davir_jax.plugins; also after the subcommand; or DAVIR_PLUGINS=...)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     d = sub.add_parser(
         "demo",
@@ -520,6 +529,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _take_plugins(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """argv without its `--plugins A,B` / `--plugins=A,B` options, and their values in order
+    (None when the last `--plugins` has no value)."""
+    rest: list[str] = []
+    values: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--plugins":
+            value = next(it, None)
+            if value is None:
+                return rest, None
+            values.append(value)
+        elif a.startswith("--plugins="):
+            values.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    return rest, values
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. The error boundary: a user's mistake (a missing or unwritable path, a
     bad config value or override, unusable data, a run directory in use; see
@@ -532,6 +560,24 @@ def main(argv: list[str] | None = None) -> int:
     # --debug is global: accepted before or after the subcommand.
     debug = "--debug" in argv or os.environ.get("DAVIR_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    # --plugins is global too, loaded (with DAVIR_PLUGINS) before the parser is built and any
+    # config is validated: a plugin's names are then valid wherever a built-in's are.
+    argv, specs = _take_plugins(argv)
+    if specs is None:
+        print("davir: error: --plugins needs a value (SPEC[,SPEC])", file=sys.stderr)
+        return 2
+    specs.append(os.environ.get("DAVIR_PLUGINS", ""))
+    try:
+        if any(x.strip(", ") for x in specs):  # davir_jax.plugins imports jax: only when used
+            from davir_jax.plugins import load_plugins
+
+            load_plugins(",".join(specs))
+    except user_error_types() as e:
+        if debug:
+            traceback.print_exc()
+        cmd = next((a for a in argv if not a.startswith("-")), "")
+        print(f"davir{' ' + cmd if cmd else ''}: error: {describe(e)}", file=sys.stderr)
+        return 2
     args, rest = build_parser().parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:

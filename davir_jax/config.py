@@ -293,7 +293,7 @@ class TrainConfig:
 class DPOConfig:
     """Preference training (`davir dpo`) on `data.path` (a preference format), from `model.source`.
 
-    `objective`: dpo | ipo | dpo_norm | davir_dpo (`davir_jax.losses.PREFERENCE_OBJECTIVES`);
+    `objective`: dpo | ipo | dpo_norm | davir_dpo, or a plugin's (`davir_jax.plugins`);
     `beta`: None takes the objective's documented default. The reference log-probs are
     precomputed once (`reference`, default the starting model) and read from the batch, or taken
     from a `davir score` run on the same pairs (`reference_scores`); `reference_in_step` computes
@@ -315,7 +315,8 @@ class DPOConfig:
 
         if self.objective not in PREFERENCE_OBJECTIVES:
             raise ValueError(
-                f"objective: {self.objective!r} is not one of {', '.join(PREFERENCE_OBJECTIVES)}"
+                f"objective: {self.objective!r} is not one of {', '.join(PREFERENCE_OBJECTIVES)} "
+                "(a plugin's objective needs --plugins FILE or the config's plugins key)"
             )
         if self.beta is not None and self.beta <= 0:
             raise ValueError(f"beta: must be positive, got {self.beta}")
@@ -393,7 +394,16 @@ class PipelineConfig:
             raise ValueError("methods: at least one selection method")
         if self.seeds < 1:
             raise ValueError(f"seeds: must be positive, got {self.seeds}")
+        from davir_jax.scores import SCORES
         from davir_jax.selection import Budget
+
+        unknown = [m for m in self.methods if m not in SCORES]
+        if unknown:
+            # Here, not after the reference SFT and the scoring pass that precede selection.
+            raise ValueError(
+                f"methods: {unknown} not among the scores {', '.join(SCORES)} (a plugin's "
+                "score needs --plugins FILE or the config's plugins key)"
+            )
 
         for b in self.budgets:
             Budget.parse(b)
@@ -401,7 +411,12 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole run. Sections for optimizer, training and DPO join here."""
+    """The whole run. Sections for optimizer, training and DPO join here.
+
+    `plugins`: `davir_jax.plugins` specs (`.py` files, relative to the YAML file that names
+    them, or module names); `load_config` loads them before it validates any section, so their
+    objectives and scores are valid values of `dpo.objective` and `pipeline.methods`.
+    """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -413,6 +428,7 @@ class Config:
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
     seed: int = 0
+    plugins: tuple[str, ...] = ()
 
 
 # -- building typed dataclasses from plain data ---------------------------------------------
@@ -543,9 +559,21 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = data.pop("base", None)
+    plugins = data.get("plugins")
+    if isinstance(plugins, list):
+        # A plugin file is found next to the config that names it, as `base:` is.
+        data["plugins"] = [
+            str(path.parent / p) if isinstance(p, str) and _is_relative_file(p) else p
+            for p in plugins
+        ]
     if base is not None:
         data = _deep_merge(read_yaml(path.parent / base, _seen + (path,)), data)
     return data
+
+
+def _is_relative_file(spec: str) -> bool:
+    """Whether a plugin spec is a relative path to a file (not a module name)."""
+    return (spec.endswith(".py") or "/" in spec) and not Path(spec).expanduser().is_absolute()
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -584,9 +612,23 @@ def load_config(
         if overrides:
             data = _deep_merge(data, parse_overrides(overrides))
             where += " + command-line overrides"
+        if "plugins" in data and cls is Config:
+            _load_plugins(data["plugins"])
         return build(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _load_plugins(value: Any) -> None:
+    """Load the config's `plugins` before any section is built: `dpo.objective` and
+    `pipeline.methods` are checked against the registries when their section is built."""
+    from davir_jax.plugins import PluginError, load_plugins  # imports jax: only when named
+
+    specs = _coerce(value, tuple[str, ...], "plugins")
+    try:
+        load_plugins(specs)
+    except PluginError as e:
+        raise ConfigError(f"plugins: {e}") from e
 
 
 __all__ = [
