@@ -282,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the traceback of every error (also after the subcommand; or DAVIR_DEBUG=1)",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _experiment_commands(sub)
+    _model_commands(sub)
+    _job_commands(sub)
+    _tool_commands(sub)
+    return p
+
+
+def _experiment_commands(sub: Any) -> None:
     d = sub.add_parser(
         "demo",
         help="the embedded default job: the whole DavIR pipeline with SmolLM2-135M on real "
@@ -303,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(pl)
     _config_args(pl)
     pl.set_defaults(fn=cmd_pipeline)
+
+
+def _model_commands(sub: Any) -> None:
     h = sub.add_parser("hello", help="load a model: per-token losses and a greedy chat answer")
     h.add_argument("--max-new-tokens", type=int, default=24)
     _config_args(h, "model", "mesh")
@@ -317,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.set_defaults(fn=cmd_export)
+
+
+def _job_commands(sub: Any) -> None:
+    """The jobs that read a model and a data file; each names the config sections it reads."""
     s = sub.add_parser(
         "score",
         help="score every example under a base and a reference model (resumable)",
@@ -351,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet(ev)
     _config_args(ev, "model", "mesh", "data", "eval")
     ev.set_defaults(fn=cmd_eval)
+
+
+def _tool_commands(sub: Any) -> None:
     sel = sub.add_parser(
         "select",
         help="select the top examples by a score (per pool, with budgets)",
@@ -382,7 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config")
     _config_args(c)
     c.set_defaults(fn=cmd_config)
-    return p
 
 
 def _quiet(p: argparse.ArgumentParser) -> None:

@@ -185,7 +185,7 @@ def field_docs(cls: type) -> dict[str, str]:
             doc = f"{doc} ({note})"
         doc = doc or note or next((c for c in clauses if f"`{f.name}`" in c), "")
         if doc:
-            out[f.name] = doc.replace("`", "")
+            out[f.name] = doc.replace("`", "").rstrip(".;:")
     return out
 
 
@@ -222,7 +222,30 @@ def add_config_options(
         known = ", ".join(sections(cls))
         raise ValueError(f"{command}: no config section {unknown[0]} (known: {known})")
     keys = schema_keys(cls)
-    offered = {TOP_LEVEL, *names}
+    _add_shorthands(parser, command, [k for k in keys if k.flags(command)], {TOP_LEVEL, *names})
+    for name in (TOP_LEVEL, *names):
+        doc = _clauses(sections(cls).get(name, cls).__doc__ or "")[:1]
+        group = parser.add_argument_group(
+            f"config: {name}" if name != TOP_LEVEL else "config: top level",
+            _help(doc[0]) if doc else None,
+        )
+        for k in keys:
+            if k.section == name:
+                group.add_argument(
+                    f"--{k.path}",
+                    action=_Override,
+                    dest=OVERRIDES,
+                    keys=(k.path,),
+                    metavar=_metavar(k.hint),
+                    help=_help(f"{k.doc} (default: {show(k.default)})".lstrip()),
+                )
+
+
+def _add_shorthands(
+    parser: argparse.ArgumentParser, command: str, keys: list[Key], offered: set[str]
+) -> None:
+    """The short flags of `command` that set `keys`: one option per flag, a switch when every
+    key it sets is a bool; a flag must set a key of a section the command lists."""
     by_flag: dict[str, list[Key]] = {}
     for key in keys:
         for flag in key.flags(command):
@@ -254,22 +277,6 @@ def add_config_options(
             )
         else:
             raise ValueError(f"{command}: {flag} names several keys {paths}; only switches may")
-    for name in (TOP_LEVEL, *names):
-        doc = _clauses(sections(cls).get(name, cls).__doc__ or "")[:1]
-        group = parser.add_argument_group(
-            f"config: {name}" if name != TOP_LEVEL else "config: top level",
-            _help(doc[0]) if doc else None,
-        )
-        for k in keys:
-            if k.section == name:
-                group.add_argument(
-                    f"--{k.path}",
-                    action=_Override,
-                    dest=OVERRIDES,
-                    keys=(k.path,),
-                    metavar=_metavar(k.hint),
-                    help=_help(f"{k.doc} (default: {show(k.default)})".lstrip()),
-                )
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:

@@ -129,7 +129,7 @@ class DataConfig:
     so of every run's identity.
     """
 
-    path: str | None = shorthand(None, "--data", *_READERS, "pipeline", "demo")  # data file
+    path: str | None = shorthand(None, "--data", *_READERS, "pipeline", "demo")  # the data file
     format: str = shorthand("auto", "--format", *_READERS)
     name: str | None = None  # the data set's name in manifests (default: from the file name)
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
