@@ -773,13 +773,15 @@ def main() -> None:
 
 
 def publish(section: list[str], append: bool) -> None:
-    """Print a results section and, with `append`, add it to benchmarks/RESULTS.md."""
+    """Print a results section and, with `append`, add it to benchmarks/RESULTS.md (among the
+    current figures, above History)."""
     text = "\n".join(section) + "\n"
     print()
     print(text)
     if append:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write("\n" + text)
+        from results_md import add_section
+
+        add_section(text)
 
 
 if __name__ == "__main__":

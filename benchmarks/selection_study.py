@@ -130,8 +130,9 @@ def main() -> None:
             + sections(report)
             + "\n"
         )
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(text)
+        from results_md import add_section
+
+        add_section(text)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ and shardings), `export` (any model source to a Hugging Face directory), `score`
 scoring job), `select` (top examples by a score, mixtures), `diagnostics` (length correlations),
 `config` (print the resolved config).
 
+`--plugins FILE.py,MODULE` (or `DAVIR_PLUGINS`) loads objectives, scores and model families from
+outside the package first (`davir_jax.plugins`).
+
 Errors: a user's mistake (a path, a config key or value, a data file) prints one line
 `davir CMD: error: ...` and exits 2; a bug keeps its traceback; `--debug` shows every traceback.
 """
@@ -22,19 +25,35 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, *sections: str) -> None:
+    """`--config`, and an option for every key of the config `sections` the command reads (all
+    when none are named) with the short flags the schema declares for it (`cli_schema`)."""
+    from davir_jax.cli_schema import add_config_options
+    from davir_jax.config import Config
+
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    add_config_options(p, p.prog.split()[-1], sections or None, Config)
+    # An abbreviation of a dotted option (--data.max_l) must stay an unknown key, not a guess.
+    p.allow_abbrev = False
+
+
+def _overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """The generated options' overrides (shorthands, then dotted keys), then the unparsed ones."""
+    from davir_jax.cli_schema import config_overrides
+
+    return config_overrides(args) + overrides
 
 
 def _load_cfg(args: argparse.Namespace, overrides: list[str]) -> Any:
     from davir_jax.config import load_config
 
-    return _started(load_config(args.config, overrides))
+    return _started(load_config(args.config, _overrides(args, overrides)))
 
 
 def _started(cfg: Any) -> Any:
-    """`cfg` once its `mesh.cpu_devices` is applied: before any JAX computation, which fixes the
-    device count (library entry points apply it too, through `mesh_from_config`)."""
+    """`cfg` once its mesh's runtime settings (CPU device count, compile cache) are applied:
+    before any JAX computation, which fixes the device count (library entry points apply them
+    too, through `mesh_from_config`)."""
     from davir_jax.core.sharding import use_compile_cache, use_cpu_devices
 
     use_cpu_devices(cfg.mesh.cpu_devices)
@@ -60,14 +79,7 @@ def _model(cfg: Any, mesh: Any) -> Any:
 def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.jobs.pipeline import run_pipeline
 
-    flags = [f"--pipeline.out={args.out}"] if args.out else []
-    if args.data:
-        flags.append(f"--data.path={args.data}")
-    if args.test:
-        flags.append(f"--pipeline.test={args.test}")
-    if args.strict:
-        flags += [f"--{k}=true" for k in _STRICT]
-    out = run_pipeline(_load_cfg(args, flags + overrides), progress=not args.quiet)
+    out = run_pipeline(_load_cfg(args, overrides), progress=not args.quiet)
     print(f"wrote {out / 'report.md'}")
     return 0
 
@@ -75,39 +87,30 @@ def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     """The embedded default job: the whole pipeline with SmolLM2-135M on the real instruction
     data shipped in `davir_jax/demo` (pool, validation and test split i.i.d.), or on
-    `--data`/`--test` files."""
+    `--data`/`--test` files (a pool the config or the command line names)."""
     from pathlib import Path
 
     from davir_jax.config import load_config
     from davir_jax.core.errors import UserError
-    from davir_jax.demo import LABELS, make_splits
+    from davir_jax.demo import make_splits, pipeline_overrides
     from davir_jax.jobs.pipeline import run_pipeline
 
     config = args.config or str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
     if not Path(config).is_file():  # installed without the repository's configs/
         config = None
-    cfg = _started(load_config(config, overrides))
-    out = Path(args.out or cfg.pipeline.out or "runs/demo")
-    flags = [f"--pipeline.out={out}"]
-    if args.data:
-        flags.append(f"--data.path={args.data}")
-        if args.test:
-            flags.append(f"--pipeline.test={args.test}")
-    else:
+    user = _overrides(args, overrides)
+    cfg = _started(load_config(config, user))
+    out = Path(cfg.pipeline.out or "runs/demo")
+    splits = None
+    if cfg.data.path is None:
         try:
             n_pool, n_val, n_test = (int(x) for x in args.sizes.split(","))
         except ValueError:
             raise UserError(
                 f"--sizes: {args.sizes!r} is not POOL,VAL,TEST (three integers)"
             ) from None
-        paths = make_splits(out / "data", n_pool, n_val, n_test, seed=cfg.seed)
-        flags += [
-            f"--data.path={paths['pool']}",
-            f"--pipeline.val={paths['val']}",
-            f"--pipeline.test={paths['test']}",
-            f"--pipeline.labels=[{','.join(LABELS)}]",
-        ]
-    cfg = load_config(config, flags + overrides)
+        splits = make_splits(out / "data", n_pool, n_val, n_test, seed=cfg.seed)
+    cfg = load_config(config, pipeline_overrides(out, splits) + user)
     t0 = time.time()
     run_pipeline(cfg, progress=not args.quiet)
     print(f"wrote {out / 'report.md'} in {time.time() - t0:.0f}s")
@@ -125,7 +128,10 @@ def cmd_hello(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = _load_cfg(args, overrides)
     if cfg.model.source is None:
-        raise SystemExit("davir demo needs model.source (a tokenizer comes with the weights)")
+        raise SystemExit(
+            "davir hello needs a model source (a tokenizer comes with the weights), not a random "
+            "architecture"
+        )
     t0 = time.time()
     mesh = _mesh(cfg)
     model = _model(cfg, mesh)
@@ -196,90 +202,26 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _flags(args: argparse.Namespace, table: dict[str, str | tuple[str, ...]]) -> list[str]:
-    """Command-line shorthands -> config overrides (every option is also a config key).
-
-    `table` maps argparse names to config keys; `overwrite` and `strict` are switches (a switch
-    may set several keys).
-    """
-    out = []
-    for name, key in table.items():
-        value = getattr(args, name, None)
-        if name in ("overwrite", "strict"):
-            if value:
-                out += [f"--{k}=true" for k in ((key,) if isinstance(key, str) else key)]
-        elif value is not None:
-            out.append(f"--{key}={value}")
-    return out
-
-
-# Shorthands shared by the commands that read a model and a data file.
-_DATA_FLAGS = {
-    "model": "model.source",
-    "data": "data.path",
-    "format": "data.format",
-    "template": "data.template",
-    "max_len": "data.max_len",
-}
-
-# Flags of `davir score` that are shorthands for config keys.
-_SCORE_FLAGS = {
-    "overwrite": "scoring.overwrite",
-    "strict": "data.strict",
-    "data": "data.path",
-    "format": "data.format",
-    "template": "data.template",
-    "max_len": "data.max_len",
-    "base": "scoring.base",
-    "reference": "scoring.reference",
-    "out": "scoring.out",
-}
-
-
 def cmd_score(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.jobs.score import score
 
-    flags = _flags(args, _SCORE_FLAGS)
-    cfg = _load_cfg(args, flags + overrides)
-    out = score(cfg, progress=not args.quiet)
+    out = score(_load_cfg(args, overrides), progress=not args.quiet)
     print(f"wrote {out / 'scores.parquet'} and {out / 'manifest.json'}")
     return 0
-
-
-# --strict: bad input rows and a run of fewer than train.min_steps steps are errors.
-_STRICT = ("data.strict", "train.strict_steps")
-
-_SFT_FLAGS: dict[str, str | tuple[str, ...]] = {
-    "overwrite": "train.overwrite",
-    "strict": _STRICT,
-    **_DATA_FLAGS,
-    "selection": "train.selection",
-    "out": "train.out",
-}
 
 
 def cmd_sft(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.jobs.sft import sft
 
-    flags = _flags(args, _SFT_FLAGS)
-    out = sft(_load_cfg(args, flags + overrides), progress=not args.quiet)
+    out = sft(_load_cfg(args, overrides), progress=not args.quiet)
     print(f"wrote {out} (metrics.jsonl, checkpoints/, model/)")
     return 0
-
-
-_EVAL_FLAGS = {
-    **_DATA_FLAGS,
-    "out": "eval.out",
-    "generate": "eval.generate",
-    "max_new_tokens": "eval.max_new_tokens",
-}
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.jobs.evaluate import run_eval
 
-    flags = _flags(args, _EVAL_FLAGS)
-    res = run_eval(_load_cfg(args, flags + overrides), progress=not args.quiet)
+    res = run_eval(_load_cfg(args, overrides), progress=not args.quiet)
     line = f"loss {res['loss']:.4f} nats/token ({res['n_examples']:,} examples)"
     if "accuracy" in res:
         line += f", {res['answer_check']} accuracy {res['accuracy']:.3f} of {res['n_generated']}"
@@ -287,23 +229,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-_DPO_FLAGS: dict[str, str | tuple[str, ...]] = {
-    "overwrite": "train.overwrite",
-    "strict": _STRICT,
-    **_DATA_FLAGS,
-    "out": "train.out",
-    "objective": "dpo.objective",
-    "beta": "dpo.beta",
-    "reference": "dpo.reference",
-    "reference_scores": "dpo.reference_scores",
-}
-
-
 def cmd_dpo(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.jobs.dpo import dpo
 
-    flags = _flags(args, _DPO_FLAGS)
-    out = dpo(_load_cfg(args, flags + overrides), progress=not args.quiet)
+    out = dpo(_load_cfg(args, overrides), progress=not args.quiet)
     print(f"wrote {out} (metrics.jsonl, eval.json, checkpoints/, model/)")
     return 0
 
@@ -345,6 +274,8 @@ def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `davir` parser. A command that reads a config names its sections in `_config_args`;
+    its config options (`--section.key`, short flags such as `--data`) come from the schema."""
     p = argparse.ArgumentParser(
         prog="davir",
         description="DavIR data selection (arXiv 2310.13008) in JAX. Any --section.key=value "
@@ -355,70 +286,71 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show the traceback of every error (also after the subcommand; or DAVIR_DEBUG=1)",
     )
+    p.add_argument(
+        "--plugins",
+        metavar="SPEC[,SPEC]",
+        help="load objectives, scores or model families from .py files or modules first "
+        "(davir_jax.plugins; also after the subcommand; or DAVIR_PLUGINS=...)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _experiment_commands(sub)
+    _model_commands(sub)
+    _job_commands(sub)
+    _tool_commands(sub)
+    return p
+
+
+def _experiment_commands(sub: Any) -> None:
     d = sub.add_parser(
         "demo",
         help="the embedded default job: the whole DavIR pipeline with SmolLM2-135M on real "
         "instruction data shipped with the package (alpaca-libre + GSM8K), 2 seeds",
     )
-    _config_args(d)
-    d.add_argument("--out", help="run folder (default runs/demo)")
-    d.add_argument("--data", help="your own pool instead of the shipped data")
-    d.add_argument("--test", help="held-out file for --data")
     d.add_argument(
         "--sizes",
         default="120,30,300",
         help="POOL,VAL,TEST: how many shipped rows each split draws (default 120,30,300)",
     )
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _quiet(d)
+    _config_args(d)
     d.set_defaults(fn=cmd_demo)
     pl = sub.add_parser(
         "pipeline",
         help="reference SFT -> score -> select (davir, rho, random) -> SFT subsets -> eval -> "
         "report.md (resumable)",
     )
+    _quiet(pl)
     _config_args(pl)
-    pl.add_argument("--out", help="run folder (pipeline.out)")
-    pl.add_argument("--data", help="the candidate pool (data.path)")
-    pl.add_argument("--test", help="held-out data (pipeline.test)")
-    pl.add_argument(
-        "--strict",
-        action="store_true",
-        help="any bad input row, or an SFT run of fewer than train.min_steps steps, is an error",
-    )
-    pl.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pl.set_defaults(fn=cmd_pipeline)
+
+
+def _model_commands(sub: Any) -> None:
     h = sub.add_parser("hello", help="load a model: per-token losses and a greedy chat answer")
-    _config_args(h)
     h.add_argument("--max-new-tokens", type=int, default=24)
+    _config_args(h, "model", "mesh")
     h.set_defaults(fn=cmd_hello)
     i = sub.add_parser("info", help="architecture, parameter count and shardings of a model")
-    _config_args(i)
-    i.add_argument("source", nargs="?", help="a model source (default: model.source)")
+    i.add_argument("source", nargs="?", help="a model source (default: the config's)")
     i.add_argument("-v", "--verbose", action="store_true", help="every parameter's sharding")
+    _config_args(i, "model", "mesh")
     i.set_defaults(fn=cmd_info)
     e = sub.add_parser("export", help="write any model source as a Hugging Face directory")
     e.add_argument("source")
     e.add_argument("out")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.set_defaults(fn=cmd_export)
+
+
+def _job_commands(sub: Any) -> None:
+    """The jobs that read a model and a data file; each names the config sections it reads."""
     s = sub.add_parser(
         "score",
         help="score every example under a base and a reference model (resumable)",
         description="Writes OUT/scores.parquet (example_id, n_tokens, nll_base, nll_ref, ...), "
         "OUT/manifest.json and length-correlation diagnostics. Rerun the same command to resume.",
     )
-    _config_args(s)
-    s.add_argument("--data", help="data file (data.path)")
-    s.add_argument("--format", help="data format (data.format; default auto)")
-    s.add_argument("--template", help="plain, alpaca or chat (data.template)")
-    s.add_argument("--max-len", dest="max_len", type=int, help="data.max_len")
-    s.add_argument("--base", help="base model source (scoring.base)")
-    s.add_argument("--reference", help="reference model source (scoring.reference)")
-    s.add_argument("--out", help="output directory (scoring.out)")
-    s.add_argument("--overwrite", action="store_true", help="discard another run's outputs")
-    s.add_argument("--strict", action="store_true", help="any bad input row is an error")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _quiet(s)
+    _config_args(s, "model", "mesh", "data", "scoring")
     s.set_defaults(fn=cmd_score)
     t = sub.add_parser(
         "sft",
@@ -426,66 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes DIR/checkpoints, DIR/metrics.jsonl, TensorBoard events in DIR/tb, "
         "DIR/loss.png and DIR/model. Rerun the same command to resume after a crash.",
     )
-    _config_args(t)
-    t.add_argument("--model", help="model source to start from (model.source)")
-    t.add_argument("--data", help="data file (data.path)")
-    t.add_argument("--selection", help="a davir select output to train on (train.selection)")
-    t.add_argument("--format", help="data.format")
-    t.add_argument("--template", help="data.template")
-    t.add_argument("--max-len", dest="max_len", type=int, help="data.max_len")
-    t.add_argument("--out", help="output directory (train.out)")
-    t.add_argument("--overwrite", action="store_true", help="discard another run's outputs")
-    t.add_argument(
-        "--strict",
-        action="store_true",
-        help="any bad input row, or fewer than train.min_steps optimizer steps, is an error",
-    )
-    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _quiet(t)
+    _config_args(t, "model", "mesh", "data", "optimizer", "train")
     t.set_defaults(fn=cmd_sft)
     po = sub.add_parser(
         "dpo",
         help="preference training: dpo, ipo, dpo_norm or davir_dpo (resumable)",
         description="Reference log-probs are precomputed once (or read from a davir score run "
-        "with --reference-scores); --dpo.reference_in_step=true keeps the reference resident.",
+        "with --reference-scores), or computed inside the step with the reference resident.",
     )
-    _config_args(po)
-    po.add_argument("--model", help="the policy's starting point, usually the SFT model")
-    po.add_argument("--data", help="preference pairs file (data.path)")
-    po.add_argument("--format", help="data.format (preference, hh_rlhf, gsm8k_solutions)")
-    po.add_argument("--template", help="data.template")
-    po.add_argument("--max-len", dest="max_len", type=int, help="data.max_len (per response)")
-    po.add_argument("--out", help="output directory (train.out)")
-    po.add_argument("--objective", help="dpo.objective")
-    po.add_argument("--beta", type=float, help="dpo.beta (default: the objective's)")
-    po.add_argument("--reference", help="reference model (default: --model)")
-    po.add_argument(
-        "--reference-scores",
-        dest="reference_scores",
-        help="a davir score run on the same pairs (its nll_ref column)",
-    )
-    po.add_argument("--overwrite", action="store_true", help="discard another run's outputs")
-    po.add_argument(
-        "--strict",
-        action="store_true",
-        help="any bad input pair, or fewer than train.min_steps optimizer steps, is an error",
-    )
-    po.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _quiet(po)
+    _config_args(po, "model", "mesh", "data", "optimizer", "train", "dpo")
     po.set_defaults(fn=cmd_dpo)
     ev = sub.add_parser(
         "eval",
         help="held-out loss, generation (KV cache; greedy or sampled) and exact-match accuracy",
     )
-    _config_args(ev)
-    ev.add_argument("--model", help="model source (model.source)")
-    ev.add_argument("--data", help="data file (data.path)")
-    ev.add_argument("--format", help="data.format")
-    ev.add_argument("--template", help="data.template")
-    ev.add_argument("--max-len", dest="max_len", type=int, help="data.max_len")
-    ev.add_argument("--out", help="write eval.json and generations.jsonl here (eval.out)")
-    ev.add_argument("--generate", type=int, help="generate answers for the first N examples")
-    ev.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _quiet(ev)
+    _config_args(ev, "model", "mesh", "data", "eval")
     ev.set_defaults(fn=cmd_eval)
+
+
+def _tool_commands(sub: Any) -> None:
     sel = sub.add_parser(
         "select",
         help="select the top examples by a score (per pool, with budgets)",
@@ -506,18 +400,40 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="per-device memory, step FLOPs and ideal step time of a config (nothing allocated)",
     )
-    _config_args(pn)
     pn.add_argument("--job", default="sft", choices=["sft", "dpo", "score"])
     pn.add_argument(
-        "--chip", help="accelerator (default: mesh.chip): v4 v5e v5p v6e a100 h100 h200"
+        "--chip", help="accelerator (default: the mesh section's): v4 v5e v5p v6e a100 h100 h200"
     )
     pn.add_argument("--devices", type=int, help="device count for a -1 mesh axis")
     pn.add_argument("--json", action="store_true")
+    _config_args(pn)
     pn.set_defaults(fn=cmd_plan)
     c = sub.add_parser("config", help="print the resolved config")
     _config_args(c)
     c.set_defaults(fn=cmd_config)
-    return p
+
+
+def _quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _take_plugins(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """argv without its `--plugins A,B` / `--plugins=A,B` options, and their values in order
+    (None when the last `--plugins` has no value)."""
+    rest: list[str] = []
+    values: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--plugins":
+            value = next(it, None)
+            if value is None:
+                return rest, None
+            values.append(value)
+        elif a.startswith("--plugins="):
+            values.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    return rest, values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -532,6 +448,24 @@ def main(argv: list[str] | None = None) -> int:
     # --debug is global: accepted before or after the subcommand.
     debug = "--debug" in argv or os.environ.get("DAVIR_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    # --plugins is global too, loaded (with DAVIR_PLUGINS) before the parser is built and any
+    # config is validated: a plugin's names are then valid wherever a built-in's are.
+    argv, specs = _take_plugins(argv)
+    if specs is None:
+        print("davir: error: --plugins needs a value (SPEC[,SPEC])", file=sys.stderr)
+        return 2
+    specs.append(os.environ.get("DAVIR_PLUGINS", ""))
+    try:
+        if any(x.strip(", ") for x in specs):  # davir_jax.plugins imports jax: only when used
+            from davir_jax.plugins import load_plugins
+
+            load_plugins(",".join(specs))
+    except user_error_types() as e:
+        if debug:
+            traceback.print_exc()
+        cmd = next((a for a in argv if not a.startswith("-")), "")
+        print(f"davir{' ' + cmd if cmd else ''}: error: {describe(e)}", file=sys.stderr)
+        return 2
     args, rest = build_parser().parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:

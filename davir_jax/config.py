@@ -26,6 +26,17 @@ class ConfigError(UserError):
     """A config key is unknown, mistyped or impossible; the message names the key and file."""
 
 
+def shorthand(default: Any, flag: str, *commands: str) -> Any:
+    """A field that `commands` also take as the short flag `flag` (`davir_jax.cli_schema` makes
+    the option from this; a bool field's flag is a switch that sets it true, and one switch may
+    set several fields)."""
+    return dataclasses.field(default=default, metadata={"cli": {flag: commands}})
+
+
+# The commands that read a model and a data file: their short flags for the data keys.
+_READERS = ("score", "sft", "dpo", "eval")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Which model, in which precision.
@@ -34,10 +45,10 @@ class ModelConfig:
     `arch`: an explicit architecture instead of a source (random init; shape planning).
     """
 
-    source: str | None = "smollm2-135m"
+    source: str | None = shorthand("smollm2-135m", "--model", "sft", "dpo", "eval")
     arch: ArchConfig | None = None
     dtype: str = "float32"  # parameter dtype (master weights)
-    compute_dtype: str | None = None  # None: same as dtype
+    compute_dtype: str | None = None  # the dtype computations run in (None: same as dtype)
     # Rematerialise each layer under a gradient (training only; scoring is unaffected): the
     # backward keeps each layer's input, not its activations (SmolLM2 SFT at 8x1024: peak RSS
     # 5.1 GB; benchmarks/RESULTS.md).
@@ -83,9 +94,9 @@ class MeshConfig:
     reruns compile once (`sharding.use_compile_cache`); None leaves JAX's own setting.
     """
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = 1  # data-parallel axis size
+    fsdp: int = -1  # parameter-sharding axis size
+    tensor: int = 1  # tensor-parallel axis size
     chip: str | None = None
     cpu_devices: int = 0
     compile_cache: str | None = None
@@ -121,19 +132,19 @@ class DataConfig:
     so of every run's identity.
     """
 
-    path: str | None = None
-    format: str = "auto"
-    name: str | None = None
+    path: str | None = shorthand(None, "--data", *_READERS, "pipeline", "demo")  # the data file
+    format: str = shorthand("auto", "--format", *_READERS)
+    name: str | None = None  # the data set's name in manifests (default: from the file name)
     fields: dict[str, str] = dataclasses.field(default_factory=dict)
-    template: str = "plain"
-    max_len: int = 1024
+    template: str = shorthand("plain", "--template", *_READERS)
+    max_len: int = shorthand(1024, "--max-len", *_READERS)  # tokens per example (pairs: each)
     overlong: str = "drop"
-    strict: bool = False
-    cache_dir: str = "runs/cache"
+    strict: bool = shorthand(False, "--strict", "score", "sft", "dpo", "pipeline")
+    cache_dir: str = "runs/cache"  # the token cache (shared by runs on the same data)
     pack: bool = True
-    row_len: int | None = None  # None: max_len
-    max_segments: int = 16
-    bucket_min: int = 64
+    row_len: int | None = None  # tokens per packed row (None: max_len)
+    max_segments: int = 16  # examples per packed row, at most
+    bucket_min: int = 64  # the shortest length bucket (without packing)
     batch_rows: int = 8
     eos_in_loss: bool = True
 
@@ -172,15 +183,15 @@ class ScoringConfig:
     where it is split over devices).
     """
 
-    base: str | None = None
-    reference: str | None = None
+    base: str | None = shorthand(None, "--base", "score")
+    reference: str | None = shorthand(None, "--reference", "score")
     tokenizer: str | None = None
-    out: str | None = None
+    out: str | None = shorthand(None, "--out", "score")  # output directory
     resident: str = "both"
     shard_batches: int = 16
     chunk: int = 32  # losses.LM_HEAD_CHUNK
-    overwrite: bool = False
-    diagnostics: bool = True
+    overwrite: bool = shorthand(False, "--overwrite", "score")  # discard another run's outputs
+    diagnostics: bool = True  # write the length-correlation diagnostics after scoring
 
     def __post_init__(self) -> None:
         if self.resident not in ("both", "sequential"):
@@ -200,17 +211,17 @@ class OptimizerConfig:
     `decay_norms_and_biases`.
     """
 
-    lr: float = 2e-5
+    lr: float = 2e-5  # peak learning rate
     schedule: str = "cosine"
-    warmup_ratio: float = 0.03
-    warmup_steps: int | None = None
-    end_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    decay_norms_and_biases: bool = False
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float | None = 1.0
+    warmup_ratio: float = 0.03  # warm-up steps, as a fraction of all steps
+    warmup_steps: int | None = None  # warm-up steps (overrides warmup_ratio)
+    end_lr_ratio: float = 0.0  # the final learning rate, as a fraction of lr
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    decay_norms_and_biases: bool = False  # weight decay on norm scales and biases too
+    b1: float = 0.9  # Adam's first-moment decay
+    b2: float = 0.999  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's epsilon
+    clip_norm: float | None = 1.0  # global gradient-norm clipping (None: none)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -242,23 +253,24 @@ class TrainConfig:
     improvement (None: never).
     """
 
-    out: str | None = None
-    selection: str | None = None
-    epochs: int = 3
-    max_steps: int | None = None
-    grad_accum: int = 1
-    batch_examples: int | None = None
-    batch_tokens: int | None = None
-    min_steps: int = 20
-    strict_steps: bool = False
+    out: str | None = shorthand(None, "--out", "sft", "dpo")  # output directory
+    selection: str | None = shorthand(None, "--selection", "sft")
+    epochs: int = 3  # passes over the data
+    max_steps: int | None = None  # stop after this many optimizer steps (None: all epochs)
+    grad_accum: int = 1  # batches of data.batch_rows rows per step, when no batch key is set
+    batch_examples: int | None = None  # examples (DPO: pairs) per optimizer step
+    batch_tokens: int | None = None  # tokens of whole examples per optimizer step
+    min_steps: int = 20  # a run of fewer optimizer steps is reported before it starts
+    # A run of fewer than min_steps optimizer steps is an error, not a warning.
+    strict_steps: bool = shorthand(False, "--strict", "sft", "dpo", "pipeline")
     val: str | None = None
-    keep_best: bool = True
-    patience: int | None = 1
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    log_every: int = 1
-    chunk: int = 32  # losses.LM_HEAD_CHUNK
-    overwrite: bool = False
+    keep_best: bool = True  # export the epoch of the lowest val loss (else the last)
+    patience: int | None = 1  # epochs without a lower val loss before stopping (None: never)
+    checkpoint_every: int = 100  # optimizer steps between checkpoints
+    keep_checkpoints: int = 3  # the newest checkpoints kept
+    log_every: int = 1  # optimizer steps between metrics lines
+    chunk: int = 32  # response positions per row in one LM-head application (LM_HEAD_CHUNK)
+    overwrite: bool = shorthand(False, "--overwrite", "sft", "dpo")  # discard another run's outputs
 
     def __post_init__(self) -> None:
         for k in ("epochs", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
@@ -293,7 +305,7 @@ class TrainConfig:
 class DPOConfig:
     """Preference training (`davir dpo`) on `data.path` (a preference format), from `model.source`.
 
-    `objective`: dpo | ipo | dpo_norm | davir_dpo (`davir_jax.core.losses.PREFERENCE_OBJECTIVES`);
+    `objective`: dpo | ipo | dpo_norm | davir_dpo, or a plugin's (`davir_jax.plugins`);
     `beta`: None takes the objective's documented default. The reference log-probs are
     precomputed once (`reference`, default the starting model) and read from the batch, or taken
     from a `davir score` run on the same pairs (`reference_scores`); `reference_in_step` computes
@@ -302,11 +314,13 @@ class DPOConfig:
     margin-length correlation.
     """
 
-    objective: str = "davir_dpo"
-    beta: float | None = None
-    label_smoothing: float = 0.0
-    reference: str | None = None
-    reference_scores: str | None = None
+    objective: str = shorthand("davir_dpo", "--objective", "dpo")
+    beta: float | None = shorthand(None, "--beta", "dpo")
+    label_smoothing: float = 0.0  # conservative DPO: the share of pairs assumed mislabelled
+    # The reference model's source (default: the starting model).
+    reference: str | None = shorthand(None, "--reference", "dpo")
+    # A davir score run on the same pairs, whose nll_ref column gives the reference log-probs.
+    reference_scores: str | None = shorthand(None, "--reference-scores", "dpo")
     reference_in_step: bool = False
     eval_fraction: float = 0.05
 
@@ -315,7 +329,8 @@ class DPOConfig:
 
         if self.objective not in PREFERENCE_OBJECTIVES:
             raise ValueError(
-                f"objective: {self.objective!r} is not one of {', '.join(PREFERENCE_OBJECTIVES)}"
+                f"objective: {self.objective!r} is not one of {', '.join(PREFERENCE_OBJECTIVES)} "
+                "(a plugin's objective needs --plugins FILE or the config's plugins key)"
             )
         if self.beta is not None and self.beta <= 0:
             raise ValueError(f"beta: must be positive, got {self.beta}")
@@ -340,12 +355,12 @@ class EvalConfig:
     the gsm8k format, else exact). `generate: 0` skips generation.
     """
 
-    out: str | None = None
-    generate: int | None = 0  # None: every example
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    batch_size: int = 16
+    out: str | None = shorthand(None, "--out", "eval")  # writes eval.json, generations.jsonl
+    generate: int | None = shorthand(0, "--generate", "eval")  # answers for N examples (None: all)
+    max_new_tokens: int = shorthand(256, "--max-new-tokens", "eval")  # per generated answer
+    temperature: float = 0.0  # sampling temperature (0: greedy)
+    top_p: float = 1.0  # nucleus sampling's probability mass
+    batch_size: int = 16  # prompts generated at once
     answer: str = "auto"
 
     def __post_init__(self) -> None:
@@ -376,15 +391,15 @@ class PipelineConfig:
     describe scores and selections; no selection method reads them.
     """
 
-    out: str | None = None
-    test: str | None = None
+    out: str | None = shorthand(None, "--out", "pipeline", "demo")  # the run folder
+    test: str | None = shorthand(None, "--test", "pipeline", "demo")  # held-out data file
     val: str | None = None
-    reference: str | None = None
-    methods: tuple[str, ...] = ("davir", "rho", "random")
-    budgets: tuple[str, ...] = ("fraction=0.25",)
-    extra_pools: tuple[str, ...] = ()
-    full: bool = True
-    generate: int = 64
+    reference: str | None = None  # a reference model source (default: SFT on the pool)
+    methods: tuple[str, ...] = ("davir", "rho", "random")  # selection scores
+    budgets: tuple[str, ...] = ("fraction=0.25",)  # all, count=N or fraction=F
+    extra_pools: tuple[str, ...] = ()  # data files joining every selection whole
+    full: bool = True  # evaluate the reference too (SFT on the full pool)
+    generate: int = 64  # test examples answered by generation (exact-match accuracy)
     seeds: int = 3
     labels: tuple[str, ...] = ()
 
@@ -393,7 +408,16 @@ class PipelineConfig:
             raise ValueError("methods: at least one selection method")
         if self.seeds < 1:
             raise ValueError(f"seeds: must be positive, got {self.seeds}")
+        from davir_jax.core.scores import SCORES
         from davir_jax.core.selection import Budget
+
+        unknown = [m for m in self.methods if m not in SCORES]
+        if unknown:
+            # Here, not after the reference SFT and the scoring pass that precede selection.
+            raise ValueError(
+                f"methods: {unknown} not among the scores {', '.join(SCORES)} (a plugin's "
+                "score needs --plugins FILE or the config's plugins key)"
+            )
 
         for b in self.budgets:
             Budget.parse(b)
@@ -401,7 +425,12 @@ class PipelineConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole run. Sections for optimizer, training and DPO join here."""
+    """The whole run. Sections for optimizer, training and DPO join here.
+
+    `plugins`: `davir_jax.plugins` specs (`.py` files, relative to the YAML file that names
+    them, or module names); `load_config` loads them before it validates any section, so their
+    objectives and scores are valid values of `dpo.objective` and `pipeline.methods`.
+    """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -412,7 +441,8 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
-    seed: int = 0
+    seed: int = 0  # initialisation, data order, random selection and sampling derive from it
+    plugins: tuple[str, ...] = ()  # plugin files or modules, loaded before the rest is built
 
 
 # -- building typed dataclasses from plain data ---------------------------------------------
@@ -543,9 +573,21 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = data.pop("base", None)
+    plugins = data.get("plugins")
+    if isinstance(plugins, list):
+        # A plugin file is found next to the config that names it, as `base:` is.
+        data["plugins"] = [
+            str(path.parent / p) if isinstance(p, str) and _is_relative_file(p) else p
+            for p in plugins
+        ]
     if base is not None:
         data = _deep_merge(read_yaml(path.parent / base, _seen + (path,)), data)
     return data
+
+
+def _is_relative_file(spec: str) -> bool:
+    """Whether a plugin spec is a relative path to a file (not a module name)."""
+    return (spec.endswith(".py") or "/" in spec) and not Path(spec).expanduser().is_absolute()
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -584,9 +626,23 @@ def load_config(
         if overrides:
             data = _deep_merge(data, parse_overrides(overrides))
             where += " + command-line overrides"
+        if "plugins" in data and cls is Config:
+            _load_plugins(data["plugins"])
         return build(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _load_plugins(value: Any) -> None:
+    """Load the config's `plugins` before any section is built: `dpo.objective` and
+    `pipeline.methods` are checked against the registries when their section is built."""
+    from davir_jax.plugins import PluginError, load_plugins  # imports jax: only when named
+
+    specs = _coerce(value, tuple[str, ...], "plugins")
+    try:
+        load_plugins(specs)
+    except PluginError as e:
+        raise ConfigError(f"plugins: {e}") from e
 
 
 __all__ = [
@@ -607,5 +663,6 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "read_yaml",
+    "shorthand",
     "to_dict",
 ]

@@ -219,6 +219,44 @@ def sft_loss_sums(
 # policy (`pi_*`) and the frozen reference (`ref_*`), their response-token counts (`n_*`), `beta`
 # and the label smoothing, and returns (per-pair loss, reward of c, reward of r), `[...]` each.
 # The rewards are what TRL logs as rewards/chosen and rewards/rejected for that objective.
+# The built-in objectives are registered with `register_objective`, the decorator a plugin uses
+# (`davir_jax.plugins`), so there is one table and one way into it.
+
+# name -> (function, default beta). DPO's 0.1 is the paper's and TRL's default; IPO's 0.1 is
+# TRL's; token-normalised log-ratios are ~T times smaller, so dpo_norm's default is larger (the
+# SimPO range, arXiv 2405.14734); davir_dpo's normaliser is tens to hundreds of nats, and its
+# default was chosen by the experiment recorded in benchmarks/RESULTS.md.
+PREFERENCE_OBJECTIVES: dict[str, tuple[Callable[..., Any], float]] = {}
+# Objectives that never read `ref_*`: `davir dpo` computes no reference log-probs for them.
+REFERENCE_FREE: set[str] = set()
+
+ObjectiveFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def register_objective(
+    name: str, default_beta: float, *, needs_reference: bool = True
+) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator adding `fn(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta, label_smoothing)
+    -> (loss, reward_c, reward_r)` to `PREFERENCE_OBJECTIVES` under `name`, with the beta that
+    `dpo.beta: null` resolves to. `needs_reference=False`: `fn` ignores `ref_*` (they are 0)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an objective name must be a non-empty string, got {name!r}")
+    if isinstance(default_beta, bool) or not default_beta > 0:
+        raise ValueError(f"objective {name!r}: default_beta must be positive, got {default_beta}")
+
+    def deco(fn: ObjectiveFn) -> ObjectiveFn:
+        if name in PREFERENCE_OBJECTIVES:
+            owner = PREFERENCE_OBJECTIVES[name][0].__module__
+            raise ValueError(f"preference objective {name!r} is already registered (by {owner})")
+        if not callable(fn):
+            raise ValueError(f"objective {name!r}: {fn!r} is not callable")
+        PREFERENCE_OBJECTIVES[name] = (fn, float(default_beta))
+        if not needs_reference:
+            REFERENCE_FREE.add(name)
+        return fn
+
+    return deco
+
 
 # Reference NLLs are floored here (nats) so a response the reference finds certain (NLL rounding
 # to 0 in float32) cannot divide by zero in `davir_dpo`.
@@ -233,6 +271,7 @@ def _smoothed_sigmoid_loss(z: jax.Array, label_smoothing: float) -> jax.Array:
     )
 
 
+@register_objective("dpo", 0.1)
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
     """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7):
     -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])."""
@@ -240,6 +279,7 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: f
     return _smoothed_sigmoid_loss(rc - rr, label_smoothing), rc, rr
 
 
+@register_objective("ipo", 0.1)
 def ipo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
     """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17), with summed sequence log-probs:
     (h - 1 / (2 beta))^2 with h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)).
@@ -248,6 +288,7 @@ def ipo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: f
     return (h - 1.0 / (2.0 * beta)) ** 2, beta * (pi_c - ref_c), beta * (pi_r - ref_r)
 
 
+@register_objective("dpo_norm", 2.0)
 def dpo_norm_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
     """Token-normalised DPO: each log-ratio divided by its response's token count,
     r(y) = beta * (log pi(y|x) - log ref(y|x)) / T(y); loss -log sigmoid(r(y_w) - r(y_l))."""
@@ -256,6 +297,7 @@ def dpo_norm_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothi
     return _smoothed_sigmoid_loss(rc - rr, label_smoothing), rc, rr
 
 
+@register_objective("davir_dpo", 10.0)
 def davir_dpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
     """DavIR-DPO (Zhou et al., arXiv 2310.13008, Sec. 4): each log-ratio divided by the response's
     own NLL under the frozen reference, L_ref(y|x) = -log ref(y|x) (summed):
@@ -264,15 +306,3 @@ def davir_dpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smooth
     rc = beta * (pi_c - ref_c) / jnp.maximum(-ref_c, MIN_REF_NLL)
     rr = beta * (pi_r - ref_r) / jnp.maximum(-ref_r, MIN_REF_NLL)
     return _smoothed_sigmoid_loss(rc - rr, label_smoothing), rc, rr
-
-
-# name -> (function, default beta). DPO's 0.1 is the paper's and TRL's default; IPO's 0.1 is
-# TRL's; token-normalised log-ratios are ~T times smaller, so dpo_norm's default is larger (the
-# SimPO range, arXiv 2405.14734); davir_dpo's normaliser is tens to hundreds of nats, and its
-# default was chosen by the experiment recorded in benchmarks/RESULTS.md.
-PREFERENCE_OBJECTIVES: dict[str, tuple[Callable[..., Any], float]] = {
-    "dpo": (dpo_loss, 0.1),
-    "ipo": (ipo_loss, 0.1),
-    "dpo_norm": (dpo_norm_loss, 2.0),
-    "davir_dpo": (davir_dpo_loss, 10.0),
-}

@@ -22,7 +22,7 @@ divides by it). Violations raise ValueError naming the offending example ids; no
 silently turned into inf or nan.
 
 To add a score: decorate a function `(cols: ScoreColumns, seed: int) -> np.ndarray` with
-`@register_score("name")`.
+`@register_score("name")`, here or in a plugin (`davir_jax.plugins`).
 """
 
 from __future__ import annotations
@@ -145,10 +145,15 @@ SCORES: dict[str, ScoreFn] = {}
 
 def register_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator adding `fn(cols, seed) -> float64 [N]` to `SCORES` under `name`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a score name must be a non-empty string, got {name!r}")
 
     def deco(fn: ScoreFn) -> ScoreFn:
         if name in SCORES:
-            raise ValueError(f"score {name!r} is already registered")
+            owner = getattr(SCORES[name], "__module__", "?")
+            raise ValueError(f"score {name!r} is already registered (by {owner})")
+        if not callable(fn):
+            raise ValueError(f"score {name!r}: {fn!r} is not callable")
         SCORES[name] = fn
         return fn
 

@@ -103,3 +103,18 @@ def make_splits(
     `out_dir`; returns their paths."""
     sizes = {"pool": n_pool, "val": n_val, "test": n_test}
     return write_splits(vendored_rows(), out_dir, sizes, corrupt, seed)
+
+
+def pipeline_overrides(out: str | Path, splits: dict[str, Path] | None) -> list[str]:
+    """Config overrides that run the pipeline in `out` on the demo's `splits` (from
+    `make_splits`; None: on the data the config names), the report describing selections by
+    the rows' `LABELS`."""
+    items = [f"--pipeline.out={out}"]
+    if splits is not None:
+        items += [
+            f"--data.path={splits['pool']}",
+            f"--pipeline.val={splits['val']}",
+            f"--pipeline.test={splits['test']}",
+            f"--pipeline.labels=[{','.join(LABELS)}]",
+        ]
+    return items

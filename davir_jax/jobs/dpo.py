@@ -1,4 +1,5 @@
-"""Preference training (`davir dpo`): DPO, IPO, token-normalised DPO and DavIR-DPO.
+"""Preference training (`davir dpo`): DPO, IPO, token-normalised DPO, DavIR-DPO and any
+objective a plugin registers (`davir_jax.plugins`).
 
     davir dpo --model SFT --data pairs.jsonl --template chat --out DIR --objective davir_dpo
 
@@ -34,7 +35,7 @@ from jax.sharding import Mesh
 
 from davir_jax.config import Config, to_dict
 from davir_jax.core.io import write_atomic
-from davir_jax.core.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, example_nll
+from davir_jax.core.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, REFERENCE_FREE, example_nll
 from davir_jax.core.runs import check_batch_rows
 from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import BatchPlan
@@ -334,11 +335,12 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     beta = dc.resolved_beta
     ref_source = dc.reference or cfg.model.source
     frozen = None
-    ref = np.zeros(len(data))
-    if dc.reference_in_step:
+    ref = np.zeros(len(data))  # what a reference-free objective gets (it never reads them)
+    needs_ref = dc.objective not in REFERENCE_FREE
+    if needs_ref and dc.reference_in_step:
         r = load_model(ref_source, cfg.model.dtype, mesh, **cfg.model.run_options())
         frozen = nnx.split(r)
-    else:
+    elif needs_ref:
         ref = reference_nll(cfg, data, mesh, progress)
     lengths = data.lengths
 

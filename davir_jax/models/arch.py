@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,36 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 class UnsupportedConfigError(ValueError):
     """A config field would change the math in a way this decoder does not implement."""
+
+
+# HF `model_type` -> a reader of such a `config.json` dict into an `ArchConfig` of one of
+# `FAMILIES` (added by plugins: `davir_jax.plugins.register_family`). The weights are then read
+# with that family's tensor names (`models.weights.param_table`).
+HF_CONVERTERS: dict[str, Callable[[dict[str, Any]], ArchConfig]] = {}
+
+
+def register_hf_converter(
+    model_type: str,
+) -> Callable[[Callable[[dict[str, Any]], ArchConfig]], Callable[[dict[str, Any]], ArchConfig]]:
+    """Decorator adding `fn(hf_config_dict) -> ArchConfig` to `HF_CONVERTERS` under
+    `model_type`; a built-in family or a `model_type` registered before is an error."""
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"a model_type must be a non-empty string, got {model_type!r}")
+
+    def deco(
+        fn: Callable[[dict[str, Any]], ArchConfig],
+    ) -> Callable[[dict[str, Any]], ArchConfig]:
+        if model_type in FAMILIES:
+            raise ValueError(f"model family {model_type!r} is already registered (built in)")
+        if model_type in HF_CONVERTERS:
+            owner = getattr(HF_CONVERTERS[model_type], "__module__", "?")
+            raise ValueError(f"model family {model_type!r} is already registered (by {owner})")
+        if not callable(fn):
+            raise ValueError(f"model family {model_type!r}: {fn!r} is not callable")
+        HF_CONVERTERS[model_type] = fn
+        return fn
+
+    return deco
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +203,16 @@ class ArchConfig:
         """Read an HF `config.json` dict. Errors name `source` and the offending field."""
         if not isinstance(hf, dict):
             raise ValueError(f"{source}: a model config must be a JSON object")
+        convert = HF_CONVERTERS.get(hf.get("model_type"))  # type: ignore[arg-type]
         try:
+            if convert is not None:
+                arch = convert(dict(hf))
+                if not isinstance(arch, ArchConfig):
+                    raise TypeError(
+                        f"the converter of model_type {hf['model_type']!r} returned "
+                        f"{type(arch).__name__}, not an ArchConfig"
+                    )
+                return arch
             return _from_hf(_with_hf_defaults(hf))
         except (UnsupportedConfigError, ValueError, KeyError, TypeError) as e:
             err = UnsupportedConfigError if isinstance(e, UnsupportedConfigError) else ValueError
@@ -418,7 +458,8 @@ def _from_hf(hf: dict[str, Any]) -> ArchConfig:
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise UnsupportedConfigError(
-            f"model_type {family!r} is not a supported family (supported: {FAMILIES})"
+            f"model_type {family!r} is not a supported family (supported: "
+            f"{FAMILIES + tuple(HF_CONVERTERS)})"
         )
     unknown = sorted(k for k in hf if k not in _HF_KNOWN and not k.startswith("_"))
     if unknown:
