@@ -193,7 +193,8 @@ def build_step(cfg: Any, job: str, mesh: Any) -> tuple[Any, tuple[Any, ...], dic
 
 def run_cell(model: str, job: str, row_len: int, args: argparse.Namespace) -> None:
     """Measure one cell and print its records (JSON lines) on stdout."""
-    from davir_jax.config import ConfigError, load_config
+    from davir_jax.config import load_config
+    from davir_jax.core.schema import ConfigError
 
     path, base = MODELS[model]
     over = base + [f"data.max_len={row_len}", f"data.row_len={row_len}"]

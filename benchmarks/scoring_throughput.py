@@ -59,10 +59,11 @@ import jax.monitoring  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from davir_jax.config import DataConfig, ModelConfig  # noqa: E402
+from davir_jax.config import ModelConfig  # noqa: E402
 from davir_jax.core.losses import LM_HEAD_CHUNK  # noqa: E402
 from davir_jax.core.sharding import make_mesh, use_cpu_devices  # noqa: E402
 from davir_jax.data import batching  # noqa: E402
+from davir_jax.data.config import DataConfig  # noqa: E402
 from davir_jax.data.dataset import TokenizedData, prepare  # noqa: E402
 from davir_jax.engine.nll import batch_nll, device_batch, nll_step, stream_nll  # noqa: E402
 from davir_jax.models import ArchConfig, export_hf, load_model, load_tokenizer, random_model  # noqa: E402

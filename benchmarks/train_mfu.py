@@ -29,8 +29,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from forward_mfu import host_random_model, peak_flops  # noqa: E402
 
-from davir_jax.config import OptimizerConfig, load_config  # noqa: E402
+from davir_jax.config import load_config  # noqa: E402
 from davir_jax.core.sharding import make_mesh, state_shardings  # noqa: E402
+from davir_jax.engine.config import OptimizerConfig  # noqa: E402
 from davir_jax.engine.trainer import (  # noqa: E402
     accum_batch_sharding,
     make_optimizer,

@@ -27,9 +27,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from davir_jax.config import DataConfig, OptimizerConfig  # noqa: E402
+from davir_jax.config import OptimizerConfig  # noqa: E402
 from davir_jax.core.sharding import make_mesh, state_shardings  # noqa: E402
 from davir_jax.data.batching import BatchPlan  # noqa: E402
+from davir_jax.data.config import DataConfig  # noqa: E402
 from davir_jax.data.dataset import prepare  # noqa: E402
 from davir_jax.engine.trainer import (  # noqa: E402
     make_optimizer,

@@ -175,7 +175,7 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.source:
         import dataclasses
 
-        from davir_jax.config import ModelConfig
+        from davir_jax.models.config import ModelConfig
 
         cfg = dataclasses.replace(cfg, model=ModelConfig(source=args.source))
     model = _model(cfg, mesh)
@@ -267,7 +267,7 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     import yaml
 
-    from davir_jax.config import to_dict
+    from davir_jax.core.schema import to_dict
 
     print(yaml.safe_dump(to_dict(_load_cfg(args, overrides)), sort_keys=False))
     return 0

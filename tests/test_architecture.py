@@ -12,17 +12,18 @@ PKG = Path(__file__).resolve().parents[1] / "davir_jax"
 
 # floor of each top-level part; a module may import its own part and any part below it, and
 # parts on the same floor (models and data; engine and reports) do not import each other.
-FLOORS = {
+FLOORS: dict[str, float] = {
     "core": 0,
     "models": 1,
     "data": 1,
     "engine": 2,
     "reports": 2,
-    "plugins": 3,
+    "plugins": 1.5,  # the public extension API: registers into core and models
     "config": 3,
     "jobs": 4,
     "demo": 4,
     "cli": 5,
+    "cli_schema": 4.5,  # the options generated from the schema, for cli
 }
 
 

@@ -15,20 +15,15 @@ import numpy as np
 import pytest
 from test_train import _data
 
-from davir_jax.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    DPOConfig,
-    ModelConfig,
-    OptimizerConfig,
-    TrainConfig,
-    load_config,
-)
+from davir_jax.config import Config, DPOConfig, load_config
 from davir_jax.core.errors import UserError
+from davir_jax.core.schema import ConfigError
 from davir_jax.core.sharding import make_mesh
+from davir_jax.data.config import DataConfig
+from davir_jax.engine.config import OptimizerConfig, TrainConfig
 from davir_jax.engine.trainer import plan_steps
 from davir_jax.jobs.sft import sft
+from davir_jax.models.config import ModelConfig
 
 
 def _one_device():

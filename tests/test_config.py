@@ -6,7 +6,8 @@ import pathlib
 
 import pytest
 
-from davir_jax.config import Config, ConfigError, load_config, parse_overrides
+from davir_jax.config import Config, load_config
+from davir_jax.core.schema import ConfigError, parse_overrides
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -83,8 +84,10 @@ def test_yaml_is_safe_loaded(tmp_path):
 
 def test_config_defaults_equal_the_code_defaults():
     """config.py stays free of jax: its copies of the run defaults must equal the code's."""
-    from davir_jax.config import ModelConfig, ScoringConfig, TrainConfig
+    from davir_jax.config import ScoringConfig
     from davir_jax.core.losses import LM_HEAD_CHUNK
+    from davir_jax.engine.config import TrainConfig
+    from davir_jax.models.config import ModelConfig
     from davir_jax.models.decoder import ATTN_BLOCK
 
     assert ModelConfig().attn_block == ATTN_BLOCK

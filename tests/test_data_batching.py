@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 from toy_tokenizers import word_tokenizer
 
-from davir_jax.config import DataConfig
 from davir_jax.core.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.data import batching
+from davir_jax.data.config import DataConfig
 from davir_jax.data.dataset import prepare
 from davir_jax.data.skips import DataError
 from davir_jax.models import ArchConfig, random_model

@@ -335,7 +335,7 @@ def test_dropped_pairs_are_counted_once(tmp_path):
     skip total equals the pairs dropped, in the log, the manifest and the printed report."""
     from toy_tokenizers import word_tokenizer
 
-    from davir_jax.config import DataConfig
+    from davir_jax.data.config import DataConfig
     from davir_jax.data.dataset import prepare
 
     long = "i am fine and you are fine"  # 7 words + EOS: too long for max_len 6 with a prompt

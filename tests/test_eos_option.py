@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 from toy_tokenizers import WORDS, word_tokenizer
 
-from davir_jax.config import Config, DataConfig, ModelConfig, ScoringConfig, load_config
+from davir_jax.config import Config, ScoringConfig, load_config
 from davir_jax.core.runs import MixedRunError
+from davir_jax.data.config import DataConfig
 from davir_jax.data.dataset import prepare, store_fields
 from davir_jax.data.readers import read_examples
 from davir_jax.data.skips import SkipLog
 from davir_jax.data.templates import Encoder
 from davir_jax.jobs.score import score
+from davir_jax.models.config import ModelConfig
 
 PLAIN_WORDS = [w for w in WORDS if w.isalpha()]
 

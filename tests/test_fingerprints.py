@@ -101,8 +101,9 @@ def test_score_refuses_a_reference_retrained_at_the_same_path(tmp_path, base):
     the size and the names unchanged): rescoring into the same folder is another run."""
     from hf_models import make_hf_model
 
-    from davir_jax.config import Config, DataConfig, ScoringConfig
+    from davir_jax.config import Config, ScoringConfig
     from davir_jax.core.runs import MixedRunError
+    from davir_jax.data.config import DataConfig
     from davir_jax.jobs.score import score
 
     ref = tmp_path / "ref"

@@ -114,7 +114,7 @@ def test_davir_eval_cli(tmp_path, capsys):
     assert [g["reference"] for g in gens] == ["five #### 5", "two #### 2"]
     assert all(g["n_generated"] <= 5 for g in gens)
     # The reported loss is the token-weighted response NLL, as the scoring step computes it.
-    from davir_jax.config import DataConfig
+    from davir_jax.data.config import DataConfig
     from davir_jax.data.dataset import prepare
     from davir_jax.engine.nll import batch_nll
 

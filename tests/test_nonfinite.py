@@ -13,18 +13,11 @@ import numpy as np
 import pytest
 from toy_tokenizers import WORDS, vocab, word_tokenizer
 
-from davir_jax.config import (
-    Config,
-    DataConfig,
-    DPOConfig,
-    EvalConfig,
-    ModelConfig,
-    OptimizerConfig,
-    PipelineConfig,
-    ScoringConfig,
-    TrainConfig,
-)
+from davir_jax.config import Config, DPOConfig, EvalConfig, PipelineConfig, ScoringConfig
+from davir_jax.data.config import DataConfig
+from davir_jax.engine.config import OptimizerConfig, TrainConfig
 from davir_jax.engine.nll import NonFiniteLossError
+from davir_jax.models.config import ModelConfig
 from davir_jax.models.loading import TokenizerMismatchError, load_tokenizer_for
 
 # Words of the data; "five" is kept out and put into chosen prompts only.

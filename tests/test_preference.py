@@ -18,16 +18,12 @@ import pytest
 from conftest import run_cli
 from toy_tokenizers import WORDS
 
-from davir_jax.config import (
-    Config,
-    DataConfig,
-    DPOConfig,
-    ModelConfig,
-    OptimizerConfig,
-    TrainConfig,
-)
+from davir_jax.config import Config, DPOConfig
 from davir_jax.core.losses import MIN_REF_NLL, PREFERENCE_OBJECTIVES
+from davir_jax.data.config import DataConfig
+from davir_jax.engine.config import OptimizerConfig, TrainConfig
 from davir_jax.jobs.dpo import dpo
+from davir_jax.models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = [w for w in WORDS if w.isalpha()]

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from davir_jax.config import Config, DataConfig, PipelineConfig
+from davir_jax.config import Config, PipelineConfig
 from davir_jax.core.stats import Interval
+from davir_jax.data.config import DataConfig
 from davir_jax.reports.report import classify_length_claim, write_report
 
 TASKS = ("add", "reverse", "count")

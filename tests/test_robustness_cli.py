@@ -275,7 +275,7 @@ def test_every_row_skipped_is_one_error_with_the_reasons(tmp_path, base, capsys)
 def test_prepare_raises_for_an_empty_data_set(tmp_path):
     from toy_tokenizers import word_tokenizer
 
-    from davir_jax.config import DataConfig
+    from davir_jax.data.config import DataConfig
     from davir_jax.data.dataset import prepare
     from davir_jax.data.skips import DataError
 

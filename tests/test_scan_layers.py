@@ -16,8 +16,10 @@ import pytest
 from flax import nnx
 from hf_models import FAMILIES, make_hf_model
 
-from davir_jax.config import ConfigError, ModelConfig, load_config
+from davir_jax.config import load_config
+from davir_jax.core.schema import ConfigError
 from davir_jax.models import ArchConfig, load_model, random_model, save_model
+from davir_jax.models.config import ModelConfig
 from davir_jax.models.decoder import RunConfig, layer_period
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -188,7 +190,9 @@ def test_checkpoints_interchange_between_scan_and_loop(tmp_path, saved_with_scan
 
 
 def test_sft_with_scan_trains_as_the_loop_and_its_model_loads_unscanned(tmp_path, base):
-    from davir_jax.config import Config, DataConfig, OptimizerConfig, TrainConfig
+    from davir_jax.config import Config
+    from davir_jax.data.config import DataConfig
+    from davir_jax.engine.config import OptimizerConfig, TrainConfig
     from davir_jax.jobs.sft import sft
 
     rows = [

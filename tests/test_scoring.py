@@ -20,10 +20,12 @@ import pytest
 from conftest import run_cli
 from toy_tokenizers import WORDS
 
-from davir_jax.config import Config, DataConfig, ModelConfig, ScoringConfig
+from davir_jax.config import Config, ScoringConfig
 from davir_jax.core.runs import MixedRunError
 from davir_jax.core.sharding import make_mesh
+from davir_jax.data.config import DataConfig
 from davir_jax.jobs.score import score
+from davir_jax.models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_WORDS = [w for w in WORDS if w.isalpha()]

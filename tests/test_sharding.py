@@ -12,9 +12,9 @@ import pytest
 from hf_models import make_hf_model
 from jax.sharding import PartitionSpec as P
 
-from davir_jax.config import MeshConfig
 from davir_jax.core.sharding import (
     LOGICAL_RULES,
+    MeshConfig,
     logical_to_spec,
     make_mesh,
     mesh_from_config,
@@ -181,7 +181,7 @@ def test_sequence_losses_jitted_with_declared_shardings_equal_one_device(tmp_pat
 
 COMPILE_CACHE = """
 import sys, time, jax, jax.numpy as jnp
-from davir_jax.config import MeshConfig
+from davir_jax.core.sharding import MeshConfig
 from davir_jax.core.sharding import mesh_from_config
 mesh_from_config(MeshConfig(fsdp=1, compile_cache=sys.argv[1]))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # store even a tiny program

@@ -20,9 +20,11 @@ from conftest import run_cli
 from flax import nnx
 from toy_tokenizers import WORDS, word_tokenizer
 
-from davir_jax.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from davir_jax.config import Config
 from davir_jax.core.sharding import make_mesh, state_shardings
 from davir_jax.data import batching
+from davir_jax.data.config import DataConfig
+from davir_jax.engine.config import OptimizerConfig, TrainConfig
 from davir_jax.engine.trainer import (
     _abstract,
     _manager,
@@ -33,6 +35,7 @@ from davir_jax.engine.trainer import (
 )
 from davir_jax.jobs.sft import sft
 from davir_jax.models import load_model
+from davir_jax.models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = [w for w in WORDS if w.isalpha()]

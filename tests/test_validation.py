@@ -14,12 +14,15 @@ import pytest
 from flax import nnx
 from test_train import _data
 
-from davir_jax.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from davir_jax.config import Config
 from davir_jax.core.sharding import make_mesh, state_shardings
+from davir_jax.data.config import DataConfig
+from davir_jax.engine.config import OptimizerConfig, TrainConfig
 from davir_jax.engine.nll import held_out_loss
 from davir_jax.engine.trainer import _abstract, _manager, make_optimizer, optimizer_shardings
 from davir_jax.jobs.sft import sft
 from davir_jax.models import load_model
+from davir_jax.models.config import ModelConfig
 
 
 def _mesh():

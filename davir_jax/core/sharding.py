@@ -11,15 +11,12 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-if TYPE_CHECKING:
-    from davir_jax.config import MeshConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +70,38 @@ def make_mesh(
         return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=_AUTO)
     arr = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(arr, MESH_AXES, axis_types=_AUTO)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 (filled from the device count).
+
+    `chip` names the accelerator for `davir plan` (v5e, v5p, v4, h100, h200, a100); it does not
+    change how a job runs. `cpu_devices` splits the host CPU into that many JAX devices when JAX
+    runs on CPU (-1: one per logical CPU; 0: as JAX starts, one device unless set elsewhere);
+    with `data=-1, fsdp=1` the batch is split over them (`configs/mesh/cpu.yaml`; the default
+    `fsdp=-1` shards the weights instead, slower for small models). See
+    `sharding.use_cpu_devices`. `compile_cache`: a directory for XLA's compiled programs (JAX's
+    persistent compilation cache), so that the identical steps of a pipeline's stages and of
+    reruns compile once (`sharding.use_compile_cache`); None leaves JAX's own setting.
+    """
+
+    data: int = 1  # data-parallel axis size
+    fsdp: int = -1  # parameter-sharding axis size
+    tensor: int = 1  # tensor-parallel axis size
+    chip: str | None = None
+    cpu_devices: int = 0
+    compile_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError("fsdp: at most one mesh axis may be -1, got " + str(sizes))
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ValueError(f"{k}: must be a positive size or -1, got {v}")
+        if self.cpu_devices < -1:
+            raise ValueError(f"cpu_devices: must be >= -1, got {self.cpu_devices}")
 
 
 def use_cpu_devices(n: int) -> None:

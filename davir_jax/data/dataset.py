@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from davir_jax.config import DataConfig
 from davir_jax.core.fingerprints import tokenizer_fingerprint
 from davir_jax.core.io import dumps_json, file_sha256, progress_bar, write_atomic
 from davir_jax.data import batching
+from davir_jax.data.config import DataConfig
 from davir_jax.data.readers import (
     PAIR_FORMATS,
     read_examples,

@@ -41,7 +41,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from davir_jax.config import Config, DataConfig, OptimizerConfig, to_dict
 from davir_jax.core.errors import UserError
 from davir_jax.core.io import (
     dumps_json,
@@ -52,8 +51,11 @@ from davir_jax.core.io import (
 )
 from davir_jax.core.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.core.runs import _barrier, batching_identity, claim_run_dir
+from davir_jax.core.schema import to_dict
 from davir_jax.core.sharding import logical_to_spec, state_shardings
 from davir_jax.data.batching import Batch, BatchPlan, assemble, local_rows
+from davir_jax.data.config import DataConfig
+from davir_jax.engine.config import OptimizerConfig
 from davir_jax.engine.nll import NonFiniteLossError, name_examples
 from davir_jax.models.loading import (
     load_model,
@@ -61,8 +63,8 @@ from davir_jax.models.loading import (
     save_model,
 )
 
-if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
-    pass
+if TYPE_CHECKING:  # the whole config is joined above this floor; the trainer reads its sections
+    from davir_jax.config import Config
 
 
 METRICS_FILE = "metrics.jsonl"

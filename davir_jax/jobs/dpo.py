@@ -33,10 +33,11 @@ import pyarrow.parquet as pq
 from flax import nnx
 from jax.sharding import Mesh
 
-from davir_jax.config import Config, to_dict
+from davir_jax.config import Config
 from davir_jax.core.io import write_atomic
 from davir_jax.core.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, REFERENCE_FREE, example_nll
 from davir_jax.core.runs import check_batch_rows
+from davir_jax.core.schema import to_dict
 from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import BatchPlan
 from davir_jax.engine.preflight import checked

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from davir_jax.config import Config, to_dict
+from davir_jax.config import Config
 from davir_jax.core.io import file_sha256, write_json
+from davir_jax.core.schema import to_dict
 from davir_jax.engine.preflight import checked
 
 

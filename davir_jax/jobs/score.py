@@ -39,10 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from jax.sharding import Mesh
 
-from davir_jax.config import Config, to_dict
+from davir_jax.config import Config
 from davir_jax.core.fingerprints import tokenizer_fingerprint
 from davir_jax.core.io import progress_bar, write_atomic, write_json
 from davir_jax.core.runs import batching_identity, check_batch_rows, claim_run_dir
+from davir_jax.core.schema import to_dict
 from davir_jax.core.scores import MANIFEST_FILE, SCORES_FILE
 from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import Batch

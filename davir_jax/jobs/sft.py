@@ -29,13 +29,15 @@ from typing import TYPE_CHECKING, Any
 import jax
 from jax.sharding import Mesh
 
-from davir_jax.config import Config, DataConfig, to_dict
+from davir_jax.config import Config
 from davir_jax.core.io import (
     file_sha256,
 )
 from davir_jax.core.runs import check_batch_rows
+from davir_jax.core.schema import to_dict
 from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import BatchPlan
+from davir_jax.data.config import DataConfig
 from davir_jax.engine.preflight import checked
 from davir_jax.engine.trainer import Job, fit, plan_steps, sft_objective, step_batch
 from davir_jax.models.loading import (
