@@ -18,6 +18,7 @@ import yaml
 
 from davir_jax.errors import UserError
 from davir_jax.models.arch import ArchConfig, RopeScaling
+from davir_jax.sharding import resolve_axis_sizes
 
 T = TypeVar("T")
 
@@ -102,12 +103,8 @@ class MeshConfig:
     compile_cache: str | None = None
 
     def __post_init__(self) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        if list(sizes.values()).count(-1) > 1:
-            raise ValueError("fsdp: at most one mesh axis may be -1, got " + str(sizes))
-        for k, v in sizes.items():
-            if v == 0 or v < -1:
-                raise ValueError(f"{k}: must be a positive size or -1, got {v}")
+        # The one -1 rule; errors start with the axis name, which the loader turns into the key.
+        resolve_axis_sizes(self.data, self.fsdp, self.tensor, where="")
         if self.cpu_devices < -1:
             raise ValueError(f"cpu_devices: must be >= -1, got {self.cpu_devices}")
 

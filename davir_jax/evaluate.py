@@ -12,7 +12,8 @@ from davir_jax.data.batching import assemble
 from davir_jax.losses import LM_HEAD_CHUNK
 from davir_jax.models.decoder import Decoder
 from davir_jax.preflight import checked
-from davir_jax.scoring import batch_nll, data_parallel_size, dataset_nll
+from davir_jax.scoring import batch_nll, dataset_nll
+from davir_jax.sharding import data_parallel_size
 
 
 def sequence_losses(

@@ -115,10 +115,6 @@ def nll_step(arch: ArchConfig, run: RunConfig, num_segments: int, chunk: int) ->
     )
 
 
-def data_parallel_size(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def device_batch(batch: Batch, mesh: Mesh | None) -> list[jax.Array]:
     """This process's host rows -> global arrays sharded over the data-parallel axes."""
     arrays = [getattr(batch, k) for k in _BATCH_KEYS]
