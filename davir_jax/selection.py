@@ -19,8 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -29,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from davir_jax.io_utils import dumps_json, file_sha256, publish_dir
+from davir_jax.io_utils import atomic_dir, dumps_json, file_sha256
 from davir_jax.scores import SCORES_FILE, compute_scores, read_scores, scores_file
 
 MANIFEST_FILE = "manifest.json"
@@ -391,19 +389,12 @@ def select_mixture(
         "selected": selected,
         "inputs": inputs,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes 0700; the selection is meant to be read by others
+    with atomic_dir(out) as tmp:  # readers see the whole selection or none of it
         for fname, text in files.items():
             (tmp / fname).write_text(text, encoding="utf-8", newline="\n")
         (tmp / MANIFEST_FILE).write_text(
             dumps_json(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
