@@ -18,6 +18,7 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "transformers>=5.24,<6",
         "tensorflow-datasets>=4.9.10,<5",
+        "array_record>=0.8,<0.9",  # the token store writes it directly (data/storage.py)
         "importlib_resources>=6",
         "gguf>=0.19,<0.20",
         "safetensors>=0.8,<0.9",

@@ -1,8 +1,21 @@
-"""Atomic writes of files and directories (checkpoints, exports, results), strict JSON, and file
-hashes."""
+"""Atomic writes of files and directories (checkpoints, exports, results, token stores), strict
+JSON, and file hashes.
+
+One family publishes everything the package writes, so a reader (or a resumed run) sees either
+the old version or the whole new one, never a half-written file or folder:
+
+- files: `atomic_file` (stream into it), `write_atomic` (bytes or text), `write_json`;
+  temp names ``.<name>.tmp-*`` next to the target.
+- folders: `temp_dir` + `publish_dir`, or `atomic_dir` for both; temp names ``.tmp-<name>-*``
+  and ``.old-<name>-*`` next to the target, which `remove_leftovers` clears after a crash.
+
+Everything published gets the modes a plain `open`/`mkdir` would give (`umask_mode`), not the
+private 0600/0700 of `tempfile`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -10,8 +23,10 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -23,21 +38,53 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
-    """Write `data` to `path` via a temp file in the same directory and os.replace, so readers
-    (and a resumed run) see either the old file or the whole new one."""
+def umask_mode(directory: bool = False) -> int:
+    """The mode `open`/`mkdir` would give a new file (0o666) or folder (0o777) under the process
+    umask: `tempfile.mkstemp` makes 0600 files and `mkdtemp` 0700 folders, which an atomic
+    write (temp, then rename) would otherwise publish as private."""
+    mask = None
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    except OSError:
+        pass
+    if mask is None:  # elsewhere: set and restore (not thread-safe, hence the fallback only)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], fsync: bool = False) -> Iterator[IO[bytes]]:
+    """A binary file object whose content replaces `path` when the block ends without error.
+
+    Written to a temp file in the same folder (same file system, so the final `os.replace` is
+    atomic) and removed if the block raises. `fsync`: flush the data to disk before the rename,
+    for large files (weights) whose loss after a power cut would cost a long rebuild.
+    """
     path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) to `path` atomically (`atomic_file`)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def strict_json(obj: Any) -> Any:
@@ -70,20 +117,63 @@ def write_json(
     write_atomic(path, dumps_json(obj, indent=indent, **kwargs))
 
 
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Move a fully written `tmp` directory to `out`, replacing any previous `out`.
+def _tmp_prefix(out: Path) -> str:
+    return f".tmp-{out.name}-"
 
-    The old directory is renamed aside first, so a crash leaves either the old or the new copy
-    in place (or the old one next to it as `.<name>.old`), never neither.
+
+def _old_prefix(out: Path) -> str:
+    return f".old-{out.name}-"
+
+
+def temp_dir(out: str | os.PathLike[str]) -> Path:
+    """A new, empty folder next to `out` (creating `out`'s parent), to fill and then hand to
+    `publish_dir`; unique, so several processes may each build one for the same `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
+    tmp.chmod(umask_mode(directory=True))  # mkdtemp makes 0700; what we publish is for sharing
+    return tmp
+
+
+def publish_dir(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Move a fully written `tmp` folder to `out`, replacing any previous `out`.
+
+    `os.replace` cannot replace a non-empty folder, so the old one is first renamed aside (under
+    a unique name, so concurrent publishers never collide) and deleted after the swap: a crash
+    leaves the old or the new copy in place (the old one perhaps next to it as ``.old-<name>-*``,
+    see `remove_leftovers`), never neither.
     """
-    old = out.parent / f".{out.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
+    tmp, out = Path(tmp), Path(out)
+    old = out.with_name(f"{_old_prefix(out)}{uuid.uuid4().hex}")
+    with contextlib.suppress(FileNotFoundError):
         os.replace(out, old)
     os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp folder (`temp_dir`) to fill in the block; published as `out` when the block ends
+    without error (`publish_dir`), removed if it raises."""
+    tmp = temp_dir(out)
+    try:
+        yield tmp
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_leftovers(out: str | os.PathLike[str]) -> None:
+    """Delete the temp and set-aside folders a crashed build or publish of `out` left next to it.
+
+    Only for a caller that is the one writer of `out` at this time: another process's build in
+    progress would be deleted too.
+    """
+    out = Path(out)
+    for prefix in (_tmp_prefix(out), _old_prefix(out)):
+        for stale in out.parent.glob(f"{prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def progress_bar(

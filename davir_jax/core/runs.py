@@ -24,6 +24,7 @@ import jax
 
 from davir_jax.core.errors import UserError
 from davir_jax.core.io import dumps_json, write_json
+from davir_jax.core.sharding import data_parallel_size
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".davir.lock"
@@ -185,7 +186,7 @@ def claim_run_dir(out: Path, identity: dict[str, Any], overwrite: bool, what: st
 
 def check_batch_rows(cfg: Any, mesh: Any) -> None:
     """Global batch rows must split evenly over the data-parallel devices and the processes."""
-    dp, pc = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+    dp, pc = data_parallel_size(mesh), jax.process_count()
     if cfg.data.batch_rows % dp or cfg.data.batch_rows % pc:
         raise ValueError(
             f"data.batch_rows={cfg.data.batch_rows} must be a multiple of the data-parallel size "

@@ -1,7 +1,9 @@
 """The device mesh, the one table that maps logical axis names to mesh axes, and placement helpers.
 
 Model code names logical axes only (`batch, seq, embed, mlp, heads, kv_heads, head_dim, vocab`);
-this module is the only place that knows the mesh axes `data, fsdp, tensor`.
+this module is the only place that knows the mesh axes `data, fsdp, tensor` (other modules use
+`MESH_AXES`, `DATA_PARALLEL`, `TENSOR`, `data_parallel_size`) and the one place that resolves a
+`-1` axis size from the device count (`resolve_axis_sizes`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,22 +22,68 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+MESH_AXES = (DATA, FSDP, TENSOR)
+# The data-parallel axes: the batch is split over both (FSDP shards the weights as well).
+DATA_PARALLEL = (DATA, FSDP)
 # Auto axes: XLA's sharding propagation places intermediates; we constrain the few that matter.
 _AUTO = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
 
 # The rules table: each logical axis once. Batch is split over every data-parallel axis; FSDP
 # shards parameters along `embed`; tensor parallelism splits heads, MLP width and vocabulary.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", DATA_PARALLEL),
     ("seq", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
+    ("embed", FSDP),
+    ("mlp", TENSOR),
+    ("heads", TENSOR),
+    ("kv_heads", TENSOR),
     ("head_dim", None),
-    ("vocab", "tensor"),
+    ("vocab", TENSOR),
 )
+
+
+def resolve_axis_sizes(
+    data: int, fsdp: int, tensor: int, n_devices: int | None = None, where: str = "mesh."
+) -> dict[str, int]:
+    """The mesh axis sizes by name, with a `-1` axis filled from the device count.
+
+    Each size must be positive or -1, and at most one may be -1; it becomes `n_devices` divided
+    by the product of the others, or 1 when `n_devices` is None (a plan or a config check made
+    without devices). Errors start with `where` and the axis name (the config loader reads that
+    name as the key at fault). Whether the sizes then cover exactly the devices is the mesh
+    builder's check (`make_mesh`).
+    """
+    sizes = dict(zip(MESH_AXES, (data, fsdp, tensor), strict=True))
+    shown = " ".join(f"{k}={v}" for k, v in sizes.items())
+    for name, s in sizes.items():
+        if s == 0 or s < -1:
+            raise ValueError(f"{where}{name}: must be a positive size or -1, got {s}")
+    auto = [name for name, s in sizes.items() if s == -1]
+    if len(auto) > 1:
+        raise ValueError(f"{where}{auto[1]}: at most one mesh axis may be -1, got {shown}")
+    if auto:
+        known = math.prod(s for s in sizes.values() if s != -1)
+        n = known if n_devices is None else n_devices
+        if n % known:
+            raise ValueError(
+                f"{where.rstrip('.') or 'mesh'}: {n} devices are not divisible by the fixed "
+                f"axes' product {known} ({shown})"
+            )
+        sizes[auto[0]] = n // known
+    return sizes
+
+
+def data_parallel_size(mesh: Mesh | Any | None) -> int:
+    """How many ways the batch is split: the product of the data-parallel axes' sizes.
+
+    `mesh`: a Mesh, anything with a `shape` mapping of axis sizes (a plan's device-free mesh),
+    or None (no mesh: 1).
+    """
+    if mesh is None:
+        return 1
+    shape: Mapping[str, int] = mesh.shape
+    return math.prod(shape[a] for a in DATA_PARALLEL)
 
 
 def make_mesh(
@@ -46,21 +94,7 @@ def make_mesh(
 ) -> Mesh:
     """A mesh with axes (data, fsdp, tensor); one size may be -1 and fills from the device count."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(
-            f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
-        )
-    for name, s in zip(MESH_AXES, sizes):
-        if s == 0 or s < -1:
-            raise ValueError(f"mesh.{name}: must be a positive size or -1, got {s}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(
-                f"mesh: {len(devices)} devices are not divisible by the fixed axes' product {known}"
-            )
-        sizes[sizes.index(-1)] = len(devices) // known
+    sizes = list(resolve_axis_sizes(data, fsdp, tensor, len(devices)).values())
     if math.prod(sizes) != len(devices):
         raise ValueError(
             f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are present"
@@ -94,12 +128,8 @@ class MeshConfig:
     compile_cache: str | None = None
 
     def __post_init__(self) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        if list(sizes.values()).count(-1) > 1:
-            raise ValueError("fsdp: at most one mesh axis may be -1, got " + str(sizes))
-        for k, v in sizes.items():
-            if v == 0 or v < -1:
-                raise ValueError(f"{k}: must be a positive size or -1, got {v}")
+        # The one -1 rule; errors start with the axis name, which the loader turns into the key.
+        resolve_axis_sizes(self.data, self.fsdp, self.tensor, where="")
         if self.cpu_devices < -1:
             raise ValueError(f"cpu_devices: must be >= -1, got {self.cpu_devices}")
 

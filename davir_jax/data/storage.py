@@ -13,7 +13,8 @@ Layout::
         key.json                          the fields the key was computed from
         part-00000-of-00002/
             tfds/davir_tokenized/1.0.0/   TFDS data set (dataset_info.json, features.json,
-                                          davir_tokenized-train.array_record-00000-of-0000N)
+                                          davir_tokenized-train.array_record-00000-of-00001;
+                                          the reader takes any number of shards)
             index.npy  lengths.npy        sidecars: global index and token count per record,
             example_ids.json              in the order the records were written
             info.json                     the caller's `info` (e.g. skip counts)
@@ -25,21 +26,26 @@ Why TFDS array_record: it is a standard, documented on-disk format with random a
 `as_data_source`, and `index.npy` / `lengths.npy` let a store open (and a length-bucketing
 sampler plan) without decoding a single record. Nothing here uses pickle: the sidecars are
 ``.npy`` (loaded with ``allow_pickle=False``) and JSON.
+
+How, through public APIs only: each record is encoded by the TFDS features
+(`FeaturesDict.serialize_example`) and written with `array_record`'s own writer (one shard per
+part), then `tfds.folder_dataset.write_metadata` writes ``dataset_info.json`` and
+``features.json``: TFDS's documented way to describe a data set written outside a TFDS builder.
+Reading is `tfds.builder_from_directory(...).as_data_source`. A TFDS builder would print
+"Downloading and preparing dataset" on stdout (no public switch turns that off), and a store
+build is not a download. Each part is built in its own temp folder and published atomically,
+so processes building parts of one store at once need no lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import operator
 import os
 import re
-import shutil
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,9 +53,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
-from tensorflow_datasets.core.utils import tqdm_utils
+from array_record.python.array_record_module import ArrayRecordWriter
 
-from davir_jax.core.io import dumps_json
+from davir_jax.core.io import atomic_dir, dumps_json, remove_leftovers, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +107,6 @@ def _safe_name(name: str) -> str:
     return safe[:80] or "store"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def store_dir(root: str | Path, name: str, fields: dict) -> Path:
     """Directory of the store for `fields`: ``root / f"{safe(name)}-{store_key(fields)[:16]}"``.
 
@@ -127,7 +127,7 @@ def store_dir(root: str | Path, name: str, fields: dict) -> Path:
                 f"{existing.get('fields')}, not {key} for {fields}"
             )
     else:
-        _write_text_atomic(key_path, dumps_json(record, sort_keys=True, indent=1))
+        write_atomic(key_path, dumps_json(record, sort_keys=True, indent=1))
     return d
 
 
@@ -139,34 +139,25 @@ def part_name(part: int, num_parts: int) -> str:
 # ----------------------------------------------------------------------------- TFDS plumbing
 
 
-_quiet_lock = threading.Lock()
-_quiet_depth = 0
-_quiet_saved: tuple[bool, int] = (True, 0)
+DATASET_NAME = "davir_tokenized"  # the TFDS data set name: part of every shard's file name
+VERSION = "1.0.0"
+_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # TFDS's default shard file names
+_FILE_FORMAT = "array_record"
+# Random access reads one record at a time; TFDS writes its array_record shards with this too.
+_WRITER_OPTIONS = "group_size:1"
 
 
-@contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
-    """Silence TFDS progress bars and absl INFO logs for the duration (restored afterwards).
+class _QuietStoreInfo(logging.Filter):
+    """Drops the INFO lines TFDS logs (through absl) each time a store part is opened ("Load
+    dataset info from .../davir_tokenized/1.0.0"): one per part and data-loader worker, they
+    would drown a job's own log. Stateless, so no lock; TFDS's warnings still pass, and so does
+    everything TFDS logs about other data sets."""
 
-    Both settings are process-global, so nested / concurrent uses (e.g. data-loader threads
-    opening parts) are counted: the first entry saves the settings, the last exit restores them.
-    """
-    global _quiet_depth, _quiet_saved
-    with _quiet_lock:
-        if _quiet_depth == 0:
-            _quiet_saved = (getattr(tqdm_utils, "_active", True), absl_logging.get_verbosity())
-            tfds.display_progress_bar(False)
-            # absl verbosity grows with detail (INFO=0, WARNING=-1): min() caps it at WARNING.
-            absl_logging.set_verbosity(min(_quiet_saved[1], absl_logging.WARNING))
-        _quiet_depth += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet_depth -= 1
-            if _quiet_depth == 0:
-                tfds.display_progress_bar(_quiet_saved[0])
-                absl_logging.set_verbosity(_quiet_saved[1])
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or DATASET_NAME not in record.getMessage()
+
+
+absl_logging.get_absl_logger().addFilter(_QuietStoreInfo())
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -183,51 +174,51 @@ def _features() -> tfds.features.FeaturesDict:
     )
 
 
-class DavirTokenized(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """TFDS builder for one part of a tokenized store; the examples come from the instance.
+def _builder_dir(part_dir: Path) -> Path:
+    return part_dir / TFDS_SUBDIR / DATASET_NAME / VERSION
 
-    Not registered with TFDS (``skip_registration``): it is never loaded by name, and registering
-    would fail if this module were imported twice under different names. Reading does not need
-    this class at all (`tfds.builder_from_directory` rebuilds the features from features.json).
-    """
 
-    name = "davir_tokenized"  # explicit, so renaming the class does not move the data
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "index, example_id, input_ids (int32), loss_mask (uint8)."}
-
-    def __init__(self, *, examples: Iterable[tuple[int, dict]] = (), **kwargs: Any) -> None:
-        # Set before super().__init__, which may already call _info().
-        self._examples = examples
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        # DatasetInfo directly rather than dataset_info_from_configs: the latter would pick up a
-        # README.md that happens to sit next to this module as the data set description.
-        return tfds.core.DatasetInfo(
-            builder=self,
+def _write_tfds(builder_dir: Path, examples: Iterable[dict]) -> int:
+    """Write `examples` (in order) as a one-shard TFDS array_record data set in `builder_dir`;
+    returns how many. Writes nothing for no examples (TFDS cannot describe an empty split)."""
+    features = _features()
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=builder_dir,
+        template=_TEMPLATE,
+        dataset_name=DATASET_NAME,
+        split=SPLIT,
+        filetype_suffix=_FILE_FORMAT,
+    )
+    shard = template.sharded_filepath(shard_index=0, num_shards=1)
+    writer = None
+    n = num_bytes = 0
+    try:
+        for ex in examples:
+            if writer is None:
+                builder_dir.mkdir(parents=True)
+                writer = ArrayRecordWriter(os.fspath(shard), _WRITER_OPTIONS)
+            blob = features.serialize_example(ex)
+            writer.write(blob)
+            n += 1
+            num_bytes += len(blob)  # what TFDS's own writer records: the serialized examples
+    finally:
+        if writer is not None:
+            writer.close()
+    if n:
+        split = tfds.core.SplitInfo(
+            name=SPLIT, shard_lengths=[n], num_bytes=num_bytes, filename_template=template
+        )
+        tfds.folder_dataset.write_metadata(
+            data_dir=builder_dir,
+            features=features,
+            split_infos=[split],
+            version=VERSION,
+            check_data=False,  # it would read a record back through tf.data (TensorFlow)
             description="Tokenized examples written by davir_jax.data.storage.",
-            features=_features(),
             # Keep the order the examples were given in: the sidecars describe that order.
             disable_shuffling=True,
         )
-
-    def _split_generators(self, dl_manager: Any) -> dict:
-        del dl_manager  # nothing to download
-        return {SPLIT: self._generate_examples()}
-
-    def _generate_examples(self) -> Iterator[tuple[int, dict]]:
-        yield from self._examples
-
-    # TFDS prints these to stdout unconditionally; a store build is not a download.
-    def _log_download_bytes(self) -> None:
-        pass
-
-    def _log_download_done(self) -> None:
-        pass
-
-
-def _builder_dir(part_dir: Path) -> Path:
-    return part_dir / TFDS_SUBDIR / DavirTokenized.name / str(DavirTokenized.VERSION)
+    return n
 
 
 # ----------------------------------------------------------------------------- validation
@@ -321,11 +312,11 @@ def build_part(
     sidecars (``index.npy``, ``lengths.npy``, ``example_ids.json``), the JSON `info` (e.g. skip
     counts computed by the caller; a callable is called after `records` is consumed, so counts
     gathered while streaming are complete) and, last, the completion marker. Everything is
-    written to a
-    temporary directory next to the part and moved into place with ``os.replace``, so a crash
-    leaves either no part or the previous one, never a half-written part that looks complete;
-    leftovers of crashed builds of this part are removed first. The caller decides whether to
-    skip parts that are already complete (`part_complete`): this always rebuilds.
+    written to a temporary directory next to the part and published with
+    `io_utils.atomic_dir`, so a crash leaves either no part or the previous one, never a
+    half-written part that looks complete; leftovers of crashed builds of this part are removed
+    first. The caller decides whether to skip parts that are already complete
+    (`part_complete`): this always rebuilds.
 
     Raises ValueError (naming the example_id) for a malformed record or a duplicate index.
     Returns the summary also stored in the marker: ``n_records``, ``n_tokens``,
@@ -336,14 +327,9 @@ def build_part(
         raise ValueError(f"part must be in [0, {num_parts}), got {part}")
     if not callable(info):
         info_text = dumps_json(info, sort_keys=True, indent=1)  # fail on bad info before tokenizing
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / part_name(part, num_parts)
-    tmp_prefix = f".tmp-{final.name}-"
     # Left by a crashed build (or publish) of this part; only this process builds this part.
-    for stale in [*directory.glob(tmp_prefix + "*"), *directory.glob(f".old-{final.name}-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = directory / f"{tmp_prefix}{uuid.uuid4().hex}"
-    tmp.mkdir()
+    remove_leftovers(final)
 
     indices: list[int] = []
     lengths: list[int] = []
@@ -351,46 +337,24 @@ def build_part(
     seen: set[int] = set()
     n_loss = 0
 
-    def examples() -> Iterator[tuple[int, dict]]:
+    def examples() -> Iterator[dict]:
         nonlocal n_loss
         for rec in records:
             index, eid, input_ids, mask = _validate(rec)
             if index in seen:
                 raise ValueError(f"example {eid!r}: index {index} appears twice in part {part}")
             seen.add(index)
-            key = len(indices)  # position in the part: TFDS sorts by key when not shuffling
             indices.append(index)
             lengths.append(int(input_ids.shape[0]))
             ids.append(eid)
             n_loss += int(mask.sum(dtype=np.int64))
-            yield (
-                key,
-                {
-                    "index": index,
-                    "example_id": eid,
-                    "input_ids": input_ids,
-                    "loss_mask": mask,
-                },
-            )
+            yield {"index": index, "example_id": eid, "input_ids": input_ids, "loss_mask": mask}
 
-    try:
-        gen = examples()
-        first = next(gen, None)
-        if first is not None:
-            # TFDS refuses to write a split with no examples, so an empty part has sidecars only.
-            t0 = time.perf_counter()
-            with _quiet_tfds():
-                builder = DavirTokenized(
-                    examples=_chain_first(first, gen),
-                    data_dir=os.fspath(tmp / TFDS_SUBDIR),
-                    file_format="array_record",
-                )
-                builder.download_and_prepare(
-                    download_dir=os.fspath(tmp / "downloads"),
-                    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
-                )
-            shutil.rmtree(tmp / "downloads", ignore_errors=True)  # empty; created by TFDS
-            log.debug("wrote %d records in %.2fs", len(indices), time.perf_counter() - t0)
+    with atomic_dir(final) as tmp:
+        t0 = time.perf_counter()
+        # An empty part has sidecars only (TFDS cannot describe a split with no examples).
+        _write_tfds(_builder_dir(tmp), examples())
+        log.debug("wrote %d records in %.2fs", len(indices), time.perf_counter() - t0)
         np.save(tmp / INDEX_FILE, np.asarray(indices, np.int64), allow_pickle=False)
         np.save(tmp / LENGTHS_FILE, np.asarray(lengths, np.int32), allow_pickle=False)
         (tmp / IDS_FILE).write_text(dumps_json(ids), encoding="utf-8")
@@ -406,27 +370,7 @@ def build_part(
             "n_loss_tokens": n_loss,
         }
         (tmp / MARKER).write_text(dumps_json(summary, indent=1), encoding="utf-8")
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
-
-
-def _chain_first(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    # os.replace cannot replace a non-empty directory, so an earlier copy (complete or a
-    # half-copied one without marker) is first renamed aside and deleted after the swap.
-    old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def wait_for_parts(
@@ -583,9 +527,8 @@ class TokenizedStore:
     def _source(self, p: int) -> Any:
         src = self._sources.get(p)
         if src is None:
-            with _quiet_tfds():
-                builder = tfds.builder_from_directory(os.fspath(_builder_dir(self._part_dirs[p])))
-                src = builder.as_data_source(split=SPLIT)
+            builder = tfds.builder_from_directory(os.fspath(_builder_dir(self._part_dirs[p])))
+            src = builder.as_data_source(split=SPLIT)
             self._sources[p] = src
         return src
 

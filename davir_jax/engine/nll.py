@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from davir_jax.core.io import progress_bar
 from davir_jax.core.losses import LM_HEAD_CHUNK, example_nll
-from davir_jax.core.sharding import batch_sharding, state_shardings
+from davir_jax.core.sharding import batch_sharding, data_parallel_size, state_shardings
 from davir_jax.data.batching import Batch, assemble, local_rows
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig
@@ -72,10 +72,6 @@ def nll_step(arch: ArchConfig, run: RunConfig, num_segments: int, chunk: int) ->
         in_shardings=(state_shardings(abs_state, mesh), rows, rows, rows, rows),
         out_shardings=(rep, rep),
     )
-
-
-def data_parallel_size(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def device_batch(batch: Batch, mesh: Mesh | None) -> list[jax.Array]:

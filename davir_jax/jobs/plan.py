@@ -21,6 +21,8 @@ import functools
 import math
 from typing import Any
 
+from davir_jax.core.sharding import TENSOR, data_parallel_size, logical_to_spec, resolve_axis_sizes
+
 # Memory (GiB) and dense bf16 peak (FLOP/s) per device, from the vendors' spec sheets.
 CHIPS: dict[str, tuple[float, float]] = {
     "v4": (32, 275e12),
@@ -43,14 +45,8 @@ class _Mesh:
 
 
 def mesh_shape(cfg: Any, devices: int | None) -> dict[str, int]:
-    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
-    if -1 in sizes.values():
-        known = math.prod(v for v in sizes.values() if v != -1)
-        n = devices if devices is not None else known
-        if n % known:
-            raise ValueError(f"{n} devices are not divisible by the fixed mesh axes ({known})")
-        sizes = {k: (n // known if v == -1 else v) for k, v in sizes.items()}
-    return sizes
+    """The mesh axis sizes for `devices` devices (None: the fixed axes alone; a -1 axis is 1)."""
+    return resolve_axis_sizes(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
 
 
 @functools.lru_cache(maxsize=16)
@@ -79,8 +75,6 @@ def _param_table(arch: Any, dtype: str) -> tuple[tuple[tuple[int, ...], Any], ..
 
 def per_device_params(arch: Any, dtype: str, mesh: _Mesh) -> tuple[int, int]:
     """(parameter count, bytes of one device's shards) from the abstract model."""
-    from davir_jax.core.sharding import logical_to_spec
-
     count, local = 0, 0
     for shape, axes in _param_table(arch, dtype):
         spec = logical_to_spec(axes, shape, mesh)
@@ -107,7 +101,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     m, d = cfg.model, cfg.data
     pdt, cdt = m.dtype, m.compute_dtype or m.dtype
     n_params, param_bytes = per_device_params(arch, pdt, mesh)
-    dp = shape["data"] * shape["fsdp"]
+    dp, tp = data_parallel_size(mesh), shape[TENSOR]
     seq = d.packed_row_len if d.pack else d.max_len
     if job == "dpo":
         seq = max(d.packed_row_len, 2 * d.max_len)
@@ -116,8 +110,8 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     c = _BYTES[cdt]
     L, D, F = arch.num_layers, arch.hidden_size, arch.intermediate_size
     H, KV, hd, V = arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim, arch.vocab_size
-    heads_dev = max(H // shape["tensor"], 1)
-    per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / shape["tensor"] + 3 * F / shape["tensor"])
+    heads_dev = max(H // tp, 1)
+    per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / tp + 3 * F / tp)
     scores = 8 * heads_dev * seq  # float32 scores and probabilities, per token
     from davir_jax.models.decoder import uses_blocked_attention
 
@@ -147,7 +141,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
         resident = 2 if cfg.scoring.resident == "both" else 1
         mem["params"] = param_bytes * resident
         live = 8 * heads_dev * m.attn_block if blocked else scores  # forward: one block at a time
-        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / shape["tensor"]) + live)
+        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / tp) + live)
         mem["logits"] = logits
         fwd = forward_flops(arch, seq)
         flops = 2 * fwd * d.batch_rows * seq  # base and reference

@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from davir_jax.core.io import dumps_json, file_sha256, publish_dir
+from davir_jax.core.io import atomic_dir, dumps_json, file_sha256
 from davir_jax.core.scores import SCORES_FILE, compute_scores, read_scores, scores_file
 from davir_jax.core.selection import _BUDGET_HELP, Budget, rank_order
 
@@ -256,19 +254,12 @@ def select_mixture(
         "selected": selected,
         "inputs": inputs,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes 0700; the selection is meant to be read by others
+    with atomic_dir(out) as tmp:  # readers see the whole selection or none of it
         for fname, text in files.items():
             (tmp / fname).write_text(text, encoding="utf-8", newline="\n")
         (tmp / MANIFEST_FILE).write_text(
             dumps_json(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

@@ -1,8 +1,15 @@
-"""A small, strict reader and writer for the safetensors format (no pickle, bf16 included).
+"""Reading and writing `.safetensors` weight files (no pickle, bf16 included).
 
-We parse the format ourselves (an 8-byte header length, a JSON header, raw little-endian bytes)
-so that a truncated file or a lying header is caught with the file and tensor named, tensors are
-read one at a time through a memory map, and bfloat16 round-trips through NumPy (ml_dtypes).
+Reading goes through the `safetensors` library (`safe_open`, NumPy arrays; bfloat16 comes back
+as an `ml_dtypes` array), which validates the header and maps the file, so tensors are read one
+at a time. When the library refuses a file, its message names neither the file nor the tensor,
+so `_diagnose` reads the JSON header to say which tensor is at fault.
+
+Writing streams: `write_streaming` takes the shapes up front and the arrays one at a time, so an
+export of a large model never holds more than one tensor in host memory. The library has no
+such writer (`safetensors.serialize_file` needs every tensor's buffer alive at once), so the
+format's three parts (8-byte header length, JSON header, raw little-endian bytes) are written
+here, and every file is read back through `safe_open` in the tests.
 """
 
 from __future__ import annotations
@@ -10,13 +17,17 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
+from davir_jax.core.io import atomic_file
+
+# What the writer accepts, by the format's dtype codes (the reader takes whatever the library
+# reads).
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
@@ -37,84 +48,75 @@ class WeightFileError(ValueError):
 
 
 class SafetensorsFile:
-    """Random access to the tensors of one `.safetensors` file via a read-only memory map."""
+    """The tensors of one `.safetensors` file, read one at a time through `safe_open`."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightFileError(f"{self.path}: weight file not found")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise WeightFileError(f"{self.path}: truncated (no safetensors header)")
-            (n,) = struct.unpack("<Q", head)
-            if 8 + n > size:
-                raise WeightFileError(f"{self.path}: truncated header ({n} bytes announced)")
-            try:
-                header = json.loads(f.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise WeightFileError(f"{self.path}: corrupt safetensors header: {e}") from e
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self._offset = 8 + n
-        self._entries: dict[str, dict] = header
-        data_len = size - self._offset
-        for name, e in header.items():
-            try:
-                begin, end = (int(x) for x in e["data_offsets"])
-                shape = [int(x) for x in e["shape"]]
-                dtype = e["dtype"]
-            except (KeyError, TypeError, ValueError) as err:
-                raise WeightFileError(
-                    f"{self.path}: tensor {name!r} has a malformed header entry ({err!r})"
-                ) from err
-            if begin < 0 or end < begin or any(x < 0 for x in shape):
-                raise WeightFileError(f"{self.path}: tensor {name!r} has invalid offsets/shape")
-            if dtype not in _DTYPES:
-                raise WeightFileError(
-                    f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}"
-                )
-            want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-            if end - begin != want:
-                raise WeightFileError(f"{self.path}: tensor {name!r} header is inconsistent")
-            if end > data_len:
-                raise WeightFileError(
-                    f"{self.path}: truncated: tensor {name!r} ends at byte {end} of the data "
-                    f"section but the file holds only {data_len}"
-                )
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else None
+        try:
+            self._file = safe_open(self.path, framework="numpy")
+        except SafetensorError as e:
+            raise WeightFileError(f"{self.path}: {_diagnose(self.path, e)}") from e
+        self.metadata: dict[str, str] = self._file.metadata() or {}
+        # File order (by offset), as the header lists them: errors then name the first tensor a
+        # reader of the file meets.
+        self._names = list(self._file.offset_keys())
+        self._known = set(self._names)
 
     def keys(self) -> list[str]:
-        return list(self._entries)
+        return list(self._names)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name]["shape"])
+        self._check(name)
+        return tuple(self._file.get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        if name not in self._entries:
+        self._check(name)
+        try:
+            return self._file.get_tensor(name)
+        except (SafetensorError, TypeError, ValueError) as e:
+            raise WeightFileError(f"{self.path}: tensor {name!r} cannot be read ({e})") from e
+
+    def _check(self, name: str) -> None:
+        if name not in self._known:
             raise WeightFileError(f"{self.path}: tensor {name!r} is missing")
-        e = self._entries[name]
-        begin, end = e["data_offsets"]
-        raw = self._mm[self._offset + begin : self._offset + end]
-        return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
-def umask_mode(directory: bool = False) -> int:
-    """The mode `open`/`mkdir` would give a new file (0o666) or folder (0o777) under the process
-    umask: `tempfile.mkstemp` makes 0600 files and `mkdtemp` 0700 folders, which an atomic
-    write (temp, then rename) would otherwise publish as private."""
-    mask = None
-    try:
-        with open("/proc/self/status") as f:  # Linux: read without changing it
-            for line in f:
-                if line.startswith("Umask:"):
-                    mask = int(line.split()[1], 8)
-    except OSError:
-        pass
-    if mask is None:  # elsewhere: set and restore (not thread-safe, hence the fallback only)
-        mask = os.umask(0o022)
-        os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+def _diagnose(path: Path, err: Exception) -> str:
+    """Why `safe_open` refused `path`, naming the first tensor at fault where one is.
+
+    Only explains a refusal; it never decides whether a file is read.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "truncated (no safetensors header)"
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            return f"truncated header ({n} bytes announced)"
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return f"corrupt safetensors header: {e}"
+    if not isinstance(header, dict):
+        return f"corrupt safetensors header: not a JSON object ({err})"
+    header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    for name, e in header.items():
+        try:
+            _begin, end = (int(x) for x in e["data_offsets"])
+            _shape = [int(x) for x in e["shape"]]
+            _dtype = e["dtype"]
+        except (KeyError, TypeError, ValueError) as bad:
+            return f"tensor {name!r} has a malformed header entry ({bad!r})"
+        if end > data_len:
+            return (
+                f"truncated: tensor {name!r} ends at byte {end} of the data section but the "
+                f"file holds only {data_len}"
+            )
+    return f"not a readable safetensors file ({err})"
 
 
 def save_file(
@@ -136,8 +138,8 @@ def write_streaming(
 ) -> None:
     """Write tensors whose shapes are known up front while the arrays arrive one at a time.
 
-    Atomic: a temp file in the same folder, fsync, rename. The header comes from `specs`, so a
-    model export never holds more than one tensor in host memory.
+    Atomic (`io_utils.atomic_file`, synced to disk before the rename). The header comes from
+    `specs`, so a model export never holds more than one tensor in host memory.
     """
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
@@ -153,24 +155,13 @@ def write_streaming(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for (name, shape, dt), arr in zip(specs, arrays, strict=True):
-                if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != dt:
-                    raise WeightFileError(
-                        f"tensor {name!r}: got {arr.shape} {arr.dtype}, announced {shape} {dt}"
-                    )
-                # Hosts are little-endian (x86, Arm): raw bytes are the on-disk layout.
-                f.write(np.ascontiguousarray(arr).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, fsync=True) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for (name, shape, dt), arr in zip(specs, arrays, strict=True):
+            if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != dt:
+                raise WeightFileError(
+                    f"tensor {name!r}: got {arr.shape} {arr.dtype}, announced {shape} {dt}"
+                )
+            # Hosts are little-endian (x86, Arm): raw bytes are the on-disk layout.
+            f.write(np.ascontiguousarray(arr).tobytes())

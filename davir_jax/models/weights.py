@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from davir_jax.core.io import dumps_json, publish_dir
+from davir_jax.core.io import dumps_json, publish_dir, temp_dir
 from davir_jax.core.sharding import state_shardings
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig, to_dtype
 from davir_jax.models.safetensors_io import (
     SafetensorsFile,
     WeightFileError,
-    umask_mode,
     write_streaming,
 )
 
@@ -289,10 +287,9 @@ def export_hf(model: Decoder, tokenizer: Any | None, out_dir: str | os.PathLike)
     The directory appears atomically: everything is written to a sibling temp dir and renamed.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    # Every process makes its own temp folder (unique name); only process 0 fills and publishes.
+    tmp = temp_dir(out)
     try:
-        tmp.chmod(umask_mode(directory=True))  # mkdtemp makes 0700; the export is for sharing
         cfg = model.arch.to_hf()
         cfg["torch_dtype"] = model.run.param_dtype
         params = dict(iter_params(model))
