@@ -9,8 +9,8 @@ import pathlib
 import pytest
 
 import davir_jax
-from davir_jax.core import sharding
 from davir_jax.config import ConfigError, load_config
+from davir_jax.core import sharding
 from davir_jax.core.sharding import MESH_AXES, MeshConfig, make_mesh, resolve_axis_sizes
 from davir_jax.jobs.plan import mesh_shape
 

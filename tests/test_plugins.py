@@ -6,7 +6,6 @@ selection against a NumPy ranking."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -14,9 +13,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from score_tables import write_scores_dir
 from toy_tokenizers import WORDS
 
 from davir_jax import plugins
@@ -173,43 +172,10 @@ def test_dpo_trains_a_plugin_objective_from_a_file(tmp_path, base, capsys):
     assert ev["held_out"]["pairs"] == len(pair_ids) - len(train) > 0
 
 
-def _scores_dir(d: Path, n: int = 40, seed: int = 3) -> dict[str, np.ndarray]:
-    """A scoring job's output (scores.parquet + manifest.json) with random NLLs."""
-    rng = np.random.default_rng(seed)
-    t = rng.integers(1, 200, n)
-    lb = t * rng.uniform(0.5, 3.0, n)
-    lr = lb * rng.uniform(0.3, 1.0, n)
-    ids = [f"pool:{i}" for i in range(n)]
-    records = [json.dumps({"instruction": f"q{i}", "output": "a" * int(t[i])}) for i in range(n)]
-    d.mkdir(parents=True)
-    pq.write_table(
-        pa.table(
-            {
-                "example_id": ids,
-                "source": ["pool"] * n,
-                "row": pa.array(range(n), pa.int64()),
-                "content_hash": [hashlib.sha256(r.encode()).hexdigest() for r in records],
-                "n_tokens": pa.array(t, pa.int64()),
-                "nll_base": lb,
-                "nll_ref": lr,
-                "record": records,
-            }
-        ),
-        d / "scores.parquet",
-    )
-    manifest = {
-        "data": {"path": "/data/pool.jsonl", "format": "jsonl", "sha256": "ab" * 32},
-        "template": "alpaca",
-        "fingerprints": {"base": "b", "ref": "r"},
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest))
-    return {"ids": np.array(ids), "lb": lb, "lr": lr, "t": t}
-
-
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_select_ranks_by_a_plugin_score(tmp_path, monkeypatch, capsys, how):
     plugin = _plugin(tmp_path)
-    cols = _scores_dir(tmp_path / "scores")
+    cols = write_scores_dir(tmp_path / "scores", "pool", 40, 3)
     args = ["select", f"{tmp_path / 'scores'}:count=7", "--method", "rho_sqrt_test"]
     args += ["--out", str(tmp_path / "sel")]
     if how == "flag":

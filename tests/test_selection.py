@@ -10,51 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from score_tables import write_scores_dir
 
 from davir_jax.core.scores import random_uniform
 from davir_jax.core.selection import Budget, budget_count, select_top
 from davir_jax.jobs.select import Pool, parse_pool, run_select, select_mixture
-
-
-def _write_scores_dir(
-    d: Path, source: str, n: int, seed: int, records: list[str] | None = None
-) -> dict:
-    """A scoring job's output: scores.parquet + manifest.json, with rounded NLLs so that
-    DavIR ties occur (exercising the id tie-break)."""
-    rng = np.random.default_rng(seed)
-    t = rng.integers(1, 200, n)
-    lb = np.round(t * rng.uniform(0.5, 3.0, n), 1) + 0.5
-    lr = np.round(lb * rng.choice([0.5, 0.75, 0.9], n), 3)
-    if records is None:
-        records = [
-            json.dumps({"instruction": f"q{source}{i}", "output": "a" * int(t[i])})
-            for i in range(n)
-        ]
-    d.mkdir(parents=True)
-    pq.write_table(
-        pa.table(
-            {
-                "example_id": [f"{source}:{i}" for i in range(n)],
-                "source": [source] * n,
-                "row": pa.array(range(n), pa.int64()),
-                "content_hash": [hashlib.sha256(r.encode()).hexdigest() for r in records],
-                "n_tokens": pa.array(t, pa.int64()),
-                "nll_base": lb,
-                "nll_ref": lr,
-                "record": records,
-            }
-        ),
-        d / "scores.parquet",
-    )
-    manifest = {
-        "data": {"path": f"/data/{source}.jsonl", "format": "jsonl", "sha256": "ab" * 32},
-        "template": "alpaca",
-        "fingerprints": {"base": f"base-{seed}", "ref": f"ref-{seed}"},
-        "skipped": {"malformed_json": 1},
-        "other": {"opaque": True},
-    }
-    (d / "manifest.json").write_text(json.dumps(manifest))
-    return {"lb": lb, "lr": lr, "t": t, "records": records, "manifest": manifest}
 
 
 def _oracle_top(ids: list[str], score: np.ndarray, k: int) -> list[int]:
@@ -162,8 +122,8 @@ def test_parse_pool_errors(spec, match):
 
 
 def test_mixture_top_fraction_of_a_plus_all_of_b(tmp_path):
-    a = _write_scores_dir(tmp_path / "runs" / "a", "alpaca", 200, seed=0)
-    b = _write_scores_dir(tmp_path / "runs" / "b", "gsm8k", 9, seed=1)
+    a = write_scores_dir(tmp_path / "runs" / "a", "alpaca", 200, seed=0)
+    b = write_scores_dir(tmp_path / "runs" / "b", "gsm8k", 9, seed=1)
     out = tmp_path / "sel"
     m = select_mixture(
         [Pool("A", tmp_path / "runs" / "a", 0.06), Pool("B", tmp_path / "runs" / "b", "all")],
@@ -207,7 +167,7 @@ def test_mixture_top_fraction_of_a_plus_all_of_b(tmp_path):
 
 
 def test_run_select_names_pools_from_manifest_and_replaces_previous_output(tmp_path):
-    info = _write_scores_dir(tmp_path / "runs" / "g", "gsm8k", 30, seed=2)
+    info = write_scores_dir(tmp_path / "runs" / "g", "gsm8k", 30, seed=2)
     out = tmp_path / "sel"
     m = run_select([f"{tmp_path}/runs/g:count=5"], "random", str(out), seed=3)
     assert m["pools"][0]["name"] == "gsm8k"  # the table's only `source` value
@@ -222,21 +182,21 @@ def test_run_select_names_pools_from_manifest_and_replaces_previous_output(tmp_p
 
 def test_multiline_records_become_one_line_and_bad_records_fail(tmp_path):
     recs = ['{\n "instruction": "a",\n "output": "b"\n}', '{"instruction": "c", "output": "é"}']
-    _write_scores_dir(tmp_path / "m", "m", 2, seed=0, records=recs)
+    write_scores_dir(tmp_path / "m", "m", 2, seed=0, records=recs)
     select_mixture([Pool("m", tmp_path / "m", "all")], "rho", 0, tmp_path / "o")
     lines = (tmp_path / "o" / "m.jsonl").read_text(encoding="utf-8").splitlines()
     assert sorted(json.loads(x)["instruction"] for x in lines) == ["a", "c"]
     assert '{"instruction": "c", "output": "é"}' in lines  # single-line records kept verbatim
 
-    _write_scores_dir(tmp_path / "bad", "bad", 2, seed=0, records=["[1, 2]", "{}"])
+    write_scores_dir(tmp_path / "bad", "bad", 2, seed=0, records=["[1, 2]", "{}"])
     with pytest.raises(ValueError, match="record of bad:.* not a JSON object"):
         select_mixture([Pool("bad", tmp_path / "bad", "all")], "rho", 0, tmp_path / "o2")
     assert not (tmp_path / "o2").exists()
 
 
 def test_mixture_refusals(tmp_path):
-    _write_scores_dir(tmp_path / "a", "alpaca", 10, seed=0)
-    _write_scores_dir(tmp_path / "b", "alpaca", 10, seed=1)
+    write_scores_dir(tmp_path / "a", "alpaca", 10, seed=0)
+    write_scores_dir(tmp_path / "b", "alpaca", 10, seed=1)
     pa_ = Pool("x", tmp_path / "a", "all")
     with pytest.raises(ValueError, match="used more than once"):
         select_mixture([pa_, Pool("x", tmp_path / "b", "all")], "davir", 0, tmp_path / "o")
@@ -261,7 +221,7 @@ def test_mixture_refusals(tmp_path):
 
 def test_default_pool_name_precedence(tmp_path):
     d = tmp_path / "run-7"
-    _write_scores_dir(d, "src", 4, seed=0)
+    write_scores_dir(d, "src", 4, seed=0)
     mf = d / "manifest.json"
     m = json.loads(mf.read_text())
     m["data"]["name"] = "alpaca libre"

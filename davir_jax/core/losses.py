@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from davir_jax.core import registry
+
 # Response positions per row in one LM-head application, and vocabulary entries per block of its
 # log-sum-exp. A `rows * chunk * block` tile of logits stays in cache between the head's product
 # and the log-sum-exp (on 2 CPU cores, for 8 rows and a 49K vocabulary: 32 x 4096 ran the head +
@@ -239,18 +241,14 @@ def register_objective(
     """Decorator adding `fn(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta, label_smoothing)
     -> (loss, reward_c, reward_r)` to `PREFERENCE_OBJECTIVES` under `name`, with the beta that
     `dpo.beta: null` resolves to. `needs_reference=False`: `fn` ignores `ref_*` (they are 0)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an objective name must be a non-empty string, got {name!r}")
+    registry.check_name(name, "an objective name")
     if isinstance(default_beta, bool) or not default_beta > 0:
         raise ValueError(f"objective {name!r}: default_beta must be positive, got {default_beta}")
 
     def deco(fn: ObjectiveFn) -> ObjectiveFn:
-        if name in PREFERENCE_OBJECTIVES:
-            owner = PREFERENCE_OBJECTIVES[name][0].__module__
-            raise ValueError(f"preference objective {name!r} is already registered (by {owner})")
-        if not callable(fn):
-            raise ValueError(f"objective {name!r}: {fn!r} is not callable")
-        PREFERENCE_OBJECTIVES[name] = (fn, float(default_beta))
+        entry = (fn, float(default_beta))
+        kind = "preference objective"
+        registry.add(PREFERENCE_OBJECTIVES, name, fn, kind, entry, owner=lambda e: e[0])
         if not needs_reference:
             REFERENCE_FREE.add(name)
         return fn

@@ -37,6 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from davir_jax.core import registry
+
 SCORES_FILE = "scores.parquet"
 MANIFEST_FILE = "manifest.json"  # beside the table: what the scoring run was
 # Columns every scores.parquet must have (written by the scoring job).
@@ -145,16 +147,10 @@ SCORES: dict[str, ScoreFn] = {}
 
 def register_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator adding `fn(cols, seed) -> float64 [N]` to `SCORES` under `name`."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a score name must be a non-empty string, got {name!r}")
+    registry.check_name(name, "a score name")
 
     def deco(fn: ScoreFn) -> ScoreFn:
-        if name in SCORES:
-            owner = getattr(SCORES[name], "__module__", "?")
-            raise ValueError(f"score {name!r} is already registered (by {owner})")
-        if not callable(fn):
-            raise ValueError(f"score {name!r}: {fn!r} is not callable")
-        SCORES[name] = fn
+        registry.add(SCORES, name, fn, "score")
         return fn
 
     return deco

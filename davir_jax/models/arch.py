@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from davir_jax.core import registry
+
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu", "gelu_new")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -37,20 +39,14 @@ def register_hf_converter(
 ) -> Callable[[Callable[[dict[str, Any]], ArchConfig]], Callable[[dict[str, Any]], ArchConfig]]:
     """Decorator adding `fn(hf_config_dict) -> ArchConfig` to `HF_CONVERTERS` under
     `model_type`; a built-in family or a `model_type` registered before is an error."""
-    if not isinstance(model_type, str) or not model_type:
-        raise ValueError(f"a model_type must be a non-empty string, got {model_type!r}")
+    registry.check_name(model_type, "a model_type")
 
     def deco(
         fn: Callable[[dict[str, Any]], ArchConfig],
     ) -> Callable[[dict[str, Any]], ArchConfig]:
         if model_type in FAMILIES:
             raise ValueError(f"model family {model_type!r} is already registered (built in)")
-        if model_type in HF_CONVERTERS:
-            owner = getattr(HF_CONVERTERS[model_type], "__module__", "?")
-            raise ValueError(f"model family {model_type!r} is already registered (by {owner})")
-        if not callable(fn):
-            raise ValueError(f"model family {model_type!r}: {fn!r} is not callable")
-        HF_CONVERTERS[model_type] = fn
+        registry.add(HF_CONVERTERS, model_type, fn, "model family")
         return fn
 
     return deco
