@@ -20,7 +20,7 @@ def init_from_env() -> None:
     mode = os.environ.get("DAVIR_DISTRIBUTED", "").strip().lower()
     if not mode:
         return
-    import jax
+    import jax  # only a multi-process launch needs JAX here: `davir --help` stays fast
 
     if mode == "tpu":
         jax.distributed.initialize()

@@ -10,6 +10,8 @@ same way, so existing library code signals user errors without depending on this
 
 from __future__ import annotations
 
+import yaml
+
 
 class UserError(ValueError):
     """A mistake in the user's input (files, directories, config); the message names it."""
@@ -17,7 +19,6 @@ class UserError(ValueError):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types the command reports in one line (exit 2) instead of a traceback."""
-    import yaml
 
     return (UserError, ValueError, OSError, yaml.YAMLError)
 

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from tqdm.auto import tqdm
+
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Content hash of a file, streamed (data files, score tables)."""
@@ -180,7 +182,6 @@ def progress_bar(
     total: int | None, desc: str, unit: str, enabled: bool = True, initial: int = 0
 ) -> Any:
     """The one progress bar of long work (rate and ETA on stderr, refreshed at most each second)."""
-    from tqdm.auto import tqdm
 
     return tqdm(
         total=total,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from davir_jax.core.errors import UserError
 from davir_jax.core.io import dumps_json, write_json
@@ -143,8 +144,6 @@ def batching_identity(cfg: Any) -> dict[str, Any]:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

@@ -33,6 +33,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from davir_jax.data.skips import DataError, SkipLog
 
 SFT_FORMATS = ("prompt_response", "alpaca", "gsm8k", "chat")
@@ -221,7 +223,6 @@ def _iter_json_list(path: Path, log: SkipLog, part: int, num_parts: int) -> Iter
 
 
 def _iter_parquet(path: Path, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)

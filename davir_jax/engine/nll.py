@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -169,8 +170,6 @@ def dataset_nll(
         bar.update(1)
     bar.close()
     if pc > 1:  # rows scored elsewhere are 0 here; NLLs and counts are >= 0
-        from jax.experimental import multihost_utils
-
         nll = np.max(multihost_utils.process_allgather(nll), axis=0)  # NaN wins the max
         cnt = np.max(multihost_utils.process_allgather(cnt), axis=0)
         if not np.isfinite(nll).all():

@@ -28,7 +28,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import pyarrow.parquet as pq
+from jax._src import distributed
+from jax.experimental import multihost_utils
+
 from davir_jax.core.errors import UserError
+from davir_jax.core.runs import RunLockedError, check_batch_rows, lock_run_dir, unlock_run_dir
+from davir_jax.core.sharding import mesh_from_config, use_cpu_devices
+from davir_jax.data.dataset import no_examples_error
+from davir_jax.data.readers import read_examples, read_pairs
+from davir_jax.data.skips import DataError, SkipLog
+from davir_jax.models.loading import load_tokenizer_for, resolve_source
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -94,9 +105,6 @@ def data_file(
 ) -> None:
     """A data file exists, its format resolves and it yields a usable example (read until the
     first; a file with none fails with the skip reasons, as `dataset.prepare` would)."""
-    from davir_jax.data.dataset import no_examples_error
-    from davir_jax.data.readers import read_examples, read_pairs
-    from davir_jax.data.skips import DataError, SkipLog
 
     input_path(path, key)
     log = SkipLog(strict=strict)
@@ -114,7 +122,6 @@ def data_file(
 
 def model_source(source: str, key: str) -> None:
     """A model source resolves: a model file or directory, or a registered name."""
-    from davir_jax.models.loading import resolve_source
 
     try:
         resolve_source(source)
@@ -126,7 +133,6 @@ def model_source(source: str, key: str) -> None:
 def tokenizer_fits(source: str, key: str, models: tuple[str | None, ...] = ()) -> None:
     """The tokenizer of `source` loads and its ids fit `source`'s vocabulary and every model in
     `models` (`loading.load_tokenizer_for`; the job reuses the checked tokenizer)."""
-    from davir_jax.models.loading import load_tokenizer_for
 
     try:
         load_tokenizer_for(source, models)  # a TokenizerMismatchError names both sources
@@ -162,7 +168,6 @@ def selection(sel: str, cfg: Any, key: str = "train.selection") -> None:
 
 def scores_table(path: str, key: str, columns: tuple[str, ...]) -> None:
     """A `davir score` output (or its scores.parquet) that has `columns`."""
-    import pyarrow.parquet as pq
 
     p = input_path(path, key, want="any")
     table = p / "scores.parquet" if p.is_dir() else p
@@ -280,8 +285,6 @@ def _process() -> tuple[int, int]:
     """(process index, count) without starting JAX's backends (which would fix the CPU device
     count before `mesh.cpu_devices` is applied)."""
     try:
-        from jax._src import distributed
-
         state = distributed.global_state
         return int(state.process_id or 0), int(state.num_processes or 1)
     except (ImportError, AttributeError):
@@ -294,8 +297,6 @@ def batch_rows(cfg: Any, mesh: Any = None) -> None:
     """`data.batch_rows` splits over the mesh's data-parallel devices and the processes. The
     mesh is made as the job makes it (`mesh_from_config` applies `mesh.cpu_devices` before JAX
     starts), so this starts JAX's backends, as the job's first step would."""
-    from davir_jax.core.runs import check_batch_rows
-    from davir_jax.core.sharding import mesh_from_config
 
     check_batch_rows(cfg, mesh if mesh is not None else mesh_from_config(cfg.mesh))
 
@@ -304,7 +305,6 @@ def batch_rows(cfg: Any, mesh: Any = None) -> None:
 def preflight(job: str, cfg: Any, mesh: Any = None) -> Any:
     """Check `cfg` for `job` (the config first, then every file and directory), then hold the
     lock of its output directories while the block runs. `mesh`: the job's, if given."""
-    from davir_jax.core.runs import RunLockedError, lock_run_dir, unlock_run_dir
 
     batch_rows(cfg, mesh)
     outs = CHECKS[job](cfg)
@@ -322,10 +322,6 @@ def preflight(job: str, cfg: Any, mesh: Any = None) -> Any:
                 locked.append(out)
         if pc > 1:
             # The others follow process 0's decision (so none waits on a process that stopped).
-            import numpy as np
-            from jax.experimental import multihost_utils
-
-            from davir_jax.core.sharding import use_cpu_devices
 
             use_cpu_devices(cfg.mesh.cpu_devices)  # before the collective starts the backends
             ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))

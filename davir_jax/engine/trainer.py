@@ -25,6 +25,7 @@ losses equal an uninterrupted run's: the data order is a pure function of (seed,
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import sys
@@ -37,9 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tensorboardX import SummaryWriter
 
 from davir_jax.core.errors import UserError
 from davir_jax.core.io import (
@@ -53,8 +56,9 @@ from davir_jax.core.losses import LM_HEAD_CHUNK, example_nll
 from davir_jax.core.runs import _barrier, batching_identity, claim_run_dir
 from davir_jax.core.schema import to_dict
 from davir_jax.core.sharding import logical_to_spec, state_shardings
-from davir_jax.data.batching import Batch, BatchPlan, assemble, local_rows
+from davir_jax.data.batching import Batch, BatchPlan, assemble, bucket_widths, local_rows, pack_bfd
 from davir_jax.data.config import DataConfig
+from davir_jax.data.dataset import make_plans
 from davir_jax.engine.config import OptimizerConfig
 from davir_jax.engine.nll import NonFiniteLossError, name_examples
 from davir_jax.models.loading import (
@@ -335,7 +339,6 @@ def _step_rows(lengths: np.ndarray, items: np.ndarray, data: DataConfig) -> list
     """One step's items as micro-batches of `data.batch_rows` rows: packed into rows of
     `data.row_len` (best-fit decreasing), or one per row at the smallest bucket width that holds
     the step's longest item."""
-    from davir_jax.data.batching import bucket_widths, pack_bfd
 
     if data.pack:
         local = pack_bfd(lengths[items], data.packed_row_len, data.max_segments)
@@ -383,7 +386,6 @@ def plan_steps(
     epoch's packed batches (`make_plans`) are grouped `train.grad_accum` to a step, the last
     completed with empty batches.
     """
-    from davir_jax.data.dataset import make_plans
 
     lengths = np.asarray(lengths)
     epochs: list[list[list[BatchPlan]]] = []
@@ -440,7 +442,6 @@ def step_batch(
 
 
 def _manager(directory: Path, keep: int) -> Any:
-    import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(
         directory.absolute(),
@@ -452,7 +453,6 @@ def _manager(directory: Path, keep: int) -> Any:
 
 
 def save_checkpoint(mngr: Any, step: int, state: Any, meta: dict[str, Any]) -> None:
-    import orbax.checkpoint as ocp
 
     mngr.save(
         step,
@@ -469,7 +469,6 @@ def restore_latest(mngr: Any, target: Any, log: Any = print) -> tuple[int, Any, 
     `target` is the abstract `{"params", "opt_state"}` tree with the shardings wanted now (so a
     checkpoint written on another mesh lands in this mesh's layout).
     """
-    import orbax.checkpoint as ocp
 
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
@@ -517,7 +516,6 @@ class Metrics:
                     kept.append(line)
         write_atomic(self.path, "".join(k + "\n" for k in kept))
         self.file = open(self.path, "a")
-        from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1)
 
@@ -557,7 +555,6 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     ax.set_title(f"SFT loss, {metrics_path.parent.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -39,7 +39,10 @@ from davir_jax.core.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, REFERENC
 from davir_jax.core.runs import check_batch_rows
 from davir_jax.core.schema import to_dict
 from davir_jax.core.sharding import mesh_from_config
+from davir_jax.core.stats import bootstrap_ci, correlation_ci
 from davir_jax.data.batching import BatchPlan
+from davir_jax.data.dataset import make_plans, prepare
+from davir_jax.engine.nll import NonFiniteLossError, dataset_nll, name_examples
 from davir_jax.engine.preflight import checked
 from davir_jax.engine.trainer import Job, Objective, fit, plan_steps, step_batch
 from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
@@ -181,7 +184,6 @@ class PairData:
     def plans(self, shuffle: bool = False, seed: int = 0) -> list[BatchPlan]:
         """Example-level plans of all the pairs (evaluation; training plans come from
         `train.plan_steps`)."""
-        from davir_jax.data.dataset import make_plans
 
         return [self.expand(p) for p in make_plans(self.lengths, self.cfg, shuffle, seed)]
 
@@ -208,8 +210,6 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
             )
         out = np.array([got[i] for i in ids], np.float64)
         if not np.isfinite(out).all():
-            from davir_jax.engine.nll import NonFiniteLossError, name_examples
-
             bad = [ids[i] for i in np.flatnonzero(~np.isfinite(out))]
             raise NonFiniteLossError(
                 f"{path}: non-finite reference NLL for {name_examples(bad)}; rescore the pairs"
@@ -231,7 +231,6 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
         t = pq.read_table(cache)
         if t.column("example_id").to_pylist() == list(ids):
             return t.column("nll").to_numpy()
-    from davir_jax.engine.nll import dataset_nll
 
     m = cfg.model
     model = load_model(ref, m.dtype, mesh, **m.run_options())
@@ -269,7 +268,6 @@ def evaluate_pairs(
     """Preference accuracy, mean margin and the Pearson correlation of the margin with the
     chosen-minus-rejected length difference (tokens) on `pairs` (method.md: 0.38 for DPO vs
     0.07 for DavIR-DPO in the paper)."""
-    from davir_jax.engine.nll import dataset_nll
 
     data = pairs.data
     nll, cnt = dataset_nll(
@@ -285,7 +283,6 @@ def evaluate_pairs(
     c, r = pairs.chosen, pairs.rejected
     fn = PREFERENCE_OBJECTIVES[name][0]
     _, rc, rr = fn(-nll[c], -nll[r], -ref_nll[c], -ref_nll[r], cnt[c], cnt[r], beta, 0.0)
-    from davir_jax.core.stats import bootstrap_ci, correlation_ci
 
     margin = np.asarray(rc) - np.asarray(rr)
     dlen = (cnt[c] - cnt[r]).astype(np.float64)
@@ -314,7 +311,6 @@ def evaluate_pairs(
 @checked("dpo")  # preflight: every input and output checked, the output locked
 def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     """Run (or resume) preference training as described by `cfg`; returns the output dir."""
-    from davir_jax.data.dataset import prepare
 
     dc, tc = cfg.dpo, cfg.train
     if tc.val is not None:
@@ -359,8 +355,6 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     def after(model: Any, out: Path) -> dict[str, Any]:
         ev_ref = ref
         if frozen is not None:  # no precomputed array: the reference scores the held-out pairs
-            from davir_jax.engine.nll import dataset_nll
-
             ev_ref, _ = dataset_nll(
                 nnx.merge(*frozen),
                 eval_pairs.plans(),

@@ -3,29 +3,28 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from davir_jax.core.io import dumps_json, progress_bar, write_atomic, write_json
+from davir_jax.core.runs import check_batch_rows
+from davir_jax.core.sharding import mesh_from_config
+from davir_jax.data.answers import CHECKERS
+from davir_jax.data.dataset import prepare
+from davir_jax.data.readers import read_examples
 from davir_jax.engine.nll import held_out_loss
 from davir_jax.engine.preflight import checked
+from davir_jax.models.generation import generate
+from davir_jax.models.loading import load_model, load_tokenizer_for
 
 
 @checked("eval")  # preflight: every input and output checked, the output locked
 def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
     """`davir eval`: held-out loss, and generated answers with exact-match accuracy."""
-    import sys
-    import time
-    from pathlib import Path
-
-    from davir_jax.core.io import dumps_json, progress_bar, write_atomic, write_json
-    from davir_jax.core.runs import check_batch_rows
-    from davir_jax.core.sharding import mesh_from_config
-    from davir_jax.data.answers import CHECKERS
-    from davir_jax.data.dataset import prepare
-    from davir_jax.data.readers import read_examples
-    from davir_jax.models.generation import generate
-    from davir_jax.models.loading import load_model, load_tokenizer_for
 
     ec, m = cfg.eval, cfg.model
     if m.source is None or cfg.data.path is None:

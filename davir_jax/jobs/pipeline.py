@@ -26,7 +26,14 @@ from typing import Any
 from davir_jax.config import Config
 from davir_jax.core.io import file_sha256, write_json
 from davir_jax.core.schema import to_dict
+from davir_jax.data.readers import resolve_format, source_name
 from davir_jax.engine.preflight import checked
+from davir_jax.jobs.evaluate import run_eval
+from davir_jax.jobs.score import score
+from davir_jax.jobs.select import run_select
+from davir_jax.jobs.sft import sft
+from davir_jax.models.loading import load_tokenizer_for, model_fingerprint
+from davir_jax.reports.report import write_report
 
 
 def _fp(obj: Any) -> str:
@@ -88,7 +95,6 @@ def _settings(section: str, obj: Any) -> dict[str, Any]:
 def data_inputs(dc: Any, path: str | None = None) -> dict[str, Any]:
     """A data file as a stage input: its bytes' sha256 and the name its example ids carry (not
     its path), with the data settings."""
-    from davir_jax.data.readers import source_name
 
     path = path if path is not None else dc.path
     return {
@@ -101,7 +107,6 @@ def data_inputs(dc: Any, path: str | None = None) -> dict[str, Any]:
 def model_inputs(mc: Any, source: str | None = None) -> dict[str, Any]:
     """A model as a stage input: the content fingerprint of its source (weights, architecture,
     tokenizer files) and how it is run."""
-    from davir_jax.models.loading import model_fingerprint
 
     source = source if source is not None else mc.source
     run = {k: v for k, v in to_dict(mc).items() if k != "source"}
@@ -113,7 +118,6 @@ def add_extra_pools(sel_dir: Path, extra: tuple[str, ...]) -> None:
     mixture: a DavIR-compressed Alpaca plus all of GSM8K)."""
     if not extra:
         return
-    from davir_jax.data.readers import resolve_format
 
     path = sel_dir / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -138,10 +142,6 @@ def add_extra_pools(sel_dir: Path, extra: tuple[str, ...]) -> None:
 @checked("pipeline")  # preflight: every input and output checked, the output locked
 def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     """Run (or resume) the pipeline of `cfg.pipeline`; returns the run folder."""
-    from davir_jax.jobs.evaluate import run_eval
-    from davir_jax.jobs.score import score
-    from davir_jax.jobs.sft import sft
-    from davir_jax.reports.report import write_report
 
     pc = cfg.pipeline
     if pc.out is None or cfg.data.path is None or cfg.model.source is None:
@@ -149,7 +149,6 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     out = Path(pc.out)
     out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    from davir_jax.models.loading import load_tokenizer_for
 
     # Before any stage: the base's tokenizer must fit the base (and a given reference).
     load_tokenizer_for(cfg.model.source, (pc.reference,))
@@ -265,8 +264,6 @@ def _subset_run(
 ) -> str:
     """Select with `spec` = (method, budget, seed) and SFT the base on the subset with that
     seed; returns the SFT run folder (a model source)."""
-    from davir_jax.jobs.select import run_select
-    from davir_jax.jobs.sft import sft
 
     method, budget, seed = spec
     pc, scores_dir = cfg.pipeline, out / "scores"

@@ -21,7 +21,17 @@ import functools
 import math
 from typing import Any
 
-from davir_jax.core.sharding import TENSOR, data_parallel_size, logical_to_spec, resolve_axis_sizes
+from davir_jax.core.losses import VOCAB_BLOCK
+from davir_jax.core.sharding import (
+    TENSOR,
+    Sharder,
+    data_parallel_size,
+    logical_to_spec,
+    resolve_axis_sizes,
+)
+from davir_jax.models.decoder import RunConfig, uses_blocked_attention
+from davir_jax.models.loading import load_arch
+from davir_jax.models.weights import abstract_model, iter_params
 
 # Memory (GiB) and dense bf16 peak (FLOP/s) per device, from the vendors' spec sheets.
 CHIPS: dict[str, tuple[float, float]] = {
@@ -51,7 +61,6 @@ def mesh_shape(cfg: Any, devices: int | None) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=16)
 def _source_arch(source: str) -> Any:
-    from davir_jax.models.loading import load_arch
 
     return load_arch(source)  # a GGUF header parse takes seconds: plan once per source
 
@@ -63,8 +72,6 @@ def _arch(cfg: Any) -> Any:
 @functools.lru_cache(maxsize=16)
 def _param_table(arch: Any, dtype: str) -> tuple[tuple[tuple[int, ...], Any], ...]:
     """(shape, logical axes) of every parameter, from `jax.eval_shape` (nothing allocated)."""
-    from davir_jax.models.decoder import RunConfig
-    from davir_jax.models.weights import abstract_model, iter_params
 
     _, abs_state = abstract_model(arch, RunConfig(param_dtype=dtype))
     return tuple(
@@ -113,12 +120,9 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     heads_dev = max(H // tp, 1)
     per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / tp + 3 * F / tp)
     scores = 8 * heads_dev * seq  # float32 scores and probabilities, per token
-    from davir_jax.models.decoder import uses_blocked_attention
 
     blocked = uses_blocked_attention(m.attn_block, seq)
     chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
-    from davir_jax.core.losses import VOCAB_BLOCK
-    from davir_jax.core.sharding import Sharder
 
     # The head's log-sum-exp holds one vocabulary block, unless the rules table splits the
     # vocabulary over devices (as `Decoder.vocab_block` decides for the real model).

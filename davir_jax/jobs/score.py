@@ -27,6 +27,7 @@ in lockstep. The final table equals an uninterrupted run's.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from davir_jax.config import Config
@@ -47,12 +49,14 @@ from davir_jax.core.schema import to_dict
 from davir_jax.core.scores import MANIFEST_FILE, SCORES_FILE
 from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import Batch
-from davir_jax.data.readers import iter_rows
+from davir_jax.data.dataset import prepare
+from davir_jax.data.readers import PAIR_FORMATS, iter_rows, resolve_format
 from davir_jax.data.skips import SkipLog
 from davir_jax.engine.nll import NonFiniteLossError, name_examples, nonfinite_examples, stream_nll
 from davir_jax.engine.preflight import checked
 from davir_jax.models.decoder import Decoder
 from davir_jax.models.loading import load_model, load_tokenizer_for, model_fingerprint
+from davir_jax.reports.diagnostics import write_diagnostics
 
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
     from davir_jax.data.dataset import TokenizedData
@@ -108,7 +112,6 @@ def _agree_min(value: int) -> int:
     """The minimum of `value` over all processes (every process gets the same answer)."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
 
     return int(np.min(multihost_utils.process_allgather(np.asarray([value], np.int64))))
 
@@ -117,7 +120,6 @@ def _agree_max(value: int) -> int:
     """The maximum of `value` over all processes (every process gets the same answer)."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray([value], np.int64))))
 
@@ -132,8 +134,6 @@ def _refuse_nonfinite(bad: list[str], shard: int) -> None:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -195,8 +195,6 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
                 f"the base ({sc.base}) and reference ({sc.reference}) tokenizers differ; "
                 "scores would compare different token sequences"
             )
-    from davir_jax.data.dataset import prepare
-    from davir_jax.data.readers import PAIR_FORMATS, resolve_format
 
     # Preference files: both responses of every pair are scored (ids ".../chosen", ".../rejected").
     pairs = resolve_format(cfg.data.path, cfg.data.format) in PAIR_FORMATS
@@ -291,7 +289,6 @@ def _merge(
     timings: dict[str, float],
     t_start: float,
 ) -> None:
-    import hashlib
 
     cols = {}
     models = scored_models(cfg)
@@ -377,8 +374,6 @@ def _merge(
     }
     write_json(out / MANIFEST_FILE, manifest, sort_keys=True)
     if cfg.scoring.diagnostics and base is not None:
-        from davir_jax.reports.diagnostics import write_diagnostics
-
         write_diagnostics(out, echo=False)
 
 

@@ -38,6 +38,8 @@ from davir_jax.core.schema import to_dict
 from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import BatchPlan
 from davir_jax.data.config import DataConfig
+from davir_jax.data.dataset import Mixture, prepare
+from davir_jax.engine.nll import held_out_loss
 from davir_jax.engine.preflight import checked
 from davir_jax.engine.trainer import Job, fit, plan_steps, sft_objective, step_batch
 from davir_jax.models.loading import (
@@ -66,7 +68,6 @@ def training_data(
 ) -> tuple[TokenizedData | Mixture, dict[str, Any]]:
     """The data set to train on (`data.path`, or every pool of `train.selection`) and its
     identity for run.json."""
-    from davir_jax.data.dataset import Mixture, prepare
 
     sel = cfg.train.selection
     if sel is None:
@@ -107,7 +108,6 @@ def validation_data(
     cfg: Config, tokenizer: Any, process_index: int, process_count: int, progress: bool = True
 ) -> TokenizedData:
     """`train.val`, read with the training data's settings."""
-    from davir_jax.data.dataset import prepare
 
     dc = dataclasses.replace(cfg.data, path=cfg.train.val, name=None)
     return prepare(dc, tokenizer, process_index, process_count, progress)
@@ -133,7 +133,6 @@ def sft(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         data_identity = {**data_identity, "val": val_data.fields}
 
         def validate(model: Any) -> dict[str, Any]:
-            from davir_jax.engine.nll import held_out_loss
 
             return held_out_loss(model, val_data, tc.chunk, what="the model in training")
 

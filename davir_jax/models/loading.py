@@ -18,7 +18,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from davir_jax.core.fingerprints import tokenizer_id_extent
@@ -194,7 +196,6 @@ def params_digest(model: Decoder) -> str:
     """sha256 of a model's parameter values (each leaf's name, dtype, shape and bytes, in a fixed
     order), read to the host one leaf at a time. Every process must call it (a leaf sharded
     over processes is gathered)."""
-    from jax.experimental import multihost_utils
 
     flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
     h = hashlib.sha256(b"davir-params/1\0")
@@ -330,8 +331,6 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
 
     The directory appears atomically (a temp sibling renamed into place).
     """
-    import orbax.checkpoint as ocp
-    from jax.experimental import multihost_utils
 
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +366,6 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
 
 
 def _load_davir(path: Path, run: RunConfig, mesh: Mesh | None) -> Decoder:
-    import orbax.checkpoint as ocp
 
     try:
         meta = json.loads((path / MODEL_META).read_text())

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from davir_jax.core.io import dumps_json, publish_dir, temp_dir
@@ -268,7 +269,6 @@ def load_hf(directory: str | os.PathLike, run: RunConfig, mesh: Mesh | None) -> 
 def _to_host(x: jax.Array) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from davir_jax.core.io import write_atomic
+from davir_jax.core.scores import SCORES, compute_scores, read_scores
 from davir_jax.core.stats import (
     Interval,
     bootstrap_ci,
@@ -149,7 +150,6 @@ def load_pool(
     out: Path, labels: tuple[str, ...], extra_scores: tuple[str, ...] = ()
 ) -> PoolScores | None:
     """The run's scores table as arrays (None when there is none, or it has no base NLLs)."""
-    from davir_jax.core.scores import SCORES, compute_scores, read_scores
 
     f = out / "scores" / "scores.parquet"
     if not f.is_file():
