@@ -99,3 +99,32 @@ def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(sys.modules[__name__], "PKG", pkg)
     assert violations() == ["davir_jax/core/x.py:1: core imports davir_jax.jobs.sft"]
+
+
+# Each function reads on one screen (issue 16): the longest in the package, docstring included.
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(root: Path | None = None) -> list[str]:
+    root = PKG if root is None else root
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    rel = path.relative_to(root.parent).as_posix()
+                    out.append(f"{rel}:{node.lineno} {node.name} ({n} lines)")
+    return out
+
+
+def test_no_function_over_60_lines():
+    assert long_functions() == []
+
+
+def test_the_length_rule_catches_a_long_function(tmp_path):
+    pkg = tmp_path / "davir_jax"
+    pkg.mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "m.py").write_text("def short():\n    return 1\n\n\ndef long():\n" + body)
+    assert long_functions(pkg) == [f"davir_jax/m.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]

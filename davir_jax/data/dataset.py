@@ -196,78 +196,16 @@ def prepare(
     fields = store_fields(cfg, tokenizer, pairs)
     directory = store_dir(cfg.cache_dir, fields["source"], fields)
     if not part_complete(directory, process_index, process_count):
-        log = SkipLog(strict=cfg.strict)
-        encoder = Encoder(tokenizer, cfg.template, cfg.max_len, cfg.overlong, cfg.eos_in_loss)
-        reader = read_pairs if pairs else read_examples
-        examples = reader(
-            cfg.path,
-            fields["format"],
-            log,
-            fields["source"],
-            cfg.fields or None,
-            process_index,
-            process_count,
+        _tokenize_part(
+            cfg, tokenizer, fields, directory, process_index, process_count, progress, pairs
         )
-        bar = progress_bar(None, f"tokenize {fields['source']} ({cfg.template})", "ex", progress)
-
-        def records() -> Iterator[dict[str, Any]]:
-            chunk = []
-            for ex in examples:
-                chunk.append(ex)
-                if len(chunk) == _ENCODE_CHUNK:
-                    yield from _encode(chunk)
-                    chunk = []
-            yield from _encode(chunk)
-
-        def _encode(chunk: list) -> Iterator[dict[str, Any]]:
-            if pairs:
-                # A pair goes whole and is counted once (the chosen side's reason first).
-                sides = PairSkips(log)
-                chosen = encoder.encode([p.chosen for p in chunk], sides)
-                rejected = encoder.encode([p.rejected for p in chunk], sides)
-                for p, c, r in zip(chunk, chosen, rejected):
-                    sides.settle(p.location, kept=c is not None and r is not None)
-                    if c is None or r is None:
-                        continue
-                    for side, enc in ((0, c), (1, r)):
-                        yield _record(2 * p.row + side, enc)
-            else:
-                for ex, enc in zip(chunk, encoder.encode(chunk, log)):
-                    if enc is not None:
-                        yield _record(ex.row, enc)
-            bar.update(len(chunk))
-
-        def _record(index: int, enc: Any) -> dict[str, Any]:
-            return {
-                "index": index,
-                "example_id": enc.example_id,
-                "input_ids": enc.input_ids,
-                "loss_mask": enc.loss_mask,
-            }
-
-        build_part(
-            directory, process_index, process_count, records(), lambda: {"log": log.to_dict()}
-        )
-        bar.close()
     wait_for_parts(directory, process_count, timeout_s=wait_timeout_s)
     store = TokenizedStore(directory, num_parts=process_count)
     log = SkipLog()
     for info in store.infos:
         log.merge(info.get("log", {}))
     if process_index == 0:
-        # The data set's own manifest: what it holds and what could not be used, and where.
-        manifest = {
-            "fields": fields,
-            "path": str(Path(cfg.path).resolve()),
-            "n_examples": len(store),
-            **({"n_pairs": len(store) // 2} if pairs else {}),  # a pair is stored as two examples
-            "n_tokens": int(store.lengths.sum()),
-            **log.to_dict(),
-        }
-        text = dumps_json(manifest, indent=1, sort_keys=True)
-        mpath = directory / "manifest.json"
-        if not mpath.is_file() or mpath.read_text() != text:
-            write_atomic(mpath, text)
+        _write_manifest(cfg, fields, directory, store, log, pairs)
     if progress and process_index == 0:
         kept = (len(store) // 2, "pairs") if pairs else (len(store), "examples")
         print(f"{cfg.path}: " + log.report(*kept), file=sys.stderr)
@@ -282,6 +220,100 @@ def prepare(
         # examples, scoring would merge no shards): one error naming the file and why.
         raise no_examples_error(cfg.path, log)
     return TokenizedData(cfg, store, fields, log, directory)
+
+
+def _tokenize_part(
+    cfg: DataConfig,
+    tokenizer: Any,
+    fields: dict[str, Any],
+    directory: Path,
+    process_index: int,
+    process_count: int,
+    progress: bool,
+    pairs: bool,
+) -> None:
+    """Read and encode this process's rows of `cfg.path` into its part of the token store,
+    with the skip log in the part's info."""
+    log = SkipLog(strict=cfg.strict)
+    encoder = Encoder(tokenizer, cfg.template, cfg.max_len, cfg.overlong, cfg.eos_in_loss)
+    reader = read_pairs if pairs else read_examples
+    examples = reader(
+        cfg.path,
+        fields["format"],
+        log,
+        fields["source"],
+        cfg.fields or None,
+        process_index,
+        process_count,
+    )
+    bar = progress_bar(None, f"tokenize {fields['source']} ({cfg.template})", "ex", progress)
+
+    def records() -> Iterator[dict[str, Any]]:
+        chunk = []
+        for ex in examples:
+            chunk.append(ex)
+            if len(chunk) == _ENCODE_CHUNK:
+                yield from _encode(chunk)
+                chunk = []
+        yield from _encode(chunk)
+
+    def _encode(chunk: list) -> Iterator[dict[str, Any]]:
+        if pairs:
+            yield from _encode_pairs(encoder, chunk, log)
+        else:
+            for ex, enc in zip(chunk, encoder.encode(chunk, log)):
+                if enc is not None:
+                    yield _record(ex.row, enc)
+        bar.update(len(chunk))
+
+    build_part(directory, process_index, process_count, records(), lambda: {"log": log.to_dict()})
+    bar.close()
+
+
+def _encode_pairs(encoder: Encoder, chunk: list, log: SkipLog) -> Iterator[dict[str, Any]]:
+    """Both sides of every pair (chosen at 2*row, rejected at 2*row + 1); a pair goes whole and
+    is counted once (the chosen side's reason first)."""
+    sides = PairSkips(log)
+    chosen = encoder.encode([p.chosen for p in chunk], sides)
+    rejected = encoder.encode([p.rejected for p in chunk], sides)
+    for p, c, r in zip(chunk, chosen, rejected):
+        sides.settle(p.location, kept=c is not None and r is not None)
+        if c is None or r is None:
+            continue
+        for side, enc in ((0, c), (1, r)):
+            yield _record(2 * p.row + side, enc)
+
+
+def _record(index: int, enc: Any) -> dict[str, Any]:
+    return {
+        "index": index,
+        "example_id": enc.example_id,
+        "input_ids": enc.input_ids,
+        "loss_mask": enc.loss_mask,
+    }
+
+
+def _write_manifest(
+    cfg: DataConfig,
+    fields: dict[str, Any],
+    directory: Path,
+    store: TokenizedStore,
+    log: SkipLog,
+    pairs: bool,
+) -> None:
+    """The data set's own manifest: what it holds and what could not be used, and where."""
+    manifest = {
+        "fields": fields,
+        "path": str(Path(cfg.path).resolve()),
+        "n_examples": len(store),
+        **({"n_pairs": len(store) // 2} if pairs else {}),  # a pair is stored as two examples
+        "n_tokens": int(store.lengths.sum()),
+        **log.to_dict(),
+    }
+    text = dumps_json(manifest, indent=1, sort_keys=True)
+    mpath = directory / "manifest.json"
+    if not mpath.is_file() or mpath.read_text() != text:
+        write_atomic(mpath, text)
 
 
 class Mixture(_Batched):

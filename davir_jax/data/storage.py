@@ -331,46 +331,60 @@ def build_part(
     # Left by a crashed build (or publish) of this part; only this process builds this part.
     remove_leftovers(final)
 
-    indices: list[int] = []
-    lengths: list[int] = []
-    ids: list[str] = []
-    seen: set[int] = set()
-    n_loss = 0
-
-    def examples() -> Iterator[dict]:
-        nonlocal n_loss
-        for rec in records:
-            index, eid, input_ids, mask = _validate(rec)
-            if index in seen:
-                raise ValueError(f"example {eid!r}: index {index} appears twice in part {part}")
-            seen.add(index)
-            indices.append(index)
-            lengths.append(int(input_ids.shape[0]))
-            ids.append(eid)
-            n_loss += int(mask.sum(dtype=np.int64))
-            yield {"index": index, "example_id": eid, "input_ids": input_ids, "loss_mask": mask}
-
+    side = _Sidecars(part)
     with atomic_dir(final) as tmp:
         t0 = time.perf_counter()
         # An empty part has sidecars only (TFDS cannot describe a split with no examples).
-        _write_tfds(_builder_dir(tmp), examples())
-        log.debug("wrote %d records in %.2fs", len(indices), time.perf_counter() - t0)
-        np.save(tmp / INDEX_FILE, np.asarray(indices, np.int64), allow_pickle=False)
-        np.save(tmp / LENGTHS_FILE, np.asarray(lengths, np.int32), allow_pickle=False)
-        (tmp / IDS_FILE).write_text(dumps_json(ids), encoding="utf-8")
+        _write_tfds(_builder_dir(tmp), side.track(records))
+        log.debug("wrote %d records in %.2fs", len(side.indices), time.perf_counter() - t0)
         if callable(info):
             info_text = dumps_json(info(), sort_keys=True, indent=1)
+        summary = side.write(tmp, info_text, num_parts)
+    return summary
+
+
+class _Sidecars:
+    """What a part records beside its array_record data, gathered while the records stream
+    past: indices (checked unique), lengths, example ids and the loss-token count."""
+
+    def __init__(self, part: int) -> None:
+        self.part = part
+        self.indices: list[int] = []
+        self.lengths: list[int] = []
+        self.ids: list[str] = []
+        self.seen: set[int] = set()
+        self.n_loss = 0
+
+    def track(self, records: Iterable[Record]) -> Iterator[dict]:
+        for rec in records:
+            index, eid, input_ids, mask = _validate(rec)
+            if index in self.seen:
+                raise ValueError(
+                    f"example {eid!r}: index {index} appears twice in part {self.part}"
+                )
+            self.seen.add(index)
+            self.indices.append(index)
+            self.lengths.append(int(input_ids.shape[0]))
+            self.ids.append(eid)
+            self.n_loss += int(mask.sum(dtype=np.int64))
+            yield {"index": index, "example_id": eid, "input_ids": input_ids, "loss_mask": mask}
+
+    def write(self, tmp: Path, info_text: str, num_parts: int) -> dict:
+        """The sidecars, the info and, last, the completion marker (whose summary is returned)."""
+        np.save(tmp / INDEX_FILE, np.asarray(self.indices, np.int64), allow_pickle=False)
+        np.save(tmp / LENGTHS_FILE, np.asarray(self.lengths, np.int32), allow_pickle=False)
+        (tmp / IDS_FILE).write_text(dumps_json(self.ids), encoding="utf-8")
         (tmp / INFO_FILE).write_text(info_text, encoding="utf-8")
         summary = {
             "format_version": FORMAT_VERSION,
-            "part": part,
+            "part": self.part,
             "num_parts": num_parts,
-            "n_records": len(indices),
-            "n_tokens": int(sum(lengths)),
-            "n_loss_tokens": n_loss,
+            "n_records": len(self.indices),
+            "n_tokens": int(sum(self.lengths)),
+            "n_loss_tokens": self.n_loss,
         }
         (tmp / MARKER).write_text(dumps_json(summary, indent=1), encoding="utf-8")
-    return summary
+        return summary
 
 
 def wait_for_parts(

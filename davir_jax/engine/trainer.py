@@ -202,25 +202,7 @@ def make_train_step(
 
     def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array], frozen_params=None):
         params, opt_state = state
-
-        def micro_step(carry, micro):
-            g_acc, l_acc, n_acc, aux_acc = carry
-            # A micro-batch of padding rows only (a step of a batch stated in examples or
-            # tokens that needs fewer rows than the run's fixed count) costs nothing: XLA runs
-            # one branch of a cond, so the shapes stay fixed without computing the filler.
-            shapes = jax.eval_shape(grad_fn, params, micro, frozen_params)
-            (loss_sum, (denom, aux, bad)), g = jax.lax.cond(
-                jnp.any(micro["segment_ids"] > 0),
-                lambda: grad_fn(params, micro, frozen_params),
-                lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
-            )
-            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            aux_acc = {k: aux_acc[k] + aux[k] for k in aux_acc}
-            return (g_acc, l_acc + loss_sum, n_acc + denom, aux_acc), bad
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        aux0 = {k: jnp.zeros((), jnp.float32) for k in objective.aux}
-        (g, loss_sum, n, aux), bad = jax.lax.scan(micro_step, (zeros, 0.0, 0.0, aux0), batch)
+        g, loss_sum, n, aux, bad = _accumulate(grad_fn, params, batch, frozen_params, objective.aux)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -238,6 +220,41 @@ def make_train_step(
 
     if mesh is None or shardings is None:
         return jax.jit(step, donate_argnums=0)
+    return _jit_sharded(step, objective, shardings, mesh, frozen)
+
+
+def _accumulate(
+    grad_fn: Callable, params: Any, batch: dict[str, jax.Array], frozen_params: Any, aux: tuple
+) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
+    """Sum the loss, its denominator, the aux sums and the float32 gradient over the
+    micro-batches `[accum, ...]` of `batch` in a `lax.scan`; returns them with `bad`."""
+
+    def micro_step(carry, micro):
+        g_acc, l_acc, n_acc, aux_acc = carry
+        # A micro-batch of padding rows only (a step of a batch stated in examples or tokens
+        # that needs fewer rows than the run's fixed count) costs nothing: XLA runs one branch
+        # of a cond, so the shapes stay fixed without computing the filler.
+        shapes = jax.eval_shape(grad_fn, params, micro, frozen_params)
+        (loss_sum, (denom, aux, bad)), g = jax.lax.cond(
+            jnp.any(micro["segment_ids"] > 0),
+            lambda: grad_fn(params, micro, frozen_params),
+            lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+        )
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        aux_acc = {k: aux_acc[k] + aux[k] for k in aux_acc}
+        return (g_acc, l_acc + loss_sum, n_acc + denom, aux_acc), bad
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    aux0 = {k: jnp.zeros((), jnp.float32) for k in aux}
+    (g, loss_sum, n, aux_sums), bad = jax.lax.scan(micro_step, (zeros, 0.0, 0.0, aux0), batch)
+    return g, loss_sum, n, aux_sums, bad
+
+
+def _jit_sharded(
+    step: Callable, objective: Objective, shardings: Any, mesh: Mesh, frozen: Any
+) -> Any:
+    """`step` jitted with the state's shardings declared (and donated), the batch split over
+    the data-parallel axes and the metrics replicated."""
     rep = NamedSharding(mesh, P())
     batch_sh = {k: accum_batch_sharding(mesh) for k in objective.batch_keys}
     metric_keys = ("loss", objective.denom_name, "grad_norm", *objective.aux, "_nonfinite", "_bad")
@@ -493,7 +510,7 @@ def restore_latest(mngr: Any, target: Any, log: Any = print) -> tuple[int, Any, 
     return None
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
+def abstract_arrays(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
     )
@@ -683,195 +700,245 @@ def _patience_spent(losses: list[float], patience: int | None) -> bool:
     return len(losses) - (int(np.argmin(losses)) + 1) >= patience
 
 
+def _begin_run(cfg: Config, job: Job, say: Callable[..., None]) -> tuple[Path, int]:
+    """Count the run's steps, refuse or warn about too few, claim the run directory and write
+    `steps.json`: everything decided before a model is loaded. Returns (out, total steps)."""
+    tc, plan, out = cfg.train, job.steps, Path(cfg.train.out)
+    if plan.n_steps == 0:
+        raise ValueError("no training batches: the data set is empty after skipping bad rows")
+    total = plan.n_steps if tc.max_steps is None else min(plan.n_steps, tc.max_steps)
+    few = check_min_steps(cfg, job, total)  # strict: refused before anything is written
+    claim_run_dir(
+        out,
+        {**run_identity(cfg, job.identity, total), "job": job.name},
+        tc.overwrite,
+        "training run",
+    )
+    if few:
+        say(few)
+    if jax.process_index() == 0:
+        steps = {
+            "total_steps": total,
+            "planned_steps": plan.n_steps,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "epochs": tc.epochs,
+            "items": plan.n_items,
+            "noun": job.noun,
+            "batch": plan.batch,
+            "micro_batches_per_step": plan.accum,
+            "rows_per_micro_batch": cfg.data.batch_rows,
+            "min_steps": tc.min_steps,
+            "below_min_steps": few is not None,
+        }
+        write_json(out / STEPS_FILE, steps)
+    return out, total
+
+
+class _Loop:
+    """One run of `fit`: the state it carries from step to step (parameters and optimizer state,
+    the step, the examples seen, the validation history) and what it does after each step
+    (validate at epoch ends, log, checkpoint), so `fit` reads as the loop itself."""
+
+    def __init__(self, cfg: Config, job: Job, mesh: Mesh, out: Path, total: int, say: Any):
+        self.cfg, self.job, self.out, self.total, self.say = cfg, job, out, total, say
+        self.primary = jax.process_index() == 0
+        m = cfg.model
+        model = load_model(m.source, m.dtype, mesh, **m.run_options())
+        self.graphdef, params = nnx.split(model)
+        self.tx = make_optimizer(cfg.optimizer, total)
+        param_sh = state_shardings(params, mesh)
+        self.shardings = (param_sh, optimizer_shardings(self.tx, params, param_sh, mesh))
+        self.state = (params, jax.jit(self.tx.init, out_shardings=self.shardings[1])(params))
+        self.mngr = _manager(out / "checkpoints", cfg.train.keep_checkpoints)
+        self.step, self.examples_seen = 0, 0
+        # The validation history lives in every checkpoint's metadata, so a resumed run carries
+        # exactly the evaluations of the steps it restored.
+        self.hist: dict[str, Any] = {"val_loss": [], "val_step": [], "initial": None}
+        self.val_info: dict[str, Any] = {}  # the validation set's size, from its last evaluation
+        self.ends = set(job.steps.epoch_ends())
+        self._resume()
+        if job.validate is not None and self.step == 0 and self.hist["initial"] is None:
+            self.hist["initial"] = self.validate()  # epoch 0: is any epoch better than none?
+        self.stopped = self.step < total and _patience_spent(
+            self.hist["val_loss"], cfg.train.patience
+        )
+        self.saved = self.step
+        # Every step's `_nonfinite` scalar is read on the host one step late (after the next
+        # step is dispatched, when the device has finished it, so the host never waits for
+        # it), and at once before anything is logged or saved: a NaN step is never stored.
+        self.pending: tuple[int, Sequence[BatchPlan], dict[str, Any]] | None = None
+
+    def _resume(self) -> None:
+        p_sh, o_sh = self.shardings
+        target = {
+            "params": abstract_arrays(self.state[0], p_sh),
+            "opt_state": abstract_arrays(self.state[1], o_sh),
+        }
+        restored = restore_latest(self.mngr, target, self.say)
+        if restored is None:
+            return
+        self.step, got, meta = restored
+        self.state, self.examples_seen = (got["params"], got["opt_state"]), meta["examples_seen"]
+        self.hist = meta.get("val", self.hist)
+        self.say(
+            f"resumed from checkpoint step {self.step} (epoch {meta['epoch']}, "
+            f"{self.examples_seen:,} examples seen)"
+        )
+        if (self.out / VAL_FILE).is_file():
+            old = json.loads((self.out / VAL_FILE).read_text())
+            self.val_info = {k: old[k] for k in ("n_val", "n_val_tokens") if k in old}
+
+    def model(self) -> Any:
+        return nnx.merge(self.graphdef, self.state[0])
+
+    def validate(self) -> float:
+        res = self.job.validate(self.model())
+        self.val_info.update(n_val=res["n_examples"], n_val_tokens=res["n_tokens"])
+        return res["loss"]
+
+    def check(self) -> None:
+        """Stop on the pending step's non-finite loss (see `pending`)."""
+        if self.pending is not None and int(self.pending[2]["_nonfinite"]):
+            self.mngr.wait_until_finished()  # earlier (finite) checkpoints stay whole
+            refuse_nonfinite(self.job, *self.pending, self.saved)
+        self.pending = None
+
+    def end_of_epoch(self) -> float:
+        """Validate, keep the best model so far, decide early stopping; returns the loss."""
+        self.check()
+        val = self.validate()
+        losses = self.hist["val_loss"]
+        losses.append(val)
+        self.hist["val_step"].append(self.step)
+        tc = self.cfg.train
+        if tc.keep_best and all(val < v for v in losses[:-1]):
+            # The best so far (the first of equals). Saved before this step's checkpoint: a
+            # crash in between redoes the epoch, which reproduces the same parameters.
+            save_model(self.model(), self.out / BEST_DIR, self.job.tokenizer)
+        self.stopped = self.step < self.total and _patience_spent(losses, tc.patience)
+        if self.primary:
+            write_json(self.out / VAL_FILE, _val_summary(self.hist, self.stopped, self.val_info))
+        return val
+
+    def record(
+        self, epoch: int, mt: dict[str, Any], val: float | None, tokens_per_s: float
+    ) -> dict:
+        self.check()
+        rec = {"step": self.step, "epoch": epoch}
+        rec.update({k: float(v) for k, v in mt.items() if not k.startswith("_")})
+        rec["lr"] = float(lr_schedule(self.cfg.optimizer, self.total)(self.step - 1))
+        rec["examples_seen"] = self.examples_seen
+        rec["tokens_per_s"] = tokens_per_s
+        if val is not None:
+            rec["val_loss"] = val
+        return rec
+
+    def checkpoint(self) -> None:
+        self.check()
+        meta = {
+            "step": self.step,
+            "epoch": sum(1 for e in self.ends if e <= self.step),
+            "seed": self.cfg.seed,
+            "examples_seen": self.examples_seen,
+            "steps_per_epoch": self.job.steps.steps_per_epoch,
+            "val": self.hist,
+        }
+        save_checkpoint(self.mngr, self.step, self.state, meta)
+        self.saved = self.step
+
+    def finish(self) -> None:
+        """After the last step: the evaluation, `val.json` and the final (or best) model."""
+        tc, out, job, say = self.cfg.train, self.out, self.job, self.say
+        if self.stopped:
+            say(
+                f"stopped early after epoch {len(self.hist['val_loss'])} (step {self.step} of "
+                f"{self.total}): no better validation loss for train.patience={tc.patience} epochs"
+            )
+        final = self.model()
+        if job.after is not None:
+            summary = job.after(final, out)
+            if self.primary:
+                write_json(out / "eval.json", summary)
+        validated = job.validate is not None and bool(self.hist["val_loss"])
+        if validated:
+            self._write_val_summary()
+        if validated and tc.keep_best:
+            best = out / BEST_DIR
+            if self.primary:
+                if best.is_dir():
+                    publish_dir(best, out / "model")
+                elif not (out / "model").is_dir():
+                    raise TrainRunError(
+                        f"{best}: the best epoch's model is missing; use --overwrite to start again"
+                    )
+            _barrier("davir best model")
+        else:
+            save_model(final, out / "model", job.tokenizer)
+
+    def _write_val_summary(self) -> None:
+        hist, tc = self.hist, self.cfg.train
+        summary = _val_summary(hist, self.stopped, self.val_info)
+        summary["keep_best"] = tc.keep_best
+        summary["exported_epoch"] = summary["best_epoch"] if tc.keep_best else len(hist["val_loss"])
+        if not self.primary:
+            return
+        write_json(self.out / VAL_FILE, summary)
+        if summary["no_epoch_improved"]:
+            self.say(
+                f"validation: no epoch improved on the starting model "
+                f"({summary['initial_val_loss']:.4f}); the best epoch "
+                f"{summary['best_epoch']} ({min(hist['val_loss']):.4f}) is exported"
+            )
+
+
 def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     """The training loop shared by `davir sft` and `davir dpo`: optimizer, sharded jitted step,
     orbax checkpoints with exact resume, metrics, per-epoch validation, and the final model in
     `train.out/model`."""
-    tc, pi = cfg.train, jax.process_index()
-    out = Path(tc.out)
-    say = (lambda *a: print(*a, file=sys.stderr)) if pi == 0 else (lambda *a: None)
-    plan = job.steps
-    if plan.n_steps == 0:
-        raise ValueError("no training batches: the data set is empty after skipping bad rows")
-    total = plan.n_steps
-    if tc.max_steps is not None:
-        total = min(total, tc.max_steps)
-    few = check_min_steps(cfg, job, total)  # strict: refused before anything is written
-    identity = {**run_identity(cfg, job.identity, total), "job": job.name}
-    claim_run_dir(out, identity, tc.overwrite, "training run")
-    if few:
-        say(few)
-    if pi == 0:
-        write_json(
-            out / STEPS_FILE,
-            {
-                "total_steps": total,
-                "planned_steps": plan.n_steps,
-                "steps_per_epoch": plan.steps_per_epoch,
-                "epochs": tc.epochs,
-                "items": plan.n_items,
-                "noun": job.noun,
-                "batch": plan.batch,
-                "micro_batches_per_step": plan.accum,
-                "rows_per_micro_batch": cfg.data.batch_rows,
-                "min_steps": tc.min_steps,
-                "below_min_steps": few is not None,
-            },
-        )
-
-    m = cfg.model
-    model = load_model(m.source, m.dtype, mesh, **m.run_options())
-    graphdef, params = nnx.split(model)
-    tx = make_optimizer(cfg.optimizer, total)
-    param_sh = state_shardings(params, mesh)
-    opt_sh = optimizer_shardings(tx, params, param_sh, mesh)
-    state = (params, jax.jit(tx.init, out_shardings=opt_sh)(params))
-    mngr = _manager(out / "checkpoints", tc.keep_checkpoints)
-    step, examples_seen = 0, 0
-    # The validation history lives in every checkpoint's metadata, so a resumed run carries
-    # exactly the evaluations of the steps it restored.
-    hist: dict[str, Any] = {"val_loss": [], "val_step": [], "initial": None}
-    target = {"params": _abstract(params, param_sh), "opt_state": _abstract(state[1], opt_sh)}
-    restored = restore_latest(mngr, target, say)
-    if restored is not None:
-        step, got, meta = restored
-        state, examples_seen = (got["params"], got["opt_state"]), meta["examples_seen"]
-        hist = meta.get("val", hist)
-        say(
-            f"resumed from checkpoint step {step} (epoch {meta['epoch']}, "
-            f"{examples_seen:,} examples seen)"
-        )
-    ends = set(plan.epoch_ends())
-    val_info: dict[str, Any] = {}  # the validation set's size, from its last evaluation
-    if restored is not None and (out / VAL_FILE).is_file():
-        old = json.loads((out / VAL_FILE).read_text())
-        val_info = {k: old[k] for k in ("n_val", "n_val_tokens") if k in old}
-
-    def validate(params: Any) -> float:
-        res = job.validate(nnx.merge(graphdef, params))
-        val_info.update(n_val=res["n_examples"], n_val_tokens=res["n_tokens"])
-        return res["loss"]
-
-    if job.validate is not None and step == 0 and hist["initial"] is None:
-        hist["initial"] = validate(state[0])  # epoch 0: is any epoch better than no training?
-    stopped = step < total and _patience_spent(hist["val_loss"], tc.patience)
+    tc, primary = cfg.train, jax.process_index() == 0
+    say = (lambda *a: print(*a, file=sys.stderr)) if primary else (lambda *a: None)
+    out, total = _begin_run(cfg, job, say)
+    run = _Loop(cfg, job, mesh, out, total, say)
     frozen_sh = None
     if job.frozen is not None:
         frozen_sh = (job.frozen[0], state_shardings(job.frozen[1], mesh))
-    train_step = make_train_step(graphdef, tx, job.objective, (param_sh, opt_sh), mesh, frozen_sh)
+    train_step = make_train_step(
+        run.graphdef, run.tx, job.objective, run.shardings, mesh, frozen_sh
+    )
     extra = () if job.frozen is None else (job.frozen[1],)
-    schedule = lr_schedule(cfg.optimizer, total)
-    metrics = Metrics(out, step, pi == 0)
-    bar = progress_bar(total, job.name, "step", progress and pi == 0, step)
+    metrics = Metrics(out, run.step, primary)
+    bar = progress_bar(total, job.name, "step", progress and primary, run.step)
     t0, tokens_run = time.time(), 0
-    saved = step
-    # Every step's `_nonfinite` scalar is read on the host, one step late (after the next step
-    # is dispatched, when the device has finished it, so the host never waits for it), and at
-    # once before anything is logged or saved: a NaN step stops the run before it is stored.
-    pending: tuple[int, Sequence[BatchPlan], dict[str, Any]] | None = None
-
-    def check() -> None:
-        nonlocal pending
-        if pending is not None and int(pending[2]["_nonfinite"]):
-            mngr.wait_until_finished()  # earlier (finite) checkpoints being written stay whole
-            refuse_nonfinite(job, *pending, saved)
-        pending = None
-
-    def write_val() -> None:
-        if pi == 0:
-            write_json(out / VAL_FILE, _val_summary(hist, stopped, val_info))
-
-    while step < total and not stopped:
-        epoch, _ = plan.locate(step)
-        plans = plan.step(step)
-        state, mt = train_step(state, job.batch(plans), *extra)
-        step += 1
-        check()
-        pending = (step, plans, mt)
+    while run.step < total and not run.stopped:
+        epoch, _ = job.steps.locate(run.step)
+        plans = job.steps.step(run.step)
+        run.state, mt = train_step(run.state, job.batch(plans), *extra)
+        run.step += 1
+        run.check()
+        run.pending = (run.step, plans, mt)
         n_ex, n_tok = job.count(plans)
-        examples_seen += n_ex
+        run.examples_seen += n_ex
         tokens_run += n_tok
         # Validation after every epoch, and after a last step that ends the run mid-epoch.
-        evaluate_now = job.validate is not None and (step in ends or step == total)
-        val = None
-        if evaluate_now:
-            check()
-            val = validate(state[0])
-            hist["val_loss"].append(val)
-            hist["val_step"].append(step)
-            if tc.keep_best and all(val < v for v in hist["val_loss"][:-1]):
-                # The best so far (the first of equals). Saved before this step's checkpoint: a
-                # crash in between redoes the epoch, which reproduces the same parameters.
-                save_model(nnx.merge(graphdef, state[0]), out / BEST_DIR, job.tokenizer)
-            stopped = step < total and _patience_spent(hist["val_loss"], tc.patience)
-            write_val()
-        last = step == total or stopped
-        if step % tc.log_every == 0 or last or evaluate_now:
-            check()
-            rec = {"step": step, "epoch": epoch}
-            rec.update({k: float(v) for k, v in mt.items() if not k.startswith("_")})
-            rec["lr"] = float(schedule(step - 1))
-            rec["examples_seen"] = examples_seen
-            rec["tokens_per_s"] = tokens_run / max(time.time() - t0, 1e-9)
-            if val is not None:
-                rec["val_loss"] = val
+        epoch_end = job.validate is not None and (run.step in run.ends or run.step == total)
+        val = run.end_of_epoch() if epoch_end else None
+        last = run.step == total or run.stopped
+        if run.step % tc.log_every == 0 or last or epoch_end:
+            rec = run.record(epoch, mt, val, tokens_run / max(time.time() - t0, 1e-9))
             metrics.log(rec)
             bar.set_postfix_str(
                 f"loss {rec['loss']:.4f} {rec['tokens_per_s']:,.0f} tok/s", refresh=False
             )
         bar.update(1)
-        if step % tc.checkpoint_every == 0 or last or evaluate_now:
-            check()
-            meta = {
-                "step": step,
-                "epoch": sum(1 for e in ends if e <= step),
-                "seed": cfg.seed,
-                "examples_seen": examples_seen,
-                "steps_per_epoch": plan.steps_per_epoch,
-                "val": hist,
-            }
-            save_checkpoint(mngr, step, state, meta)
-            saved = step
-    check()
+        if run.step % tc.checkpoint_every == 0 or last or epoch_end:
+            run.checkpoint()
+    run.check()
     bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    run.mngr.wait_until_finished()
+    run.mngr.close()
     metrics.close()
-    if stopped:
-        say(
-            f"stopped early after epoch {len(hist['val_loss'])} (step {step} of {total}): no "
-            f"better validation loss for train.patience={tc.patience} epochs"
-        )
-    final = nnx.merge(graphdef, state[0])
-    if job.after is not None:
-        summary = job.after(final, out)
-        if pi == 0:
-            write_json(out / "eval.json", summary)
-    if job.validate is not None and hist["val_loss"]:
-        summary = _val_summary(hist, stopped, val_info)
-        summary["keep_best"] = tc.keep_best
-        summary["exported_epoch"] = summary["best_epoch"] if tc.keep_best else len(hist["val_loss"])
-        if pi == 0:
-            write_json(out / VAL_FILE, summary)
-            if summary["no_epoch_improved"]:
-                say(
-                    f"validation: no epoch improved on the starting model "
-                    f"({summary['initial_val_loss']:.4f}); the best epoch "
-                    f"{summary['best_epoch']} ({min(hist['val_loss']):.4f}) is exported"
-                )
-    if job.validate is not None and tc.keep_best and hist["val_loss"]:
-        best = out / BEST_DIR
-        if pi == 0:
-            if best.is_dir():
-                publish_dir(best, out / "model")
-            elif not (out / "model").is_dir():
-                raise TrainRunError(
-                    f"{best}: the best epoch's model is missing; use --overwrite to start again"
-                )
-        _barrier("davir best model")
-    else:
-        save_model(final, out / "model", job.tokenizer)
-    if pi == 0:
+    run.finish()
+    if primary:
         plot_losses(out / METRICS_FILE, out / "loss.png")
-        say(f"wrote {out / 'model'} (a load_model source) after {step} steps")
+        say(f"wrote {out / 'model'} (a load_model source) after {run.step} steps")
     return out

@@ -18,6 +18,7 @@ logging are `davir_jax.jobs.sft.fit`'s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -197,24 +198,7 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
     dc = cfg.dpo
     ids = data.example_ids
     if dc.reference_scores is not None:
-        path = Path(dc.reference_scores)
-        table = pq.read_table(
-            path / "scores.parquet" if path.is_dir() else path, columns=["example_id", "nll_ref"]
-        )
-        got = dict(zip(table.column("example_id").to_pylist(), table.column("nll_ref").to_pylist()))
-        missing = [i for i in ids if i not in got]
-        if missing:
-            raise ValueError(
-                f"{path}: no reference NLL for {len(missing)} responses, e.g. {missing[:3]}; "
-                "score the same pairs file with the same template and tokenizer"
-            )
-        out = np.array([got[i] for i in ids], np.float64)
-        if not np.isfinite(out).all():
-            bad = [ids[i] for i in np.flatnonzero(~np.isfinite(out))]
-            raise NonFiniteLossError(
-                f"{path}: non-finite reference NLL for {name_examples(bad)}; rescore the pairs"
-            )
-        return out
+        return _scored_reference_nll(Path(dc.reference_scores), ids)
     ref = dc.reference or cfg.model.source
     key = hashlib.sha256(
         json.dumps(
@@ -231,7 +215,6 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
         t = pq.read_table(cache)
         if t.column("example_id").to_pylist() == list(ids):
             return t.column("nll").to_numpy()
-
     m = cfg.model
     model = load_model(ref, m.dtype, mesh, **m.run_options())
     desc = "reference" if progress else None
@@ -252,6 +235,27 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
         pq.write_table(pa.table({"example_id": ids, "nll": nll}), sink)
         write_atomic(cache, sink.getvalue().to_pybytes())
     return nll
+
+
+def _scored_reference_nll(path: Path, ids: Sequence[str]) -> np.ndarray:
+    """`nll_ref` of every response of `ids` from a `davir score` run (its dir or table)."""
+    table = pq.read_table(
+        path / "scores.parquet" if path.is_dir() else path, columns=["example_id", "nll_ref"]
+    )
+    got = dict(zip(table.column("example_id").to_pylist(), table.column("nll_ref").to_pylist()))
+    missing = [i for i in ids if i not in got]
+    if missing:
+        raise ValueError(
+            f"{path}: no reference NLL for {len(missing)} responses, e.g. {missing[:3]}; "
+            "score the same pairs file with the same template and tokenizer"
+        )
+    out = np.array([got[i] for i in ids], np.float64)
+    if not np.isfinite(out).all():
+        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(out))]
+        raise NonFiniteLossError(
+            f"{path}: non-finite reference NLL for {name_examples(bad)}; rescore the pairs"
+        )
+    return out
 
 
 # -- evaluation on held-out pairs --------------------------------------------------------------
@@ -331,14 +335,7 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         raise ValueError(f"{cfg.data.path}: no training pairs left")
     beta = dc.resolved_beta
     ref_source = dc.reference or cfg.model.source
-    frozen = None
-    ref = np.zeros(len(data))  # what a reference-free objective gets (it never reads them)
-    needs_ref = dc.objective not in REFERENCE_FREE
-    if needs_ref and dc.reference_in_step:
-        r = load_model(ref_source, cfg.model.dtype, mesh, **cfg.model.run_options())
-        frozen = nnx.split(r)
-    elif needs_ref:
-        ref = reference_nll(cfg, data, mesh, progress)
+    ref, frozen = _reference(cfg, data, mesh, progress)
     lengths = data.lengths
 
     def ref_column(bs: list[Any]) -> dict[str, np.ndarray]:
@@ -351,27 +348,6 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     def count(step_plans: Sequence[BatchPlan]) -> tuple[int, int]:
         idx = [i for p in step_plans for row in p.rows for i in row]
         return len(idx) // 2, int(lengths[idx].sum()) if idx else 0
-
-    def after(model: Any, out: Path) -> dict[str, Any]:
-        ev_ref = ref
-        if frozen is not None:  # no precomputed array: the reference scores the held-out pairs
-            ev_ref, _ = dataset_nll(
-                nnx.merge(*frozen),
-                eval_pairs.plans(),
-                eval_pairs.num_segments,
-                data.get,
-                len(data),
-                tc.chunk,
-                example_ids=data.example_ids,
-                what=f"the reference {ref_source}",
-            )
-        res = {"objective": dc.objective, "beta": beta, "train_pairs": len(train_pairs)}
-        if len(eval_pairs):
-            res["held_out"] = evaluate_pairs(
-                model, eval_pairs, ev_ref, dc.objective, beta, tc.chunk
-            )
-            print(f"held-out pairs: {json.dumps(res['held_out'])}", file=sys.stderr)
-        return res
 
     job = Job(
         name="dpo",
@@ -389,11 +365,56 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
             "dpo": {**to_dict(dc), "beta": beta, "reference": model_fingerprint(ref_source)},
         },
         frozen=frozen,
-        after=after,
+        after=functools.partial(_held_out, cfg, eval_pairs, ref, frozen, len(train_pairs)),
         example_ids=data.example_ids,
         noun="pairs",
     )
     return fit(cfg, job, mesh, progress)
+
+
+def _reference(cfg: Config, data: Any, mesh: Mesh, progress: bool) -> tuple[np.ndarray, Any]:
+    """(summed reference NLL per response, None), or (zeros, the frozen reference split for
+    the step) with `dpo.reference_in_step`; zeros for a reference-free objective (never read)."""
+    dc = cfg.dpo
+    if dc.objective in REFERENCE_FREE:
+        return np.zeros(len(data)), None
+    if dc.reference_in_step:
+        m = cfg.model
+        r = load_model(dc.reference or m.source, m.dtype, mesh, **m.run_options())
+        return np.zeros(len(data)), nnx.split(r)
+    return reference_nll(cfg, data, mesh, progress), None
+
+
+def _held_out(
+    cfg: Config,
+    eval_pairs: PairData,
+    ref: np.ndarray,
+    frozen: Any,
+    n_train: int,
+    model: Any,
+    out: Path,
+) -> dict[str, Any]:
+    """`Job.after` of a DPO run: the objective, beta and the held-out pairs' metrics."""
+    dc, tc = cfg.dpo, cfg.train
+    data = eval_pairs.data
+    if frozen is not None:  # no precomputed array: the reference scores the held-out pairs
+        ref, _ = dataset_nll(
+            nnx.merge(*frozen),
+            eval_pairs.plans(),
+            eval_pairs.num_segments,
+            data.get,
+            len(data),
+            tc.chunk,
+            example_ids=data.example_ids,
+            what=f"the reference {dc.reference or cfg.model.source}",
+        )
+    res = {"objective": dc.objective, "beta": dc.resolved_beta, "train_pairs": n_train}
+    if len(eval_pairs):
+        res["held_out"] = evaluate_pairs(
+            model, eval_pairs, ref, dc.objective, dc.resolved_beta, tc.chunk
+        )
+        print(f"held-out pairs: {json.dumps(res['held_out'])}", file=sys.stderr)
+    return res
 
 
 __all__ = [

@@ -60,52 +60,7 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
             if ec.answer != "auto"
             else ("gsm8k" if data.fields["format"] == "gsm8k" else "exact")
         )
-        check = CHECKERS[answer]
-        wanted = set(data.example_ids[:n_gen])
-        refs = {
-            e.example_id: e.response
-            for e in read_examples(
-                cfg.data.path,
-                data.fields["format"],
-                source=data.source,
-                fields=cfg.data.fields or None,
-            )
-            if e.example_id in wanted
-        }
-        eos = sorted(
-            {tok.eos_token_id}
-            | set(
-                model.arch.eos_token_id
-                if isinstance(model.arch.eos_token_id, tuple)
-                else [model.arch.eos_token_id]
-            )
-            - {None}
-        )
-        t0 = time.time()
-        bar = progress_bar(n_gen, "generate", "ex", progress)
-        for s in range(0, n_gen, ec.batch_size):
-            idx = list(range(s, min(s + ec.batch_size, n_gen)))
-            prompts = []
-            for ids, mask in data.get(idx):
-                prompts.append(ids[: int(np.argmax(mask > 0))].tolist())
-            outs = generate(
-                model, prompts, ec.max_new_tokens, eos, ec.temperature, ec.top_p, cfg.seed + s
-            )
-            for i, p, o in zip(idx, prompts, outs):
-                eid = data.example_ids[i]
-                text = tok.decode(o, skip_special_tokens=True)
-                rows.append(
-                    {
-                        "example_id": eid,
-                        "prompt": tok.decode(p, skip_special_tokens=False),
-                        "reference": refs[eid],
-                        "generated": text,
-                        "n_generated": len(o),
-                        "correct": bool(check(text, refs[eid])),
-                    }
-                )
-            bar.update(len(idx))
-        bar.close()
+        rows, gen_s = _generate_rows(cfg, model, tok, data, n_gen, CHECKERS[answer], progress)
         result.update(
             {
                 "answer_check": answer,
@@ -117,34 +72,81 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
                     "top_p": ec.top_p,
                     "seed": cfg.seed,
                 },
-                "generate_s": round(time.time() - t0, 2),
+                "generate_s": round(gen_s, 2),
             }
         )
     if ec.out:
-        out = Path(ec.out)
-        out.mkdir(parents=True, exist_ok=True)
-        # Per held-out example (what paired comparisons between models resample).
-        correct = {r["example_id"]: r["correct"] for r in rows}
-        write_atomic(
-            out / "examples.jsonl",
-            "".join(
-                dumps_json(
-                    {
-                        "example_id": eid,
-                        "nll": float(nll),
-                        "n_tokens": int(cnt),
-                        "loss": float(nll) / max(float(cnt), 1.0),
-                        **({"correct": correct[eid]} if eid in correct else {}),
-                    }
-                )
-                + "\n"
-                for eid, nll, cnt in zip(data.example_ids, loss["nll"], loss["n_tokens_each"])
-            ),
-        )
-        if rows:
-            write_atomic(
-                out / "generations.jsonl",
-                "".join(dumps_json(r, ensure_ascii=False) + "\n" for r in rows),
-            )
-        write_json(out / "eval.json", result)
+        _write_outputs(Path(ec.out), data, loss, rows, result)
     return result
+
+
+def _eos_ids(tok: Any, model: Any) -> list[int]:
+    """Generation stops at the tokenizer's EOS and every EOS id of the architecture."""
+    arch_eos = model.arch.eos_token_id
+    arch_eos = arch_eos if isinstance(arch_eos, tuple) else [arch_eos]
+    return sorted(({tok.eos_token_id} | set(arch_eos)) - {None})
+
+
+def _generate_rows(
+    cfg: Any, model: Any, tok: Any, data: Any, n_gen: int, check: Any, progress: bool
+) -> tuple[list[dict[str, Any]], float]:
+    """Generate answers to the first `n_gen` prompts and check each against its reference;
+    returns the rows and the seconds spent generating."""
+    ec = cfg.eval
+    wanted = set(data.example_ids[:n_gen])
+    examples = read_examples(
+        cfg.data.path, data.fields["format"], source=data.source, fields=cfg.data.fields or None
+    )
+    refs = {e.example_id: e.response for e in examples if e.example_id in wanted}
+    eos = _eos_ids(tok, model)
+    rows = []
+    t0 = time.time()
+    bar = progress_bar(n_gen, "generate", "ex", progress)
+    for s in range(0, n_gen, ec.batch_size):
+        idx = list(range(s, min(s + ec.batch_size, n_gen)))
+        prompts = [ids[: int(np.argmax(mask > 0))].tolist() for ids, mask in data.get(idx)]
+        outs = generate(
+            model, prompts, ec.max_new_tokens, eos, ec.temperature, ec.top_p, cfg.seed + s
+        )
+        for i, p, o in zip(idx, prompts, outs):
+            eid = data.example_ids[i]
+            text = tok.decode(o, skip_special_tokens=True)
+            rows.append(
+                {
+                    "example_id": eid,
+                    "prompt": tok.decode(p, skip_special_tokens=False),
+                    "reference": refs[eid],
+                    "generated": text,
+                    "n_generated": len(o),
+                    "correct": bool(check(text, refs[eid])),
+                }
+            )
+        bar.update(len(idx))
+    bar.close()
+    return rows, time.time() - t0
+
+
+def _write_outputs(
+    out: Path, data: Any, loss: dict[str, Any], rows: list[dict], result: dict[str, Any]
+) -> None:
+    """`examples.jsonl` (per held-out example: what paired comparisons between models
+    resample), `generations.jsonl` and `eval.json`."""
+    out.mkdir(parents=True, exist_ok=True)
+    correct = {r["example_id"]: r["correct"] for r in rows}
+    lines = []
+    for eid, nll, cnt in zip(data.example_ids, loss["nll"], loss["n_tokens_each"]):
+        rec = {
+            "example_id": eid,
+            "nll": float(nll),
+            "n_tokens": int(cnt),
+            "loss": float(nll) / max(float(cnt), 1.0),
+            **({"correct": correct[eid]} if eid in correct else {}),
+        }
+        lines.append(dumps_json(rec) + "\n")
+    write_atomic(out / "examples.jsonl", "".join(lines))
+    if rows:
+        write_atomic(
+            out / "generations.jsonl",
+            "".join(dumps_json(r, ensure_ascii=False) + "\n" for r in rows),
+        )
+    write_json(out / "eval.json", result)

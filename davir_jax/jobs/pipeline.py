@@ -164,46 +164,12 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
         "optimizer": to_dict(cfg.optimizer),
         "train": _settings("train", cfg.train),
     }
-    # The pipeline owns its folders: a stage whose record does not match has stale outputs, so
-    # its job may replace them (a job still resumes its own unfinished run of the same inputs).
-    train_own = {"overwrite": True}
-
-    # 1. The reference: the base fine-tuned on the whole pool (method.md step 1). With
-    # `pipeline.val`, its recipe (the epoch it stops at) is chosen by the loss on that split of
-    # the pool alone: the later stages cannot influence it.
+    # 1. The reference: the base fine-tuned on the whole pool (method.md step 1).
     ref = pc.reference or str(out / "reference")
     if pc.reference is None:
-        val = {"val": pc.val} if pc.val is not None else {}
-        stages.run(
-            "reference",
-            {**train_inputs, "val": data_inputs(cfg.data, pc.val) if pc.val else None},
-            lambda: sft(
-                _with(cfg, train={"out": ref, "selection": None, **val, **train_own}), progress
-            ),
-        )
-
-    # 2. Both models over the pool (the reference by its content: retrained, it is rescored).
-    scores_dir = out / "scores"
-    stages.run(
-        "scores",
-        {
-            **common,
-            "reference": model_inputs(cfg.model, ref),
-            "scoring": _settings("scoring", cfg.scoring),
-        },
-        lambda: score(
-            _with(
-                cfg,
-                scoring={
-                    "base": cfg.model.source,
-                    "reference": ref,
-                    "out": str(scores_dir),
-                    "overwrite": True,
-                },
-            ),
-            progress,
-        ),
-    )
+        _reference_stage(cfg, stages, ref, train_inputs, progress)
+    # 2. Both models over the pool.
+    _scores_stage(cfg, stages, out / "scores", ref, common, progress)
 
     # 3-4. Select with every method at every budget, for every seed; SFT the base on each
     # subset with that seed (random draws another subset, every method another data order).
@@ -216,36 +182,70 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
                     cfg, stages, out, name, (method, budget, cfg.seed + k), train_inputs, progress
                 )
 
-    # 5. Held-out evaluation of the base, the full-pool SFT and every subset model (each by its
-    # content: a retrained model is evaluated again).
+    # 5. Held-out evaluation of the base, the full-pool SFT and every subset model.
     models = {"base": cfg.model.source, **({"full": ref} if pc.full else {}), **runs}
     if pc.test is not None:
         for name, source in models.items():
-            inputs = {
-                "model": model_inputs(cfg.model, source),
-                "test": data_inputs(cfg.data, pc.test),
-                "eval": _settings("eval", cfg.eval),
-                "generate": pc.generate,
-                "seed": cfg.seed,
-            }
-            stages.run(
-                f"eval/{name}",
-                inputs,
-                lambda name=name, source=source: run_eval(
-                    _with(
-                        cfg,
-                        model={"source": source},
-                        data={"path": pc.test, "strict": False},
-                        eval={"out": str(out / "eval" / name), "generate": pc.generate},
-                    ),
-                    progress,
-                ),
-            )
+            _eval_stage(cfg, stages, out, name, source, progress)
 
     # 6. The report.
     write_report(out, cfg)
     say(f"[pipeline] report: {out / 'report.md'}")
     return out
+
+
+# The pipeline owns its folders: a stage whose record does not match has stale outputs, so its
+# job may replace them (a job still resumes its own unfinished run of the same inputs).
+_OWN = {"overwrite": True}
+
+
+def _reference_stage(
+    cfg: Config, stages: Stages, ref: str, train_inputs: dict[str, Any], progress: bool
+) -> None:
+    """The base fine-tuned on the whole pool. With `pipeline.val`, its recipe (the epoch it
+    stops at) is chosen by the loss on that split of the pool alone: the later stages cannot
+    influence it."""
+    pc = cfg.pipeline
+    val = {"val": pc.val} if pc.val is not None else {}
+    stages.run(
+        "reference",
+        {**train_inputs, "val": data_inputs(cfg.data, pc.val) if pc.val else None},
+        lambda: sft(_with(cfg, train={"out": ref, "selection": None, **val, **_OWN}), progress),
+    )
+
+
+def _scores_stage(
+    cfg: Config, stages: Stages, scores_dir: Path, ref: str, common: dict, progress: bool
+) -> None:
+    """Both models over the pool (the reference by its content: retrained, it is rescored)."""
+    inputs = {
+        **common,
+        "reference": model_inputs(cfg.model, ref),
+        "scoring": _settings("scoring", cfg.scoring),
+    }
+    scoring = {"base": cfg.model.source, "reference": ref, "out": str(scores_dir), **_OWN}
+    stages.run("scores", inputs, lambda: score(_with(cfg, scoring=scoring), progress))
+
+
+def _eval_stage(
+    cfg: Config, stages: Stages, out: Path, name: str, source: str, progress: bool
+) -> None:
+    """One model on the held-out set (by its content: a retrained model is evaluated again)."""
+    pc = cfg.pipeline
+    inputs = {
+        "model": model_inputs(cfg.model, source),
+        "test": data_inputs(cfg.data, pc.test),
+        "eval": _settings("eval", cfg.eval),
+        "generate": pc.generate,
+        "seed": cfg.seed,
+    }
+    run_cfg = _with(
+        cfg,
+        model={"source": source},
+        data={"path": pc.test, "strict": False},
+        eval={"out": str(out / "eval" / name), "generate": pc.generate},
+    )
+    stages.run(f"eval/{name}", inputs, lambda: run_eval(run_cfg, progress))
 
 
 def run_name(method: str, budget: str, seed_index: int) -> str:
@@ -292,7 +292,7 @@ def _subset_run(
         f"sft/{name}",
         {**train_inputs, "seed": seed, "selection": _selection_fp(sel)},
         lambda: sft(
-            _with(seeded, train={"out": target, "selection": str(sel), "overwrite": True}),
+            _with(seeded, train={"out": target, "selection": str(sel), **_OWN}),
             progress,
         ),
     )

@@ -94,6 +94,17 @@ def per_device_params(arch: Any, dtype: str, mesh: _Mesh) -> tuple[int, int]:
     return count, local * _BYTES[dtype]
 
 
+def step_shape(cfg: Any, job: str) -> tuple[Any, int, int, int]:
+    """(architecture, row length, global rows, segments per row) of one micro-batch of `job`: a
+    DPO row holds whole pairs (both responses, two segments each)."""
+    d = cfg.data
+    seq = d.packed_row_len if d.pack else d.max_len
+    segments = d.max_segments if d.pack else 1
+    if job == "dpo":
+        seq, segments = max(d.packed_row_len, 2 * d.max_len), 2 * segments
+    return _arch(cfg), seq, d.batch_rows, segments
+
+
 def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | None = None) -> dict:
     """The plan of `job` (sft, dpo or score) for `cfg`; see the module docstring."""
     if job not in ("sft", "dpo", "score"):
@@ -104,31 +115,11 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     shape = mesh_shape(cfg, devices)
     mesh = _Mesh(shape)
     n_dev = math.prod(shape.values())
-    arch = _arch(cfg)
+    arch, seq, _, _ = step_shape(cfg, job)
     m, d = cfg.model, cfg.data
     pdt, cdt = m.dtype, m.compute_dtype or m.dtype
     n_params, param_bytes = per_device_params(arch, pdt, mesh)
-    dp, tp = data_parallel_size(mesh), shape[TENSOR]
-    seq = d.packed_row_len if d.pack else d.max_len
-    if job == "dpo":
-        seq = max(d.packed_row_len, 2 * d.max_len)
-    rows_dev = max(d.batch_rows // dp, 1)
-    tok_dev = rows_dev * seq
-    c = _BYTES[cdt]
-    L, D, F = arch.num_layers, arch.hidden_size, arch.intermediate_size
-    H, KV, hd, V = arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim, arch.vocab_size
-    heads_dev = max(H // tp, 1)
-    per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / tp + 3 * F / tp)
-    scores = 8 * heads_dev * seq  # float32 scores and probabilities, per token
-
-    blocked = uses_blocked_attention(m.attn_block, seq)
-    chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
-
-    # The head's log-sum-exp holds one vocabulary block, unless the rules table splits the
-    # vocabulary over devices (as `Decoder.vocab_block` decides for the real model).
-    split = Sharder(mesh).is_split("vocab", V)  # type: ignore[arg-type]  # sizes suffice
-    live_vocab = V if split else min(V, VOCAB_BLOCK)
-    logits = rows_dev * min(chunk, seq) * live_vocab * 4
+    rows_dev = max(d.batch_rows // data_parallel_size(mesh), 1)
     out: dict[str, Any] = {
         "job": job,
         "chip": chip,
@@ -140,30 +131,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
         "rows_per_device": rows_dev,
         "seq": seq,
     }
-    mem = {"params": param_bytes}
-    if job == "score":
-        resident = 2 if cfg.scoring.resident == "both" else 1
-        mem["params"] = param_bytes * resident
-        live = 8 * heads_dev * m.attn_block if blocked else scores  # forward: one block at a time
-        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / tp) + live)
-        mem["logits"] = logits
-        fwd = forward_flops(arch, seq)
-        flops = 2 * fwd * d.batch_rows * seq  # base and reference
-    else:
-        mem["optimizer"] = 2 * param_bytes  # AdamW moments in the parameter dtype
-        mem["gradients"] = param_bytes + param_bytes * 4 // _BYTES[pdt]  # grads + f32 accumulator
-        if job == "dpo" and cfg.dpo.reference_in_step:
-            mem["reference"] = param_bytes
-        if m.remat:
-            act = tok_dev * (L * c * D + per_tok_layer + scores)
-        else:
-            act = tok_dev * L * (per_tok_layer + scores)
-        mem["activations"] = act
-        mem["logits"] = 3 * logits
-        tokens = _step_tokens(cfg, seq)
-        flops = 3 * forward_flops(arch, seq) * tokens
-        if job == "dpo" and cfg.dpo.reference_in_step:
-            flops += forward_flops(arch, seq) * tokens
+    mem, flops = _costs(cfg, job, arch, mesh, seq, rows_dev, param_bytes)
     total = sum(mem.values())
     out["memory_bytes"] = {k: int(v) for k, v in mem.items()}
     out["memory_total_bytes"] = int(total)
@@ -177,6 +145,50 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     else:
         out["fits"] = None
     return out
+
+
+def _costs(
+    cfg: Any, job: str, arch: Any, mesh: Any, seq: int, rows_dev: int, param_bytes: int
+) -> tuple[dict[str, float], float]:
+    """(memory per device by part, FLOPs of one step) of `job` with rows of `seq` tokens."""
+    m, d = cfg.model, cfg.data
+    c, tp = _BYTES[m.compute_dtype or m.dtype], mesh.shape[TENSOR]
+    tok_dev = rows_dev * seq
+    L, D, F = arch.num_layers, arch.hidden_size, arch.intermediate_size
+    H, KV, hd, V = arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim, arch.vocab_size
+    heads_dev = max(H // tp, 1)
+    per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / tp + 3 * F / tp)
+    scores = 8 * heads_dev * seq  # float32 scores and probabilities, per token
+    chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
+    # The head's log-sum-exp holds one vocabulary block, unless the rules table splits the
+    # vocabulary over devices (as `Decoder.vocab_block` decides for the real model).
+    split = Sharder(mesh).is_split("vocab", V)  # type: ignore[arg-type]  # sizes suffice
+    logits = rows_dev * min(chunk, seq) * (V if split else min(V, VOCAB_BLOCK)) * 4
+    mem = {"params": param_bytes}
+    if job == "score":
+        mem["params"] = param_bytes * (2 if cfg.scoring.resident == "both" else 1)
+        # forward only: one block of scores at a time on the blocked path
+        blocked = uses_blocked_attention(m.attn_block, seq)
+        live = 8 * heads_dev * m.attn_block if blocked else scores
+        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / tp) + live)
+        mem["logits"] = logits
+        return mem, 2 * forward_flops(arch, seq) * d.batch_rows * seq  # base and reference
+    in_step_ref = job == "dpo" and cfg.dpo.reference_in_step
+    pdt = m.dtype
+    mem["optimizer"] = 2 * param_bytes  # AdamW moments in the parameter dtype
+    mem["gradients"] = param_bytes + param_bytes * 4 // _BYTES[pdt]  # grads + f32 accumulator
+    if in_step_ref:
+        mem["reference"] = param_bytes
+    if m.remat:
+        mem["activations"] = tok_dev * (L * c * D + per_tok_layer + scores)
+    else:
+        mem["activations"] = tok_dev * L * (per_tok_layer + scores)
+    mem["logits"] = 3 * logits
+    tokens = _step_tokens(cfg, seq)
+    flops = 3 * forward_flops(arch, seq) * tokens
+    if in_step_ref:
+        flops += forward_flops(arch, seq) * tokens
+    return mem, flops
 
 
 def _step_tokens(cfg: Any, seq: int) -> int:

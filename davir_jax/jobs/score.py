@@ -181,6 +181,28 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
         mesh = mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
     pi, pc = jax.process_index(), jax.process_count()
     check_batch_rows(cfg, mesh)
+    tok, fingerprints = _tokenizer(cfg)
+    # Preference files: both responses of every pair are scored (ids ".../chosen", ".../rejected").
+    pairs = resolve_format(cfg.data.path, cfg.data.format) in PAIR_FORMATS
+    data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0, pairs=pairs)
+    out = Path(sc.out)
+    identity = run_identity(cfg, data, fingerprints)
+    claim_run_dir(out, identity, sc.overwrite, "scoring run")
+    plans = data.plans(shuffle=False)
+    n_shards = math.ceil(len(plans) / sc.shard_batches)
+    timings: dict[str, float] = {}
+    for models in _passes(cfg):
+        _score_pass(cfg, out, data, plans, models, mesh, timings, progress)
+    _barrier(f"davir score shards {out}")
+    if pi == 0:
+        _merge(cfg, out, data, identity, n_shards, pc, timings, t_start)
+    _barrier(f"davir score merged {out}")
+    return out
+
+
+def _tokenizer(cfg: Config) -> tuple[Any, dict[str, str]]:
+    """The tokenizer both models are scored with, and the fingerprints of the models and it."""
+    sc = cfg.scoring
     # The tokenizer's ids must fit both models' vocabularies (else every NLL is NaN).
     tok = load_tokenizer_for(sc.tokenizer or sc.base or sc.reference, (sc.base, sc.reference))
     fingerprints = {m: model_fingerprint(getattr(sc, m)) for m in scored_models(cfg)}
@@ -195,72 +217,65 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
                 f"the base ({sc.base}) and reference ({sc.reference}) tokenizers differ; "
                 "scores would compare different token sequences"
             )
+    return tok, fingerprints
 
-    # Preference files: both responses of every pair are scored (ids ".../chosen", ".../rejected").
-    pairs = resolve_format(cfg.data.path, cfg.data.format) in PAIR_FORMATS
-    data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0, pairs=pairs)
-    out = Path(sc.out)
-    identity = run_identity(cfg, data, fingerprints)
-    claim_run_dir(out, identity, sc.overwrite, "scoring run")
-    plans = data.plans(shuffle=False)
+
+def _score_pass(
+    cfg: Config,
+    out: Path,
+    data: TokenizedData,
+    plans: list,
+    models: tuple[str, ...],
+    mesh: Mesh,
+    timings: dict[str, float],
+    progress: bool,
+) -> None:
+    """Score the shards this process has not written yet with `models` resident together,
+    writing one Parquet shard per model and `shard_batches` batches."""
+    sc, pi, pc = cfg.scoring, jax.process_index(), jax.process_count()
     k = sc.shard_batches
     n_shards = math.ceil(len(plans) / k)
-    timings: dict[str, float] = {}
-    for models in _passes(cfg):
-        for m in models:
-            (out / "shards" / m).mkdir(parents=True, exist_ok=True)
-            for stale in (out / "shards" / m).glob(f".p{pi:05d}-*.tmp-*"):
-                stale.unlink(missing_ok=True)  # a write cut short by a kill
-        # The first shard some process has not finished: everyone resumes there (lockstep).
-        first = next(
-            (
-                s
-                for s in range(n_shards)
-                if not all(_shard_path(out, m, pi, s).is_file() for m in models)
-            ),
-            n_shards,
-        )
-        first = _agree_min(first)
-        if first == n_shards:
-            continue
-        t0 = time.time()
-        loaded = {m: _load(cfg, getattr(sc, m), mesh) for m in models}
-        timings["load_" + "+".join(models)] = time.time() - t0
-        t0 = time.time()
-        n_ex = n_tok = 0
-        bar = progress_bar(len(plans), "score", "batch", progress and pi == 0, first * k)
-        for s in range(first, n_shards):
-            shards = {m: _Shard() for m in models}
-            batches = (b for _, b in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k))
-            bad: list[str] = []
-            for batch, nlls in stream_nll(loaded, batches, data.num_segments, sc.chunk):
-                for m in models:
-                    # Checked before the shard is written: a NaN score must never be stored.
-                    bad += [
-                        f"{i} ({m})"
-                        for i in nonfinite_examples(batch, nlls[m][0], data.example_ids)
-                    ]
-                    if bad and pc == 1:
-                        _refuse_nonfinite(bad, s)
-                    shards[m].add(data, batch, *nlls[m])
-                n_ex += int((batch.example_index >= 0).sum())
-                n_tok += int((batch.segment_ids > 0).sum())
-                bar.update(1)
-                dt = max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{n_ex / dt:,.1f} ex/s {n_tok / dt:,.0f} tok/s", refresh=False)
-            if _agree_max(len(bad)):  # every process stops at the same shard
-                _refuse_nonfinite(bad, s)
+    for m in models:
+        (out / "shards" / m).mkdir(parents=True, exist_ok=True)
+        for stale in (out / "shards" / m).glob(f".p{pi:05d}-*.tmp-*"):
+            stale.unlink(missing_ok=True)  # a write cut short by a kill
+    # The first shard some process has not finished: everyone resumes there (lockstep).
+    done = (all(_shard_path(out, m, pi, s).is_file() for m in models) for s in range(n_shards))
+    first = _agree_min(next((s for s, d in enumerate(done) if not d), n_shards))
+    if first == n_shards:
+        return
+    key = "+".join(models)
+    t0 = time.time()
+    loaded = {m: _load(cfg, getattr(sc, m), mesh) for m in models}
+    timings["load_" + key] = time.time() - t0
+    t0 = time.time()
+    n_ex = n_tok = 0
+    bar = progress_bar(len(plans), "score", "batch", progress and pi == 0, first * k)
+    for s in range(first, n_shards):
+        shards = {m: _Shard() for m in models}
+        batches = (b for _, b in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k))
+        bad: list[str] = []
+        for batch, nlls in stream_nll(loaded, batches, data.num_segments, sc.chunk):
             for m in models:
-                shards[m].write(_shard_path(out, m, pi, s))
-        bar.close()
-        timings["score_" + "+".join(models)] = time.time() - t0
-        timings["tokens_per_s_" + "+".join(models)] = n_tok * pc / max(time.time() - t0, 1e-9)
-        del loaded
-    _barrier(f"davir score shards {out}")
-    if pi == 0:
-        _merge(cfg, out, data, identity, n_shards, pc, timings, t_start)
-    _barrier(f"davir score merged {out}")
-    return out
+                # Checked before the shard is written: a NaN score must never be stored.
+                bad += [
+                    f"{i} ({m})" for i in nonfinite_examples(batch, nlls[m][0], data.example_ids)
+                ]
+                if bad and pc == 1:
+                    _refuse_nonfinite(bad, s)
+                shards[m].add(data, batch, *nlls[m])
+            n_ex += int((batch.example_index >= 0).sum())
+            n_tok += int((batch.segment_ids > 0).sum())
+            bar.update(1)
+            dt = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{n_ex / dt:,.1f} ex/s {n_tok / dt:,.0f} tok/s", refresh=False)
+        if _agree_max(len(bad)):  # every process stops at the same shard
+            _refuse_nonfinite(bad, s)
+        for m in models:
+            shards[m].write(_shard_path(out, m, pi, s))
+    bar.close()
+    timings["score_" + key] = time.time() - t0
+    timings["tokens_per_s_" + key] = n_tok * pc / max(time.time() - t0, 1e-9)
 
 
 def _read_model_shards(out: Path, model: str, n_shards: int, pc: int) -> pa.Table:
@@ -289,56 +304,15 @@ def _merge(
     timings: dict[str, float],
     t_start: float,
 ) -> None:
-
-    cols = {}
-    models = scored_models(cfg)
-    for m in models:
-        # (row, id): the two responses of a preference pair share a row.
-        t = _read_model_shards(out, m, n_shards, pc).sort_by(
-            [("index", "ascending"), ("example_id", "ascending")]
-        )
-        ids = t.column("example_id").to_pylist()
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise RuntimeError(f"{out}: example {dup} appears twice in the {m} shards")
-        if sorted(ids) != sorted(data.example_ids):
-            missing = sorted(set(data.example_ids) - set(ids))[:5]
-            raise RuntimeError(f"{out}: the {m} shards miss examples, e.g. {missing}")
-        nll = t.column("nll").to_numpy()
-        if not np.isfinite(nll).all():  # never a complete table with NaN (shards of an old run)
-            bad = [ids[i] for i in np.flatnonzero(~np.isfinite(nll))]
-            raise NonFiniteLossError(
-                f"{out}: the {m} shards hold non-finite NLLs for {name_examples(bad)}; no table "
-                "was written (rescore with --overwrite)"
-            )
-        cols[m] = t
-    ref = cols["reference"]
-    base = cols.get("base")
+    """Join every process's shards into `scores.parquet` and its manifest, refusing missing,
+    duplicated or non-finite examples (never a complete table that is not whole)."""
+    cols = {m: _checked_shards(out, m, data, n_shards, pc) for m in scored_models(cfg)}
+    ref, base = cols["reference"], cols.get("base")
     if base is not None and (
         base.column("example_id").to_pylist() != ref.column("example_id").to_pylist()
     ):
         raise RuntimeError(f"{out}: base and reference shards hold different examples")
-    rows = ref.column("index").to_pylist()
-    text = _source_rows(data, set(rows))
-    records = [text[r] for r in rows]
-    table = pa.table(
-        {
-            "example_id": ref.column("example_id"),
-            "source": pa.array([data.source] * len(rows), pa.string()),
-            "row": ref.column("index"),
-            "content_hash": pa.array(
-                [hashlib.sha256(t.encode()).hexdigest()[:16] for t in records], pa.string()
-            ),
-            "n_tokens": ref.column("n_tokens"),
-            "nll_base": base.column("nll")
-            if base is not None
-            else pa.nulls(len(rows), pa.float64()),
-            "nll_ref": ref.column("nll"),
-            # Summed log-probs, for DPO (log p_ref(y|x) = -nll_ref).
-            "logp_ref": pa.array(-ref.column("nll").to_numpy(), pa.float64()),
-            "record": pa.array(records, pa.string()),
-        }
-    )
+    table = _scores_table(data, ref, base)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_atomic(out / SCORES_FILE, sink.getvalue().to_pybytes())
@@ -375,6 +349,52 @@ def _merge(
     write_json(out / MANIFEST_FILE, manifest, sort_keys=True)
     if cfg.scoring.diagnostics and base is not None:
         write_diagnostics(out, echo=False)
+
+
+def _checked_shards(out: Path, m: str, data: TokenizedData, n_shards: int, pc: int) -> pa.Table:
+    """One model's shards as one table sorted by (row, id) (the two responses of a preference
+    pair share a row), holding every example once with a finite NLL."""
+    t = _read_model_shards(out, m, n_shards, pc).sort_by(
+        [("index", "ascending"), ("example_id", "ascending")]
+    )
+    ids = t.column("example_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise RuntimeError(f"{out}: example {dup} appears twice in the {m} shards")
+    if sorted(ids) != sorted(data.example_ids):
+        missing = sorted(set(data.example_ids) - set(ids))[:5]
+        raise RuntimeError(f"{out}: the {m} shards miss examples, e.g. {missing}")
+    nll = t.column("nll").to_numpy()
+    if not np.isfinite(nll).all():  # never a complete table with NaN (shards of an old run)
+        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(nll))]
+        raise NonFiniteLossError(
+            f"{out}: the {m} shards hold non-finite NLLs for {name_examples(bad)}; no table "
+            "was written (rescore with --overwrite)"
+        )
+    return t
+
+
+def _scores_table(data: TokenizedData, ref: pa.Table, base: pa.Table | None) -> pa.Table:
+    rows = ref.column("index").to_pylist()
+    text = _source_rows(data, set(rows))
+    records = [text[r] for r in rows]
+    nulls = pa.nulls(len(rows), pa.float64())
+    return pa.table(
+        {
+            "example_id": ref.column("example_id"),
+            "source": pa.array([data.source] * len(rows), pa.string()),
+            "row": ref.column("index"),
+            "content_hash": pa.array(
+                [hashlib.sha256(t.encode()).hexdigest()[:16] for t in records], pa.string()
+            ),
+            "n_tokens": ref.column("n_tokens"),
+            "nll_base": base.column("nll") if base is not None else nulls,
+            "nll_ref": ref.column("nll"),
+            # Summed log-probs, for DPO (log p_ref(y|x) = -nll_ref).
+            "logp_ref": pa.array(-ref.column("nll").to_numpy(), pa.float64()),
+            "record": pa.array(records, pa.string()),
+        }
+    )
 
 
 def iter_scores(out: str | Path) -> Iterator[dict[str, Any]]:

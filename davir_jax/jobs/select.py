@@ -187,21 +187,8 @@ def select_mixture(
     if not pools:
         raise ValueError("no pools given")
     out = Path(out_dir)
-    loaded = []
-    for pool in pools:
-        f = scores_file(pool.scores_dir)
-        table = read_scores(f)
-        manifest = read_score_manifest(f)
-        name = pool.name or _default_name(
-            pool, manifest, table.column("source").unique().to_pylist()
-        )
-        loaded.append((pool, f, table, manifest, name))
-    names = [x[4] for x in loaded]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"pool name(s) {dup} used more than once; give distinct NAME=")
+    loaded = _load_pools(pools)
     _check_out_dir(out, [x[1] for x in loaded])
-
     pool_entries, selected, inputs, files = [], [], {}, {}
     seen_ids: dict[str, str] = {}
     for pool, f, table, manifest, name in loaded:
@@ -215,35 +202,14 @@ def select_mixture(
             )
         seen_ids.update(dict.fromkeys(ids, name))
         score = compute_scores(table, method, seed)[method]
-        order = rank_order(score, ids)
-        idx = order[: pool.budget.resolve(len(ids))]
-        records = table.column("record")
-        if records.null_count:
-            raise ValueError(f"{f}: column record has {records.null_count} null value(s)")
-        rec = records.take(idx).to_pylist()
-        files[f"{name}.jsonl"] = "".join(
-            _jsonl_line(r, ids[i]) + "\n" for r, i in zip(rec, idx, strict=True)
-        )
+        idx = rank_order(score, ids)[: pool.budget.resolve(len(ids))]
+        files[f"{name}.jsonl"] = _pool_file(f, table, ids, idx)
         selected += [
             {"example_id": str(ids[i]), "pool": name, "score": float(score[i]), "rank": r + 1}
             for r, i in enumerate(idx)
         ]
-        pool_entries.append(
-            {
-                "name": name,
-                "scores": str(f.resolve()),
-                "data": manifest["data"],
-                "template": manifest["template"],
-                "budget": {"spec": pool.budget.spec(), "kind": pool.budget.kind}
-                | ({"value": pool.budget.value} if pool.budget.kind != "all" else {}),
-                "n_pool": len(ids),
-                "n_selected": len(idx),
-                "file": f"{name}.jsonl",  # JSON lines, each the source row unchanged
-                "format": manifest["data"].get("format", "auto"),  # the rows' data format
-            }
-        )
+        pool_entries.append(_pool_entry(pool, f, manifest, name, len(ids), len(idx)))
         inputs[name] = {"scores_sha256": file_sha256(f), "fingerprints": manifest["fingerprints"]}
-
     result = {
         "kind": SELECTION_KIND,
         "method": method,
@@ -261,6 +227,50 @@ def select_mixture(
             dumps_json(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
     return result
+
+
+def _load_pools(pools: Sequence[Pool]) -> list[tuple[Pool, Path, Any, dict[str, Any], str]]:
+    """(pool, scores file, table, manifest, name) per pool; names must be distinct."""
+    loaded = []
+    for pool in pools:
+        f = scores_file(pool.scores_dir)
+        table = read_scores(f)
+        manifest = read_score_manifest(f)
+        name = pool.name or _default_name(
+            pool, manifest, table.column("source").unique().to_pylist()
+        )
+        loaded.append((pool, f, table, manifest, name))
+    names = [x[4] for x in loaded]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"pool name(s) {dup} used more than once; give distinct NAME=")
+    return loaded
+
+
+def _pool_file(f: Path, table: Any, ids: np.ndarray, idx: np.ndarray) -> str:
+    """The selected source rows, unchanged, best first (JSON lines)."""
+    records = table.column("record")
+    if records.null_count:
+        raise ValueError(f"{f}: column record has {records.null_count} null value(s)")
+    rec = records.take(idx).to_pylist()
+    return "".join(_jsonl_line(r, ids[i]) + "\n" for r, i in zip(rec, idx, strict=True))
+
+
+def _pool_entry(
+    pool: Pool, f: Path, manifest: dict[str, Any], name: str, n_pool: int, n_selected: int
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "scores": str(f.resolve()),
+        "data": manifest["data"],
+        "template": manifest["template"],
+        "budget": {"spec": pool.budget.spec(), "kind": pool.budget.kind}
+        | ({"value": pool.budget.value} if pool.budget.kind != "all" else {}),
+        "n_pool": n_pool,
+        "n_selected": n_selected,
+        "file": f"{name}.jsonl",  # JSON lines, each the source row unchanged
+        "format": manifest["data"].get("format", "auto"),  # the rows' data format
+    }
 
 
 def run_select(pools: list[str], method: str, out: str, seed: int) -> dict[str, Any]:

@@ -232,20 +232,7 @@ class ArchConfig:
             "gemma": "GemmaForCausalLM",
             "gemma2": "Gemma2ForCausalLM",
         }
-        rope: dict[str, Any] = {
-            "rope_type": self.rope_scaling.rope_type,
-            "rope_theta": self.rope_theta,
-        }
-        if self.rope_scaling.rope_type == "linear":
-            rope["factor"] = self.rope_scaling.factor
-        elif self.rope_scaling.rope_type == "llama3":
-            rs = self.rope_scaling
-            rope.update(
-                factor=rs.factor,
-                low_freq_factor=rs.low_freq_factor,
-                high_freq_factor=rs.high_freq_factor,
-                original_max_position_embeddings=rs.original_max_position_embeddings,
-            )
+        rope = self._hf_rope()
         out: dict[str, Any] = {
             "architectures": [arch_names[self.family]],
             "model_type": self.family,
@@ -272,6 +259,29 @@ class ArchConfig:
             "pad_token_id": self.pad_token_id,
             "torch_dtype": "float32",
         }
+        out.update(self._hf_family_fields())
+        return out
+
+    def _hf_rope(self) -> dict[str, Any]:
+        rope: dict[str, Any] = {
+            "rope_type": self.rope_scaling.rope_type,
+            "rope_theta": self.rope_theta,
+        }
+        if self.rope_scaling.rope_type == "linear":
+            rope["factor"] = self.rope_scaling.factor
+        elif self.rope_scaling.rope_type == "llama3":
+            rs = self.rope_scaling
+            rope.update(
+                factor=rs.factor,
+                low_freq_factor=rs.low_freq_factor,
+                high_freq_factor=rs.high_freq_factor,
+                original_max_position_embeddings=rs.original_max_position_embeddings,
+            )
+        return rope
+
+    def _hf_family_fields(self) -> dict[str, Any]:
+        """The config.json fields only some families have (activation, biases, windows)."""
+        out: dict[str, Any] = {}
         act_key = "hidden_activation" if self.is_gemma else "hidden_act"
         out[act_key] = self.activation
         if self.family == "gemma":
@@ -451,57 +461,11 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
 
 
 def _from_hf(hf: dict[str, Any]) -> ArchConfig:
-    family = hf.get("model_type")
-    if family not in FAMILIES:
-        raise UnsupportedConfigError(
-            f"model_type {family!r} is not a supported family (supported: "
-            f"{FAMILIES + tuple(HF_CONVERTERS)})"
-        )
-    unknown = sorted(k for k in hf if k not in _HF_KNOWN and not k.startswith("_"))
-    if unknown:
-        raise UnsupportedConfigError(
-            f"unrecognised field(s) {unknown}: they may change the model's math, which this "
-            "decoder would silently ignore"
-        )
-    if hf.get("use_bidirectional_attention"):
-        raise UnsupportedConfigError("use_bidirectional_attention=true is not implemented")
-    if hf.get("quantization_config"):
-        raise UnsupportedConfigError(
-            "quantized HF checkpoints (quantization_config) are not supported"
-        )
+    family = _check_hf(hf)
     theta, scaling = _rope_from_hf(hf)
     gemma = family in ("gemma", "gemma2")
-    if family == "gemma2":
-        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
-    elif family == "gemma":
-        # transformers' GemmaMLP reads `hidden_act`; its "gelu" is the tanh approximation.
-        act = hf.get("hidden_act") or hf.get("hidden_activation") or "gelu_pytorch_tanh"
-        act = "gelu_pytorch_tanh" if act == "gelu" else act
-    else:
-        act = hf.get("hidden_act", "silu")
     n_layers = int(hf["num_hidden_layers"])
-    window = hf.get("sliding_window")
-    layer_types = tuple(hf.get("layer_types") or ())
-    if family == "llama":
-        window, layer_types = None, ()
-    elif family == "mistral":
-        layer_types = ()
-    elif family == "qwen2":
-        if not hf.get("use_sliding_window", False):
-            window, layer_types = None, ()
-        elif not layer_types:
-            mwl = int(hf.get("max_window_layers", n_layers))
-            layer_types = tuple(
-                "sliding_attention" if i >= mwl else "full_attention" for i in range(n_layers)
-            )
-    elif family == "gemma":
-        window, layer_types = None, ()
-    elif family == "gemma2" and not layer_types:
-        layer_types = tuple(
-            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)
-        )
-    if layer_types and "sliding_attention" not in layer_types:
-        window = None
+    window, layer_types = _hf_windows(hf, family, n_layers)
     attn_bias = bool(hf.get("attention_bias", False))
     if attn_bias and family in ("mistral", "qwen2"):
         # transformers ignores the flag for these two; refuse rather than guess.
@@ -520,7 +484,7 @@ def _from_hf(hf: dict[str, Any]) -> ArchConfig:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-        activation=act,
+        activation=_hf_activation(hf, family),
         qkv_bias=True if family == "qwen2" else attn_bias,
         o_bias=attn_bias,  # llama, gemma, gemma2: q/k/v and o together
         mlp_bias=bool(hf.get("mlp_bias", False)) if family == "llama" else False,
@@ -537,6 +501,64 @@ def _from_hf(hf: dict[str, Any]) -> ArchConfig:
         eos_token_id=hf.get("eos_token_id"),
         pad_token_id=hf.get("pad_token_id"),
     )
+
+
+def _check_hf(hf: dict[str, Any]) -> str:
+    """The family of a config.json, refusing what this decoder would silently get wrong."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise UnsupportedConfigError(
+            f"model_type {family!r} is not a supported family (supported: "
+            f"{FAMILIES + tuple(HF_CONVERTERS)})"
+        )
+    unknown = sorted(k for k in hf if k not in _HF_KNOWN and not k.startswith("_"))
+    if unknown:
+        raise UnsupportedConfigError(
+            f"unrecognised field(s) {unknown}: they may change the model's math, which this "
+            "decoder would silently ignore"
+        )
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedConfigError("use_bidirectional_attention=true is not implemented")
+    if hf.get("quantization_config"):
+        raise UnsupportedConfigError(
+            "quantized HF checkpoints (quantization_config) are not supported"
+        )
+    return family
+
+
+def _hf_activation(hf: dict[str, Any], family: str) -> str:
+    if family == "gemma2":
+        return hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    if family == "gemma":
+        # transformers' GemmaMLP reads `hidden_act`; its "gelu" is the tanh approximation.
+        act = hf.get("hidden_act") or hf.get("hidden_activation") or "gelu_pytorch_tanh"
+        return "gelu_pytorch_tanh" if act == "gelu" else act
+    return hf.get("hidden_act", "silu")
+
+
+def _hf_windows(hf: dict[str, Any], family: str, n_layers: int) -> tuple[Any, tuple[str, ...]]:
+    """(sliding window, per-layer attention types) as transformers reads them per family."""
+    window = hf.get("sliding_window")
+    layer_types = tuple(hf.get("layer_types") or ())
+    if family in ("llama", "gemma"):
+        window, layer_types = None, ()
+    elif family == "mistral":
+        layer_types = ()
+    elif family == "qwen2":
+        if not hf.get("use_sliding_window", False):
+            window, layer_types = None, ()
+        elif not layer_types:
+            mwl = int(hf.get("max_window_layers", n_layers))
+            layer_types = tuple(
+                "sliding_attention" if i >= mwl else "full_attention" for i in range(n_layers)
+            )
+    elif family == "gemma2" and not layer_types:
+        layer_types = tuple(
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)
+        )
+    if layer_types and "sliding_attention" not in layer_types:
+        window = None
+    return window, layer_types
 
 
 def llama3_inv_freq_scale(inv_freq: Any, scaling: RopeScaling) -> Any:

@@ -372,90 +372,117 @@ def _flash_backward(
     """Gradients of q, k, v, recomputing each visited block pair's probabilities from `lse`:
     dq one query block at a time over its key run (as the forward), dk/dv one key block at a
     time over the query blocks whose runs reach it (FlashAttention-2, arXiv 2307.08691)."""
-    b, t, kv, g, hd = q.shape
-    nb = t // block
-    sizes = _chunk_sizes(nb)
     d_out = d_out.astype(q.dtype)
     # D = rowsum(dO * O) = sum_j P_ij dP_ij: the softmax backward's per-row term.
     delta = jnp.einsum(
         "btkgd,btkgd->bkgt", d_out, out.astype(q.dtype), preferred_element_type=jnp.float32
     )
-
-    def d_scores(qc, kc, vc, doc, lse_c, delta_c, mask) -> tuple[jax.Array, jax.Array]:
-        """Probabilities and gradient of the raw (pre-cap, scaled) products `[B,KV,G,tq,tk]`."""
-        s = _raw_scores(qc, kc, scale, softcap)
-        p = jnp.where(mask[:, None, None], jnp.exp(s - lse_c[..., None]), 0.0)
-        dp = jnp.einsum("btkgd,bskd->bkgts", doc, vc, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_c[..., None])
-        if softcap is not None:
-            ds = ds * (1.0 - jnp.square(s / softcap))  # d(c tanh(x / c))/dx = 1 - tanh^2
-        return p, ds * scale
-
-    def take(x: jax.Array, at: jax.Array, n: int, axis: int = 1) -> jax.Array:
-        return jax.lax.dynamic_slice_in_dim(x, at, n, axis=axis)
-
-    def dq_block(i: jax.Array) -> jax.Array:
-        q0 = i * block
-        qi, doi = take(q, q0, block), take(d_out, q0, block)
-        lse_i, delta_i = take(lse, q0, block, 3), take(delta, q0, block, 3)
-
-        def chunk(n: int, state: tuple) -> tuple:
-            dq, end, remaining = state
-            k0 = end - n * block
-            kc, vc = take(k, k0, n * block), take(v, k0, n * block)
-            mask = _chunk_mask(segment_ids, positions, window, q0, block, k0, n * block)
-            _, ds = d_scores(qi, kc, vc, doi, lse_i, delta_i, mask)
-            dq = dq + jnp.einsum(
-                "bkgts,bskd->btkgd", ds.astype(k.dtype), kc, preferred_element_type=jnp.float32
-            )
-            return dq, k0, remaining - n
-
-        def body(state: tuple) -> tuple:
-            which = _largest_chunk(state[2], nb)
-            return jax.lax.switch(which, [functools.partial(chunk, n) for n in sizes], state)
-
-        state = (jnp.zeros(qi.shape, jnp.float32), q0 + block, i + 1 - first[i])
-        return jax.lax.while_loop(lambda s: s[2] > 0, body, state)[0].astype(q.dtype)
-
+    bw = _Backward(
+        q, k, v, d_out, lse, delta, segment_ids, positions, scale, softcap, window, block
+    )
+    blocks = jnp.arange(q.shape[1] // block)
+    dq = jax.lax.map(functools.partial(_dq_block, bw, first), blocks)
+    dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(q.shape)
     # The query blocks that visit key block j: i >= j with first[i] <= j, all within j .. last[j]
     # (blocks between that skip j add exact zeros: their mask hides j).
-    blocks = jnp.arange(nb)
     sees = (first[None, :] <= blocks[:, None]) & (blocks[None, :] >= blocks[:, None])
     last = jnp.max(jnp.where(sees, blocks[None, :], blocks[:, None]), axis=1)
-
-    def dkv_block(j: jax.Array) -> tuple[jax.Array, jax.Array]:
-        k0 = j * block
-        kj, vj = take(k, k0, block), take(v, k0, block)
-
-        def chunk(n: int, state: tuple) -> tuple:
-            dk, dv, start, remaining = state
-            q0 = start * block
-            qc, doc = take(q, q0, n * block), take(d_out, q0, n * block)
-            lse_c, delta_c = take(lse, q0, n * block, 3), take(delta, q0, n * block, 3)
-            mask = _chunk_mask(segment_ids, positions, window, q0, n * block, k0, block)
-            p, ds = d_scores(qc, kj, vj, doc, lse_c, delta_c, mask)
-            dv = dv + jnp.einsum(
-                "bkgts,btkgd->bskd", p.astype(q.dtype), doc, preferred_element_type=jnp.float32
-            )
-            dk = dk + jnp.einsum(
-                "bkgts,btkgd->bskd", ds.astype(q.dtype), qc, preferred_element_type=jnp.float32
-            )
-            return dk, dv, start + n, remaining - n
-
-        def body(state: tuple) -> tuple:
-            which = _largest_chunk(state[3], nb)
-            return jax.lax.switch(which, [functools.partial(chunk, n) for n in sizes], state)
-
-        zeros = jnp.zeros(kj.shape, jnp.float32)
-        state = (zeros, zeros, j, last[j] - j + 1)
-        dk, dv, _, _ = jax.lax.while_loop(lambda s: s[3] > 0, body, state)
-        return dk.astype(k.dtype), dv.astype(v.dtype)
-
-    dq = jax.lax.map(dq_block, blocks).transpose(1, 0, 2, 3, 4, 5).reshape(q.shape)
-    dk, dv = jax.lax.map(dkv_block, blocks)  # [nb, B, block, KV, hd]
+    dk, dv = jax.lax.map(functools.partial(_dkv_block, bw, last), blocks)  # [nb, B, block, KV, hd]
     dk = dk.transpose(1, 0, 2, 3, 4).reshape(k.shape)
     dv = dv.transpose(1, 0, 2, 3, 4).reshape(v.shape)
     return dq, dk, dv
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backward:
+    """What every block of `_flash_backward` reads: the inputs, the output's gradient, the
+    forward's log-sum-exp, `delta`, the masks' inputs and the static settings."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    d_out: jax.Array
+    lse: jax.Array
+    delta: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    scale: float
+    softcap: float | None
+    window: int | None
+    block: int
+
+    def rows(self, x: jax.Array, at: jax.Array, n: int, axis: int = 1) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(x, at, n, axis=axis)
+
+    def mask(self, q0: jax.Array, nq: int, k0: jax.Array, nk: int) -> jax.Array:
+        return _chunk_mask(self.segment_ids, self.positions, self.window, q0, nq, k0, nk)
+
+    def d_scores(self, qc, kc, vc, doc, lse_c, delta_c, mask) -> tuple[jax.Array, jax.Array]:
+        """Probabilities and gradient of the raw (pre-cap, scaled) products `[B,KV,G,tq,tk]`."""
+        s = _raw_scores(qc, kc, self.scale, self.softcap)
+        p = jnp.where(mask[:, None, None], jnp.exp(s - lse_c[..., None]), 0.0)
+        dp = jnp.einsum("btkgd,bskd->bkgts", doc, vc, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_c[..., None])
+        if self.softcap is not None:
+            ds = ds * (1.0 - jnp.square(s / self.softcap))  # d(c tanh(x / c))/dx = 1 - tanh^2
+        return p, ds * self.scale
+
+    def run_chunks(self, chunk: Any, state: tuple) -> tuple:
+        """`chunk(n, state)` over the blocks `state[-1]` counts down, largest chunks first."""
+        nb = self.q.shape[1] // self.block
+        branches = [functools.partial(chunk, n) for n in _chunk_sizes(nb)]
+
+        def body(st: tuple) -> tuple:
+            return jax.lax.switch(_largest_chunk(st[-1], nb), branches, st)
+
+        return jax.lax.while_loop(lambda st: st[-1] > 0, body, state)
+
+
+def _dq_block(bw: _Backward, first: jax.Array, i: jax.Array) -> jax.Array:
+    """dq of query block `i`, over its key run back from the diagonal."""
+    blk = bw.block
+    q0 = i * blk
+    qi, doi = bw.rows(bw.q, q0, blk), bw.rows(bw.d_out, q0, blk)
+    lse_i, delta_i = bw.rows(bw.lse, q0, blk, 3), bw.rows(bw.delta, q0, blk, 3)
+
+    def chunk(n: int, state: tuple) -> tuple:
+        dq, end, remaining = state
+        k0 = end - n * blk
+        kc, vc = bw.rows(bw.k, k0, n * blk), bw.rows(bw.v, k0, n * blk)
+        _, ds = bw.d_scores(qi, kc, vc, doi, lse_i, delta_i, bw.mask(q0, blk, k0, n * blk))
+        dq = dq + jnp.einsum(
+            "bkgts,bskd->btkgd", ds.astype(bw.k.dtype), kc, preferred_element_type=jnp.float32
+        )
+        return dq, k0, remaining - n
+
+    state = (jnp.zeros(qi.shape, jnp.float32), q0 + blk, i + 1 - first[i])
+    return bw.run_chunks(chunk, state)[0].astype(bw.q.dtype)
+
+
+def _dkv_block(bw: _Backward, last: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """dk and dv of key block `j`, over the query blocks j .. last[j]."""
+    blk = bw.block
+    k0 = j * blk
+    kj, vj = bw.rows(bw.k, k0, blk), bw.rows(bw.v, k0, blk)
+
+    def chunk(n: int, state: tuple) -> tuple:
+        dk, dv, start, remaining = state
+        q0 = start * blk
+        qc, doc = bw.rows(bw.q, q0, n * blk), bw.rows(bw.d_out, q0, n * blk)
+        lse_c, delta_c = bw.rows(bw.lse, q0, n * blk, 3), bw.rows(bw.delta, q0, n * blk, 3)
+        p, ds = bw.d_scores(qc, kj, vj, doc, lse_c, delta_c, bw.mask(q0, n * blk, k0, blk))
+        dt = bw.q.dtype
+        dv = dv + jnp.einsum(
+            "bkgts,btkgd->bskd", p.astype(dt), doc, preferred_element_type=jnp.float32
+        )
+        dk = dk + jnp.einsum(
+            "bkgts,btkgd->bskd", ds.astype(dt), qc, preferred_element_type=jnp.float32
+        )
+        return dk, dv, start + n, remaining - n
+
+    zeros = jnp.zeros(kj.shape, jnp.float32)
+    dk, dv, _, _ = bw.run_chunks(chunk, (zeros, zeros, j, last[j] - j + 1))
+    return dk.astype(bw.k.dtype), dv.astype(bw.v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))

@@ -152,8 +152,9 @@ def _is_gguf(path: pathlib.Path) -> bool:
 
 
 def _load_gguf(path: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE GGUF tokenizer as the `transformers` fast tokenizer llama.cpp would
+    run: the vocab, merges, pre-tokenizer, added and special tokens from the GGUF metadata."""
     meta = GGUFMetadata(path)
-
     model = meta.string(_K.MODEL)
     if model != "gpt2":
         raise ValueError(
@@ -161,59 +162,17 @@ def _load_gguf(path: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
             "('gpt2') GGUF tokenizers are supported, use the model's Hugging Face tokenizer "
             "directory instead"
         )
-    pre = meta.string(_K.PRE) if _K.PRE in meta else None
-    if pre in _DIGIT_ISOLATING_PRE:
-        pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-            ]
-        )
-    elif pre in _GPT2_REGEX_PRE:
-        pre_tokenizer = pre_tokenizers.ByteLevel(
-            add_prefix_space=False, trim_offsets=True, use_regex=True
-        )
-    else:
-        # llama.cpp falls back to a "default" regex for unknown names; guessing here would give
-        # token ids the model never saw in training, so refuse instead.
-        supported = ", ".join(sorted(_DIGIT_ISOLATING_PRE | _GPT2_REGEX_PRE))
-        raise ValueError(
-            f"{path}: unsupported or missing pre-tokenizer {_K.PRE}={pre!r}; "
-            f"supported for byte-level BPE: {supported}"
-        )
-
-    tokens = meta.strings(_K.LIST)
-    if not tokens:
-        raise ValueError(f"{path}: GGUF metadata field {_K.LIST!r} is empty")
-    # llama.cpp does the same renaming; an empty string cannot be a usable vocab entry.
-    tokens = [tok or f"[EMPTY_{i}]" for i, tok in enumerate(tokens)]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        # The dict would keep only the last id of a duplicate, leaving embedding rows unreachable;
-        # llama.cpp rejects such a vocab too.
-        raise ValueError(f"{path}: {_K.LIST!r} contains duplicate tokens")
-
-    if _K.MERGES not in meta:
-        raise ValueError(f"{path}: GGUF metadata field {_K.MERGES!r} is missing (needed for BPE)")
-    merges = []
-    for merge in meta.strings(_K.MERGES):
-        # Byte-level tokens never contain a literal space (it is spelled "Ġ"), so exactly one
-        # space separates the pair.
-        left, sep, right = merge.partition(" ")
-        if not sep or " " in right or left not in vocab or right not in vocab:
-            raise ValueError(f"{path}: malformed merge {merge!r} in {_K.MERGES!r}")
-        merges.append((left, right))
-
+    pre_tokenizer = _gguf_pre_tokenizer(path, meta)
+    tokens, vocab = _gguf_vocab(path, meta)
     token_types = meta.integers(_K.TOKEN_TYPE) if _K.TOKEN_TYPE in meta else [1] * len(tokens)
     if len(token_types) != len(tokens):
         raise ValueError(
             f"{path}: {_K.TOKEN_TYPE!r} has {len(token_types)} entries for {len(tokens)} tokens"
         )
-
     backend = Tokenizer(
         BPE(
             vocab=vocab,
-            merges=merges,
+            merges=_gguf_merges(path, meta, vocab),
             dropout=None,
             unk_token=None,  # byte-level BPE can spell any input; an unk would hide bugs
             fuse_unk=False,
@@ -224,37 +183,20 @@ def _load_gguf(path: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
 
-    # Added tokens reuse the ids already in the vocab (tokenizers looks the content up), so the
-    # vocab size stays exactly the embedding size. normalized=False: match the raw text.
-    control = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _CONTROL]
-    user_defined = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _USER_DEFINED]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
-
-    special: dict[str, str] = {}
-    for name, key in _SPECIAL_TOKEN_KEYS.items():
-        if key in meta:
-            token_id = meta.integer(key)
-            if not 0 <= token_id < len(tokens):
-                raise ValueError(f"{path}: {key}={token_id} is outside the vocab")
-            special[name] = tokens[token_id]
-
+    control, special = _gguf_added_tokens(path, meta, tokens, token_types, backend)
     add_bos = meta.boolean(_K.ADD_BOS) if _K.ADD_BOS in meta else False
     add_eos = meta.boolean(_K.ADD_EOS) if _K.ADD_EOS in meta else False
     backend.post_processor = _post_processor(path, special, vocab, add_bos, add_eos)
 
-    chat_template = _chat_template(meta)
-
     wrapper_kwargs: dict[str, Any] = dict(special)
+    chat_template = _chat_template(meta)
     if chat_template is not None:
         wrapper_kwargs["chat_template"] = chat_template
     # Control tokens other than the named ones are still special to llama.cpp (never produced by
     # BPE, skipped when decoding with skip_special_tokens); expose them as extra special tokens.
-    named = set(special.values())
-    extra = [t for t in control if t not in named]
+    extra = [t for t in control if t not in set(special.values())]
     if extra:
         wrapper_kwargs["extra_special_tokens"] = extra
-
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
         name_or_path=str(path),
@@ -266,6 +208,81 @@ def _load_gguf(path: pathlib.Path) -> transformers.PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         **wrapper_kwargs,
     )
+
+
+def _gguf_added_tokens(
+    path: pathlib.Path,
+    meta: GGUFMetadata,
+    tokens: list[str],
+    token_types: list[int],
+    backend: Tokenizer,
+) -> tuple[list[str], dict[str, str]]:
+    """Add the control and user-defined tokens to `backend`; returns the control tokens and the
+    named special tokens (`bos_token`: its text, ...)."""
+    # Added tokens reuse the ids already in the vocab (tokenizers looks the content up), so the
+    # vocab size stays exactly the embedding size. normalized=False: match the raw text.
+    control = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _CONTROL]
+    user_defined = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _USER_DEFINED]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
+    special: dict[str, str] = {}
+    for name, key in _SPECIAL_TOKEN_KEYS.items():
+        if key in meta:
+            token_id = meta.integer(key)
+            if not 0 <= token_id < len(tokens):
+                raise ValueError(f"{path}: {key}={token_id} is outside the vocab")
+            special[name] = tokens[token_id]
+    return control, special
+
+
+def _gguf_pre_tokenizer(path: pathlib.Path, meta: GGUFMetadata) -> Any:
+    pre = meta.string(_K.PRE) if _K.PRE in meta else None
+    if pre in _DIGIT_ISOLATING_PRE:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
+    if pre in _GPT2_REGEX_PRE:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    # llama.cpp falls back to a "default" regex for unknown names; guessing here would give
+    # token ids the model never saw in training, so refuse instead.
+    supported = ", ".join(sorted(_DIGIT_ISOLATING_PRE | _GPT2_REGEX_PRE))
+    raise ValueError(
+        f"{path}: unsupported or missing pre-tokenizer {_K.PRE}={pre!r}; "
+        f"supported for byte-level BPE: {supported}"
+    )
+
+
+def _gguf_vocab(path: pathlib.Path, meta: GGUFMetadata) -> tuple[list[str], dict[str, int]]:
+    tokens = meta.strings(_K.LIST)
+    if not tokens:
+        raise ValueError(f"{path}: GGUF metadata field {_K.LIST!r} is empty")
+    # llama.cpp does the same renaming; an empty string cannot be a usable vocab entry.
+    tokens = [tok or f"[EMPTY_{i}]" for i, tok in enumerate(tokens)]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        # The dict would keep only the last id of a duplicate, leaving embedding rows unreachable;
+        # llama.cpp rejects such a vocab too.
+        raise ValueError(f"{path}: {_K.LIST!r} contains duplicate tokens")
+    return tokens, vocab
+
+
+def _gguf_merges(
+    path: pathlib.Path, meta: GGUFMetadata, vocab: dict[str, int]
+) -> list[tuple[str, str]]:
+    if _K.MERGES not in meta:
+        raise ValueError(f"{path}: GGUF metadata field {_K.MERGES!r} is missing (needed for BPE)")
+    merges = []
+    for merge in meta.strings(_K.MERGES):
+        # Byte-level tokens never contain a literal space (it is spelled "Ġ"), so exactly one
+        # space separates the pair.
+        left, sep, right = merge.partition(" ")
+        if not sep or " " in right or left not in vocab or right not in vocab:
+            raise ValueError(f"{path}: malformed merge {merge!r} in {_K.MERGES!r}")
+        merges.append((left, right))
+    return merges
 
 
 def _post_processor(

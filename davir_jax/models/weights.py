@@ -54,7 +54,7 @@ def _t(w: np.ndarray) -> np.ndarray:
 def param_table(arch: ArchConfig) -> list[TensorMap]:
     """Every parameter of `Decoder(arch)` with its HF name (HF weights are `[out, in]`)."""
     e, hd = arch.hidden_size, arch.resolved_head_dim
-    h, k = arch.num_heads, arch.num_kv_heads
+    h = arch.num_heads
 
     def in_proj(n: int) -> tuple[Callable, Callable]:  # [n*hd, e] <-> [e, n, hd]
         return (lambda w: w.T.reshape(e, n, hd)), (lambda w: w.reshape(e, n * hd).T)
@@ -66,53 +66,59 @@ def param_table(arch: ArchConfig) -> list[TensorMap]:
 
     rows = [TensorMap("embed", "model.embed_tokens.weight", _ident, _ident)]
     for i in range(arch.num_layers):
-        p, hp = f"layers.{i}", f"model.layers.{i}"
-        rows += [
-            TensorMap(f"{p}.input_norm.scale", f"{hp}.input_layernorm.weight", _ident, _ident),
-            TensorMap(
-                f"{p}.post_attn_norm.scale", f"{hp}.post_attention_layernorm.weight", _ident, _ident
-            ),
-            TensorMap(f"{p}.attn.q_proj", f"{hp}.self_attn.q_proj.weight", *in_proj(h)),
-            TensorMap(f"{p}.attn.k_proj", f"{hp}.self_attn.k_proj.weight", *in_proj(k)),
-            TensorMap(f"{p}.attn.v_proj", f"{hp}.self_attn.v_proj.weight", *in_proj(k)),
-            TensorMap(f"{p}.attn.o_proj", f"{hp}.self_attn.o_proj.weight", *out_proj),
-            TensorMap(f"{p}.mlp.gate_proj", f"{hp}.mlp.gate_proj.weight", _t, _t),
-            TensorMap(f"{p}.mlp.up_proj", f"{hp}.mlp.up_proj.weight", _t, _t),
-            TensorMap(f"{p}.mlp.down_proj", f"{hp}.mlp.down_proj.weight", _t, _t),
-        ]
-        if arch.family == "gemma2":
-            rows += [
-                TensorMap(
-                    f"{p}.pre_mlp_norm.scale",
-                    f"{hp}.pre_feedforward_layernorm.weight",
-                    _ident,
-                    _ident,
-                ),
-                TensorMap(
-                    f"{p}.post_mlp_norm.scale",
-                    f"{hp}.post_feedforward_layernorm.weight",
-                    _ident,
-                    _ident,
-                ),
-            ]
-        if arch.qkv_bias:
-            rows += [
-                TensorMap(f"{p}.attn.q_bias", f"{hp}.self_attn.q_proj.bias", *head_bias(h)),
-                TensorMap(f"{p}.attn.k_bias", f"{hp}.self_attn.k_proj.bias", *head_bias(k)),
-                TensorMap(f"{p}.attn.v_bias", f"{hp}.self_attn.v_proj.bias", *head_bias(k)),
-            ]
-        if arch.o_bias:
-            rows.append(
-                TensorMap(f"{p}.attn.o_bias", f"{hp}.self_attn.o_proj.bias", _ident, _ident)
-            )
-        if arch.mlp_bias:
-            rows += [
-                TensorMap(f"{p}.mlp.{n}_bias", f"{hp}.mlp.{n}_proj.bias", _ident, _ident)
-                for n in ("gate", "up", "down")
-            ]
+        rows += _layer_rows(arch, f"layers.{i}", f"model.layers.{i}", in_proj, out_proj, head_bias)
     rows.append(TensorMap("final_norm.scale", "model.norm.weight", _ident, _ident))
     if not arch.tie_embeddings:
         rows.append(TensorMap("lm_head", "lm_head.weight", _t, _t))
+    return rows
+
+
+def _layer_rows(
+    arch: ArchConfig, p: str, hp: str, in_proj: Callable, out_proj: tuple, head_bias: Callable
+) -> list[TensorMap]:
+    """The parameters of one decoder layer (`p` here, `hp` in HF names)."""
+    h, k = arch.num_heads, arch.num_kv_heads
+    rows = [
+        TensorMap(f"{p}.input_norm.scale", f"{hp}.input_layernorm.weight", _ident, _ident),
+        TensorMap(
+            f"{p}.post_attn_norm.scale", f"{hp}.post_attention_layernorm.weight", _ident, _ident
+        ),
+        TensorMap(f"{p}.attn.q_proj", f"{hp}.self_attn.q_proj.weight", *in_proj(h)),
+        TensorMap(f"{p}.attn.k_proj", f"{hp}.self_attn.k_proj.weight", *in_proj(k)),
+        TensorMap(f"{p}.attn.v_proj", f"{hp}.self_attn.v_proj.weight", *in_proj(k)),
+        TensorMap(f"{p}.attn.o_proj", f"{hp}.self_attn.o_proj.weight", *out_proj),
+        TensorMap(f"{p}.mlp.gate_proj", f"{hp}.mlp.gate_proj.weight", _t, _t),
+        TensorMap(f"{p}.mlp.up_proj", f"{hp}.mlp.up_proj.weight", _t, _t),
+        TensorMap(f"{p}.mlp.down_proj", f"{hp}.mlp.down_proj.weight", _t, _t),
+    ]
+    if arch.family == "gemma2":
+        rows += [
+            TensorMap(
+                f"{p}.pre_mlp_norm.scale",
+                f"{hp}.pre_feedforward_layernorm.weight",
+                _ident,
+                _ident,
+            ),
+            TensorMap(
+                f"{p}.post_mlp_norm.scale",
+                f"{hp}.post_feedforward_layernorm.weight",
+                _ident,
+                _ident,
+            ),
+        ]
+    if arch.qkv_bias:
+        rows += [
+            TensorMap(f"{p}.attn.q_bias", f"{hp}.self_attn.q_proj.bias", *head_bias(h)),
+            TensorMap(f"{p}.attn.k_bias", f"{hp}.self_attn.k_proj.bias", *head_bias(k)),
+            TensorMap(f"{p}.attn.v_bias", f"{hp}.self_attn.v_proj.bias", *head_bias(k)),
+        ]
+    if arch.o_bias:
+        rows.append(TensorMap(f"{p}.attn.o_bias", f"{hp}.self_attn.o_proj.bias", _ident, _ident))
+    if arch.mlp_bias:
+        rows += [
+            TensorMap(f"{p}.mlp.{n}_bias", f"{hp}.mlp.{n}_proj.bias", _ident, _ident)
+            for n in ("gate", "up", "down")
+        ]
     return rows
 
 

@@ -184,6 +184,34 @@ def render_markdown(result: dict[str, Any], images: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_source(
+    source: str | Path | pa.Table, out_dir: str | Path | None
+) -> tuple[pa.Table, dict[str, Any], str | Path]:
+    """(scores table, what it was computed from, the output directory)."""
+    if isinstance(source, pa.Table):
+        if out_dir is None:
+            raise ValueError("out_dir is required when diagnostics are given a table")
+        return source, {}, out_dir
+    f = scores_file(source)
+    table = read_scores(f)
+    inputs = {"scores": str(f.resolve()), "scores_sha256": file_sha256(f)}
+    mf = f.parent / MANIFEST_FILE
+    if mf.is_file():
+        m = json.loads(mf.read_text(encoding="utf-8"))
+        inputs |= {key: m[key] for key in ("data", "template", "fingerprints") if key in m}
+    return table, inputs, f.parent if out_dir is None else out_dir
+
+
+def _write_files(out: Path, result: dict[str, Any], plots: tuple[bytes, bytes]) -> None:
+    hist, scatter = plots
+    write_atomic(out / HIST_FILE, hist)
+    write_atomic(out / SCATTER_FILE, scatter)
+    write_atomic(out / MD_FILE, render_markdown(result).encode("utf-8"))
+    write_atomic(
+        out / JSON_FILE, (dumps_json(result, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    )
+
+
 def write_diagnostics(
     source: str | Path | pa.Table,
     out_dir: str | Path | None = None,
@@ -199,20 +227,7 @@ def write_diagnostics(
     registered). k: examples listed at each end. seed: for `random`. echo: print the report.
     Returns the dict saved as diagnostics.json.
     """
-    inputs: dict[str, Any] = {}
-    if isinstance(source, pa.Table):
-        if out_dir is None:
-            raise ValueError("out_dir is required when diagnostics are given a table")
-        table = source
-    else:
-        f = scores_file(source)
-        table = read_scores(f)
-        inputs = {"scores": str(f.resolve()), "scores_sha256": file_sha256(f)}
-        mf = f.parent / MANIFEST_FILE
-        if mf.is_file():
-            m = json.loads(mf.read_text(encoding="utf-8"))
-            inputs |= {key: m[key] for key in ("data", "template", "fingerprints") if key in m}
-        out_dir = f.parent if out_dir is None else out_dir
+    table, inputs, out_dir = _read_source(source, out_dir)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}")
     names = list(SCORES) if names is None else list(names)
@@ -244,14 +259,7 @@ def write_diagnostics(
         "files": {"markdown": MD_FILE, "histograms": HIST_FILE, "vs_length": SCATTER_FILE},
         "inputs": inputs,
     }
-    hist, scatter = _plots(scores, t, corr)
-    write_atomic(out / HIST_FILE, hist)
-    write_atomic(out / SCATTER_FILE, scatter)
-    md = render_markdown(result)
-    write_atomic(out / MD_FILE, md.encode("utf-8"))
-    write_atomic(
-        out / JSON_FILE, (dumps_json(result, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
-    )
+    _write_files(out, result, _plots(scores, t, corr))
     if echo:
         print(render_markdown(result, images=False), end="")
     return result
