@@ -259,8 +259,19 @@ def cmd_diagnostics(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from davir_jax.jobs.plan import plan, render
 
-    p = plan(_load_cfg(args, overrides), args.job, args.chip, args.devices)
-    print(json.dumps(p, indent=1) if args.json else render(p))
+    cfg = _load_cfg(args, overrides)
+    compiled, devices = None, args.devices
+    if args.compile:  # the estimate is then for the mesh the step was compiled on
+        from davir_jax.jobs.aot import compile_step, render_compiled
+
+        compiled = compile_step(cfg, args.job)
+        devices = compiled["devices"]
+    p = plan(cfg, args.job, args.chip, devices)
+    text = render(p)
+    if compiled is not None:
+        p["compiled"] = compiled
+        text += "\n" + render_compiled(compiled)
+    print(json.dumps(p, indent=1) if args.json else text)
     return 1 if p["fits"] is False else 0
 
 
@@ -406,6 +417,12 @@ def _tool_commands(sub: Any) -> None:
     )
     pn.add_argument("--devices", type=int, help="device count for a -1 mesh axis")
     pn.add_argument("--json", action="store_true")
+    pn.add_argument(
+        "--compile",
+        action="store_true",
+        help="also lower and compile the real step for the mesh of this process's devices "
+        "(abstract shapes, no weights) and report XLA's memory analysis",
+    )
     _config_args(pn)
     pn.set_defaults(fn=cmd_plan)
     c = sub.add_parser("config", help="print the resolved config")

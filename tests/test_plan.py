@@ -85,3 +85,56 @@ def test_a_batch_in_examples_or_tokens_plans_its_step_tokens():
     assert p_ex["tokens_per_step"] == 8 * 512  # 7 rows -> 4 micro-batches of 2
     assert p_tok["tokens_per_step"] == 6 * 512  # ceil(2000 / 512) + 1 = 5 rows -> 3 x 2
     assert p_ex["step_flops"] / p_rows["step_flops"] == pytest.approx(8 / 6)
+
+
+# -- `davir plan --compile`: the real step, compiled from abstract shapes ------------------------
+
+
+def _batch_bytes(c: dict, devices_over_batch: int) -> int:
+    """Per-device bytes of the step's batch: four int32 token arrays and the float32 weights."""
+    b = c["batch"]
+    rows = b["micro_batches"] * b["rows"] // devices_over_batch
+    return rows * (4 * b["seq"] + b["segments"]) * 4
+
+
+@pytest.mark.parametrize(
+    "mesh,over_batch", [((2, 2, 2), 4), ((1, 8, 1), 8)], ids=["2x2x2", "fsdp8"]
+)
+def test_compiled_sft_step_holds_exactly_the_planned_shards(mesh, over_batch):
+    """XLA's argument bytes per device equal the rules table's parameter shard, its two AdamW
+    moments and the batch rows of one device (plus the optimizer's step counters): the
+    shardings the step declares are the ones `plan` computes."""
+    from davir_jax.jobs.aot import compile_step
+
+    data, fsdp, tensor = mesh
+    cfg = load_config(
+        CONFIGS / "tiny.yaml",
+        [f"--mesh.data={data}", f"--mesh.fsdp={fsdp}", f"--mesh.tensor={tensor}"],
+    )
+    c = compile_step(cfg, "sft")
+    assert c["devices"] == 8 and c["mesh"] == {"data": data, "fsdp": fsdp, "tensor": tensor}
+    x, est = c["xla"], c["estimate_bytes"]
+    state = est["params"] + est["optimizer"]
+    assert 0 <= x["argument_bytes"] - state - _batch_bytes(c, over_batch) <= 64
+    # The training state is donated: the new state reuses its buffers.
+    assert x["alias_bytes"] >= state
+    assert x["temp_bytes"] > 0 and x["peak_bytes"] >= x["argument_bytes"]
+
+
+def test_dpo_and_score_steps_compile_and_cli_reports_them(capsys):
+    import json
+
+    from davir_jax.jobs.aot import compile_step
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["--mesh.data=2", "--mesh.fsdp=4"])
+    dpo = compile_step(cfg, "dpo")
+    assert dpo["batch"]["segments"] == 2 * cfg.data.max_segments  # whole pairs per row
+    score = compile_step(cfg, "score")
+    # Scoring holds one model's parameter shards and its token rows; no optimizer state.
+    rows = cfg.data.batch_rows // 8
+    one_model = plan(cfg, "sft", devices=8)["memory_bytes"]["params"]
+    tokens = rows * 4 * score["batch"]["seq"] * 4
+    assert score["xla"]["argument_bytes"] == one_model + tokens
+    assert main(["plan", "--config", str(CONFIGS / "tiny.yaml"), "--compile", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compiled"]["xla"]["peak_bytes"] > 0 and out["compiled"]["job"] == "sft"
