@@ -16,7 +16,9 @@ batch are `configs/demo.yaml`'s unless overridden (`--override key=value`, repea
 GSM8K in the test set, `--generate N` also measures exact match (the number after ####).
 
 The report (`OUT/report.md`) states the held-out loss per method with seeds and paired bootstrap
-intervals against random, and the length correlations; `--append-results` copies those
+intervals against random, and the length correlations; `per_example` adds the same comparison with
+every held-out item weighted equally (the report's loss weights items by their response length),
+overall and split at the median length; `--append-results` copies those
 sections, the command and the machine into benchmarks/RESULTS.md. Nothing here is tuned on the
 outcome.
 """
@@ -24,6 +26,7 @@ outcome.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -36,7 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from davir_jax.config import load_config  # noqa: E402
+from davir_jax.core.stats import bootstrap_ci  # noqa: E402
 from davir_jax.demo import LABELS, write_splits  # noqa: E402
 from davir_jax.demo.build import alpaca_rows, gsm8k_rows, take_distinct  # noqa: E402
 
@@ -66,6 +72,58 @@ def sections(report: str) -> str:
         if keep and not line.startswith("!["):
             out.append(line.replace("## ", "#### ", 1) if line.startswith("## ") else line)
     return "\n".join(out)
+
+
+def _item_losses(run: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(example ids, per-example loss L/T, T) of one evaluated model, sorted by id."""
+    rows = [json.loads(x) for x in (run / "examples.jsonl").read_text().splitlines()]
+    rows.sort(key=lambda r: r["example_id"])
+    ids = [r["example_id"] for r in rows]
+    return ids, np.array([r["loss"] for r in rows]), np.array([r["n_tokens"] for r in rows])
+
+
+def per_example(out: Path, methods: list[str], budgets: list[str], seeds: int) -> str:
+    """The held-out comparison with every item weighted equally (the mean of per-example L/T,
+    beside the report's token-weighted loss), overall and split at the median response length
+    of the held-out items; paired differences against `random` with 95% bootstrap intervals
+    over items (each item's loss averaged over seeds, as in the report)."""
+    ids, _, t = _item_losses(out / "eval" / "base")
+    short = t <= np.median(t)
+    groups = {"all": np.ones_like(short), f"T <= {np.median(t):.0f}": short, "longer": ~short}
+    lines = [
+        f"Held-out items weighted equally: mean per-example loss (L/T), {len(ids)} items; "
+        f"median response length {np.median(t):.0f} tokens. d = method minus random at the same "
+        "budget, 95% bootstrap interval over items.",
+        "",
+        "| selection | per-example loss, mean ± sd over seeds | "
+        + " | ".join(f"d vs random, {g} (n={int(m.sum())})" for g, m in groups.items())
+        + " |",
+        "| --- | ---: |" + " ---: |" * len(groups),
+    ]
+    for budget in budgets:
+        tag = budget.replace("=", "")
+        mean = {}
+        for method in methods:
+            runs = [_item_losses(out / "eval" / f"{method}-{tag}-s{k}") for k in range(seeds)]
+            if any(r[0] != ids for r in runs):
+                raise SystemExit(f"{out}: the evaluations of {method}-{tag} hold other items")
+            per_seed = [r[1].mean() for r in runs]
+            mean[method] = np.mean([r[1] for r in runs], axis=0)
+            sd = np.std(per_seed, ddof=1) if seeds > 1 else 0.0
+            cells = []
+            for m in groups.values():
+                if method == "random" or "random" not in mean:
+                    cells.append("")
+                    continue
+                d = (mean[method] - mean["random"])[m]
+                iv = bootstrap_ci(lambda x: x.mean(axis=-1), d)
+                cells.append(f"{iv.point:+.4f} [{iv.lo:+.4f}, {iv.hi:+.4f}]")
+            lines.append(
+                f"| {method}-{tag} | {np.mean(per_seed):.4f} ± {sd:.4f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -113,6 +171,10 @@ def main() -> None:
     minutes = (time.time() - t0) / 60
     report = (out / "report.md").read_text()
     print(report)
+    # random first: every other method is compared with it
+    methods = sorted(a.methods.split(","), key=lambda m: m != "random")
+    budgets = a.budgets.split(",")
+    print(per_example(out, methods, budgets, a.seeds))
     if a.append_results:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         model = next(
@@ -128,7 +190,8 @@ def main() -> None:
             f"seeds {a.seeds}; budgets {a.budgets}. The sections below are the run's "
             "`report.md`, verbatim: every sentence in them is computed from its numbers.\n\n"
             + sections(report)
-            + "\n"
+            + "\n\n#### Held-out items weighted equally\n\n"
+            + per_example(out, methods, budgets, a.seeds)
         )
         from results_md import add_section
 
