@@ -26,8 +26,8 @@ from davir_jax.data import batching
 from davir_jax.data.config import DataConfig
 from davir_jax.engine.config import OptimizerConfig, TrainConfig
 from davir_jax.engine.trainer import (
-    _abstract,
     _manager,
+    abstract_arrays,
     make_optimizer,
     make_train_step,
     optimizer_shardings,
@@ -209,7 +209,7 @@ def test_checkpoint_restores_onto_another_mesh_and_corrupt_one_is_skipped(tmp_pa
     psh = state_shardings(params, mesh)
     osh = optimizer_shardings(tx, params, psh, mesh)
     opt = jax.eval_shape(tx.init, params)
-    target = {"params": _abstract(params, psh), "opt_state": _abstract(opt, osh)}
+    target = {"params": abstract_arrays(params, psh), "opt_state": abstract_arrays(opt, osh)}
     step, got, meta = restore_latest(_manager(out / "checkpoints", 3), target)
     assert step == 4 and meta["step"] == 4
     final = load_model(out)

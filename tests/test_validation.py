@@ -19,7 +19,7 @@ from davir_jax.core.sharding import make_mesh, state_shardings
 from davir_jax.data.config import DataConfig
 from davir_jax.engine.config import OptimizerConfig, TrainConfig
 from davir_jax.engine.nll import held_out_loss
-from davir_jax.engine.trainer import _abstract, _manager, make_optimizer, optimizer_shardings
+from davir_jax.engine.trainer import _manager, abstract_arrays, make_optimizer, optimizer_shardings
 from davir_jax.jobs.sft import sft
 from davir_jax.models import load_model
 from davir_jax.models.config import ModelConfig
@@ -89,8 +89,8 @@ def _checkpoint_params(cfg: Config, out: Path, step: int):
     psh = state_shardings(params, mesh)
     osh = optimizer_shardings(tx, params, psh, mesh)
     target = {
-        "params": _abstract(params, psh),
-        "opt_state": _abstract(jax.eval_shape(tx.init, params), osh),
+        "params": abstract_arrays(params, psh),
+        "opt_state": abstract_arrays(jax.eval_shape(tx.init, params), osh),
     }
     mngr = _manager(out / "checkpoints", 100)
     got = mngr.restore(
