@@ -74,7 +74,7 @@ def run(name: str, data: Path, out: Path, objective: str, beta: float, args, ext
             *data_overrides(data, out, args),
             f"--train.out={out / name}",
             "--train.epochs=1",
-            "--train.checkpoint_every=1000",
+            f"--train.checkpoint_every={args.checkpoint_every}",
             f"--optimizer.lr={args.lr}",
             "--optimizer.warmup_ratio=0.1",
             f"--dpo.objective={objective}",
@@ -197,6 +197,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="a fixed folder lets a killed study resume")
     ap.add_argument(
         "--datasets", default="gsm,hh", help="gsm (GSM8K solutions), hh (HH-RLHF harmless)"
+    )
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1000,
+        help="optimizer steps between checkpoints: a killed run resumes from the last one",
     )
     ap.add_argument(
         "--gsm-all",
