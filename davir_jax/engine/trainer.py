@@ -746,6 +746,7 @@ class _Loop:
         model = load_model(m.source, m.dtype, mesh, **m.run_options())
         self.graphdef, params = nnx.split(model)
         self.tx = make_optimizer(cfg.optimizer, total)
+        self.schedule = lr_schedule(cfg.optimizer, total)  # the learning rate each record shows
         param_sh = state_shardings(params, mesh)
         self.shardings = (param_sh, optimizer_shardings(self.tx, params, param_sh, mesh))
         self.state = (params, jax.jit(self.tx.init, out_shardings=self.shardings[1])(params))
@@ -826,7 +827,7 @@ class _Loop:
         self.check()
         rec = {"step": self.step, "epoch": epoch}
         rec.update({k: float(v) for k, v in mt.items() if not k.startswith("_")})
-        rec["lr"] = float(lr_schedule(self.cfg.optimizer, self.total)(self.step - 1))
+        rec["lr"] = float(self.schedule(self.step - 1))
         rec["examples_seen"] = self.examples_seen
         rec["tokens_per_s"] = tokens_per_s
         if val is not None:

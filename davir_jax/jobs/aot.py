@@ -62,7 +62,8 @@ def compile_step(cfg: Any, job: str = "sft", mesh: Mesh | None = None) -> dict[s
         args: tuple = (params, tok, tok, tok, tok)
         accum = 1
     else:
-        step, args, accum = _train_step_args(cfg, job, graphdef, params, param_sh, mesh)
+        shape = (seq, rows, segments)
+        step, args, accum = _train_step_args(cfg, job, graphdef, params, param_sh, mesh, shape)
     t0 = time.perf_counter()
     lowered = step.lower(*args)
     t1 = time.perf_counter()
@@ -96,13 +97,19 @@ def compile_step(cfg: Any, job: str = "sft", mesh: Mesh | None = None) -> dict[s
 
 
 def _train_step_args(
-    cfg: Any, job: str, graphdef: Any, params: Any, param_sh: Any, mesh: Mesh
+    cfg: Any,
+    job: str,
+    graphdef: Any,
+    params: Any,
+    param_sh: Any,
+    mesh: Mesh,
+    shape: tuple[int, int, int],
 ) -> tuple[Any, tuple, int]:
     """The jitted training step of `job` and its abstract arguments ((params, opt_state), batch
     [, frozen reference parameters]); the micro-batch count is `train.grad_accum` (a batch stated
     in examples or tokens takes its count from the data, which planning does not read)."""
     tc, dc = cfg.train, cfg.dpo
-    _, seq, rows, segments = step_shape(cfg, job)
+    seq, rows, segments = shape  # of one micro-batch (`step_shape`)
     tx = make_optimizer(cfg.optimizer, 1000)  # the step count shapes the schedule, not the state
     opt_sh = optimizer_shardings(tx, params, param_sh, mesh)
     opt_state = abstract_arrays(jax.eval_shape(tx.init, params), opt_sh)
