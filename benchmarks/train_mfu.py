@@ -3,7 +3,11 @@ backward, AdamW update, gradient accumulation in one jitted, sharded, donated st
 real shapes with host-filled random weights (see forward_mfu.py).
 
     python benchmarks/train_mfu.py --preset qwen2-0.5b --rows 8 --seq 2048 --accum 1 \
-        --compute-dtype bfloat16
+        --compute-dtype bfloat16 --attention auto,blocked --remat full --segments 4
+
+`--attention` measures each implementation (`model.attention`) on the same shapes, one result
+line each; `--remat` names a policy (none, full, dots, attention); `--segments` packs that many
+equal examples into each row.
 
 FLOPs per token: 3 x the forward's (forward + backward = 2 x forward for the weights and the
 activations), i.e. 6 x (non-embedding + LM-head parameters) + 3 x causal attention. With `--remat`
@@ -27,9 +31,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from forward_mfu import host_random_model, peak_flops  # noqa: E402
+from forward_mfu import host_random_model, packed_rows, peak_flops, preset_arch  # noqa: E402
 
-from davir_jax.config import load_config  # noqa: E402
 from davir_jax.core.sharding import make_mesh, state_shardings  # noqa: E402
 from davir_jax.engine.config import OptimizerConfig  # noqa: E402
 from davir_jax.engine.trainer import (  # noqa: E402
@@ -41,23 +44,10 @@ from davir_jax.engine.trainer import (  # noqa: E402
 from davir_jax.jobs.plan import forward_flops  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="smollm2-135m")
-    p.add_argument("--rows", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--accum", type=int, default=1)
-    p.add_argument("--dtype", default="float32", help="parameter (master weight) dtype")
-    p.add_argument("--compute-dtype", default="bfloat16")
-    p.add_argument("--remat", action="store_true")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--out", default=None)
-    a = p.parse_args()
-    arch = load_config(ROOT / "configs" / "models" / f"{a.preset}.yaml").model.arch
-    mesh = make_mesh(1, -1, 1)
+def measure(a: argparse.Namespace, arch, mesh, attention: str) -> dict:
+    """One SFT-step measurement of implementation `attention`."""
     t0 = time.time()
-    model = host_random_model(arch, a.dtype, mesh, a.compute_dtype, a.remat)
+    model = host_random_model(arch, a.dtype, mesh, a.compute_dtype, a.remat, attention)
     graphdef, params = nnx.split(model)
     tx = make_optimizer(OptimizerConfig(lr=1e-5, warmup_steps=0), 1000)
     psh = state_shardings(params, mesh)
@@ -69,13 +59,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     shape = (a.accum, a.rows, a.seq)
     sh = accum_batch_sharding(mesh)
+    seg, pos = packed_rows(shape, a.segments)
     half = (np.arange(a.seq) >= a.seq // 4).astype(np.int32)
     batch = {
         "input_ids": rng.integers(0, arch.vocab_size, shape).astype(np.int32),
-        "segment_ids": np.ones(shape, np.int32),
-        "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), shape).copy(),
+        "segment_ids": seg,
+        "positions": pos,
         "loss_mask": np.broadcast_to(half, shape).copy(),
-        "weights": np.ones((a.accum, a.rows, 1), np.float32),
+        "weights": np.ones((a.accum, a.rows, a.segments), np.float32),
     }
     batch = {k: jax.device_put(v, sh) for k, v in batch.items()}
     t0 = time.time()
@@ -90,20 +81,20 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     dt = float(np.median(times))
     tokens = a.accum * a.rows * a.seq
-    n = arch.num_params()
-    fwd_tok = forward_flops(arch, a.seq)
-    achieved = 3 * fwd_tok * tokens / dt
+    achieved = 3 * forward_flops(arch, a.seq) * tokens / dt
     kind = jax.devices()[0].device_kind
     peak = peak_flops(kind)
-    res = {
+    return {
         "bench": "train_step",
         "preset": a.preset,
-        "params": n,
+        "params": arch.num_params(),
         "param_dtype": a.dtype,
         "compute_dtype": a.compute_dtype,
+        "attention": attention,
         "remat": a.remat,
         "rows": a.rows,
         "seq": a.seq,
+        "segments": a.segments,
         "accum": a.accum,
         "devices": len(jax.devices()),
         "device_kind": kind,
@@ -117,10 +108,31 @@ def main() -> None:
         "mfu": round(achieved / (peak * len(jax.devices())), 4) if peak else None,
         "loss": float(m["loss"]),
     }
-    print(json.dumps(res))
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(json.dumps(res) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="smollm2-135m")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="parameter (master weight) dtype")
+    p.add_argument("--compute-dtype", default="bfloat16")
+    p.add_argument("--remat", default="none", help="none, full, dots or attention")
+    p.add_argument("--attention", default="auto", help="comma-separated model.attention values")
+    p.add_argument("--segments", type=int, default=1, help="examples packed per row")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    arch = preset_arch(a.preset)
+    mesh = make_mesh(1, -1, 1)
+    for attention in a.attention.split(","):
+        res = measure(a, arch, mesh, attention)
+        print(json.dumps(res), flush=True)
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
 
 
 if __name__ == "__main__":

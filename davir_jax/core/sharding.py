@@ -297,10 +297,16 @@ class Sharder:
             return False
         return logical_to_spec((axis,), (size,), self.mesh, self.rules)[0] is not None
 
+    def spec(self, axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+        """The PartitionSpec of an array of `shape` with logical `axes` (empty without a mesh)."""
+        if self.mesh is None:
+            return PartitionSpec()
+        return logical_to_spec(axes, shape, self.mesh, self.rules)
+
     def constrain(self, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         if self.mesh is None:
             return x
-        spec = logical_to_spec(axes, x.shape, self.mesh, self.rules)
+        spec = self.spec(axes, x.shape)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
 

@@ -61,6 +61,7 @@ from davir_jax.data.config import DataConfig
 from davir_jax.data.dataset import make_plans
 from davir_jax.engine.config import OptimizerConfig
 from davir_jax.engine.nll import NonFiniteLossError, name_examples
+from davir_jax.models.decoder import cast_for_compute
 from davir_jax.models.loading import (
     load_model,
     model_fingerprint,
@@ -202,7 +203,11 @@ def make_train_step(
 
     def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array], frozen_params=None):
         params, opt_state = state
-        g, loss_sum, n, aux, bad = _accumulate(grad_fn, params, batch, frozen_params, objective.aux)
+        run = getattr(nnx.merge(graphdef, params), "run", None)  # trace time only
+        compute = params if run is None else cast_for_compute(params, run.compute_dtype)
+        g, loss_sum, n, aux, bad = _accumulate(
+            grad_fn, compute, batch, frozen_params, objective.aux
+        )
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -52,7 +52,7 @@ def compile_step(cfg: Any, job: str = "sft", mesh: Mesh | None = None) -> dict[s
     mesh = mesh if mesh is not None else mesh_from_config(cfg.mesh)
     m = cfg.model
     arch, seq, rows, segments = step_shape(cfg, job)
-    run = run_config(m.dtype, m.compute_dtype, m.remat, mesh, m.attn_block, m.scan_layers)
+    run = run_config(m.dtype, mesh=mesh, **m.run_options())
     graphdef, abs_state = abstract_model(arch, run)
     param_sh = state_shardings(abs_state, mesh)
     params = abstract_arrays(abs_state, param_sh)

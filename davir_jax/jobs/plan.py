@@ -9,8 +9,9 @@ layer, the tensors a backward pass keeps (Korthikanti et al. 2022, arXiv 2205.05
 adapted to gated MLPs, grouped-query attention and this code's float32 attention scores):
 `c * (6 d + 2 (H + 2 KV) hd + 3 f) + 8 H T` bytes (c: compute-dtype bytes; `8 H T`: float32 scores
 and probabilities); with `model.remat` only the layer inputs (`c d`) stay, plus one layer's full
-set while it is recomputed. Scoring keeps one layer's forward tensors at a time, and with blocked
-attention (`model.attn_block`) the scores of one key block (`T` -> the block). The LM head adds
+set while it is recomputed. Scoring keeps one layer's forward tensors at a time. Blocked and fused
+attention (`model.attention`, resolved for the chip's platform) hold the scores of one key block
+(`T` -> the block), forward and backward. The LM head adds
 its `[rows, chunk, vocab]` float32 logits (three copies in training: logits, softmax, gradient).
 A plan fits when the total stays under 90% of the chip's memory (headroom for XLA's buffers).
 """
@@ -29,7 +30,8 @@ from davir_jax.core.sharding import (
     logical_to_spec,
     resolve_axis_sizes,
 )
-from davir_jax.models.decoder import RunConfig, uses_blocked_attention
+from davir_jax.models import attention as attn_impl
+from davir_jax.models.decoder import RunConfig
 from davir_jax.models.loading import load_arch
 from davir_jax.models.weights import abstract_model, iter_params
 
@@ -131,7 +133,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
         "rows_per_device": rows_dev,
         "seq": seq,
     }
-    mem, flops = _costs(cfg, job, arch, mesh, seq, rows_dev, param_bytes)
+    mem, flops = _costs(cfg, job, arch, mesh, seq, rows_dev, param_bytes, chip)
     total = sum(mem.values())
     out["memory_bytes"] = {k: int(v) for k, v in mem.items()}
     out["memory_total_bytes"] = int(total)
@@ -148,7 +150,14 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
 
 
 def _costs(
-    cfg: Any, job: str, arch: Any, mesh: Any, seq: int, rows_dev: int, param_bytes: int
+    cfg: Any,
+    job: str,
+    arch: Any,
+    mesh: Any,
+    seq: int,
+    rows_dev: int,
+    param_bytes: int,
+    chip: str | None,
 ) -> tuple[dict[str, float], float]:
     """(memory per device by part, FLOPs of one step) of `job` with rows of `seq` tokens."""
     m, d = cfg.model, cfg.data
@@ -158,7 +167,8 @@ def _costs(
     H, KV, hd, V = arch.num_heads, arch.num_kv_heads, arch.resolved_head_dim, arch.vocab_size
     heads_dev = max(H // tp, 1)
     per_tok_layer = c * (6 * D + 2 * (H + 2 * KV) * hd / tp + 3 * F / tp)
-    scores = 8 * heads_dev * seq  # float32 scores and probabilities, per token
+    # float32 scores and probabilities, per token
+    scores = 8 * heads_dev * _score_keys(cfg.model, arch, seq, chip)
     chunk = cfg.train.chunk if job != "score" else cfg.scoring.chunk
     # The head's log-sum-exp holds one vocabulary block, unless the rules table splits the
     # vocabulary over devices (as `Decoder.vocab_block` decides for the real model).
@@ -167,10 +177,7 @@ def _costs(
     mem = {"params": param_bytes}
     if job == "score":
         mem["params"] = param_bytes * (2 if cfg.scoring.resident == "both" else 1)
-        # forward only: one block of scores at a time on the blocked path
-        blocked = uses_blocked_attention(m.attn_block, seq)
-        live = 8 * heads_dev * m.attn_block if blocked else scores
-        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / tp) + live)
+        mem["activations"] = tok_dev * (c * (4 * D + 2 * F / tp) + scores)
         mem["logits"] = logits
         return mem, 2 * forward_flops(arch, seq) * d.batch_rows * seq  # base and reference
     in_step_ref = job == "dpo" and cfg.dpo.reference_in_step
@@ -179,8 +186,14 @@ def _costs(
     mem["gradients"] = param_bytes + param_bytes * 4 // _BYTES[pdt]  # grads + f32 accumulator
     if in_step_ref:
         mem["reference"] = param_bytes
-    if m.remat:
-        mem["activations"] = tok_dev * (L * c * D + per_tok_layer + scores)
+    if m.remat != "none":
+        # Each layer keeps its input and what the remat policy saves (`remat_policy`).
+        kept = {
+            "full": 0,
+            "attention": c * H * hd / tp,
+            "dots": c * (2 * D + (H + 2 * KV) * hd / tp + 2 * F / tp),
+        }[m.remat]
+        mem["activations"] = tok_dev * (L * (c * D + kept) + per_tok_layer + scores)
     else:
         mem["activations"] = tok_dev * L * (per_tok_layer + scores)
     mem["logits"] = 3 * logits
@@ -189,6 +202,22 @@ def _costs(
     if in_step_ref:
         flops += forward_flops(arch, seq) * tokens
     return mem, flops
+
+
+def _score_keys(m: Any, arch: Any, seq: int, chip: str | None) -> int:
+    """How many keys' scores a query holds at once in the widest layer: `seq` where a layer runs
+    `dense`, else the block of its blocked or fused attention on `chip`'s platform."""
+    platform = "cpu" if chip is None else ("gpu" if chip in ("a100", "h100", "h200") else "tpu")
+    widest = 0
+    for window in {arch.layer_window(i) for i in range(arch.num_layers)}:
+        impl = attn_impl.choose(
+            m.attention, seq, window, arch.attn_logit_softcap, m.attn_block, platform
+        )
+        if impl == "dense":
+            return seq
+        block = m.attn_block if impl == "blocked" else attn_impl.kernel_block(impl, seq)
+        widest = max(widest, block or seq)
+    return widest or seq
 
 
 def _step_tokens(cfg: Any, seq: int) -> int:

@@ -18,9 +18,10 @@ def random_model(
     mesh: Any = None,
     *,
     compute_dtype: str | None = None,
-    remat: bool = False,
+    remat: str | bool = False,
     attn_block: int = ATTN_BLOCK,
     scan_layers: bool = False,
+    attention: str = "auto",
     seed: int = 0,
 ) -> Decoder:
     """A randomly initialised decoder, every parameter born in its sharding."""
@@ -29,7 +30,7 @@ def random_model(
     from davir_jax.core.sharding import create_sharded
     from davir_jax.models.loading import run_config
 
-    run = run_config(dtype, compute_dtype, remat, mesh, attn_block, scan_layers)
+    run = run_config(dtype, compute_dtype, remat, mesh, attn_block, scan_layers, attention)
     return create_sharded(lambda: Decoder(arch, run, rngs=nnx.Rngs(seed)), mesh)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from davir_jax.core.schema import shorthand
 from davir_jax.models.arch import ArchConfig
+from davir_jax.models.attention import IMPLEMENTATIONS, remat_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,16 +22,25 @@ class ModelConfig:
     arch: ArchConfig | None = None
     dtype: str = "float32"  # parameter dtype (master weights)
     compute_dtype: str | None = None  # the dtype computations run in (None: same as dtype)
-    # Rematerialise each layer under a gradient (training only; scoring is unaffected): the
-    # backward keeps each layer's input, not its activations (SmolLM2 SFT at 8x1024: peak RSS
-    # 5.1 GB; benchmarks/RESULTS.md).
-    remat: bool = True
+    # Rematerialise each layer under a gradient (training only; scoring is unaffected), by a
+    # policy (models.attention.remat_policy): `full` keeps each layer's input only (SmolLM2 SFT
+    # at 8x1024: peak RSS 5.1 GB; benchmarks/RESULTS.md), `dots` also the matrix products,
+    # `attention` also the attention output, `none` everything. true/false: full/none.
+    remat: str | bool = "full"
+    # models.attention.IMPLEMENTATIONS: auto (the platform's fused kernel; blocked on CPU),
+    # dense, blocked, splash (TPU), pallas_gpu (GPU).
+    attention: str = "auto"
     attn_block: int = 64  # models.decoder.ATTN_BLOCK: blocked attention; 0: dense
     # Run the layers as one lax.scan (compile time independent of depth); the same parameters,
     # checkpoints and results as the unrolled loop.
     scan_layers: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", remat_name(self.remat))
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention: {self.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}"
+            )
         if self.attn_block < 0:
             raise ValueError(
                 f"attn_block: must be 0 (dense) or a block size, got {self.attn_block}"
@@ -48,5 +58,6 @@ class ModelConfig:
             "compute_dtype": self.compute_dtype,
             "remat": self.remat,
             "attn_block": self.attn_block,
+            "attention": self.attention,
             "scan_layers": self.scan_layers,
         }

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from davir_jax.core.sharding import Sharder
+from davir_jax.models import attention as attn_impl
 from davir_jax.models.arch import ArchConfig, llama3_inv_freq_scale
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -49,16 +51,29 @@ class RunConfig:
 
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: bool = False
+    # What the backward pass keeps of each layer (`attention.REMAT_POLICIES`: none, full, dots,
+    # attention; true/false mean full/none). Training only: scoring has no backward.
+    remat: str | bool = "none"
     sharder: Sharder = dataclasses.field(default_factory=Sharder)
     # Query/key block of attention over a whole sequence (no cache): key blocks that no query of
     # the block may see (causal, another packed example, outside the window) are skipped.
     # 0: one dense [T, T] score matrix.
     attn_block: int = ATTN_BLOCK
+    # The attention implementation (`attention.IMPLEMENTATIONS`; `auto`: the platform's fused
+    # kernel, `blocked` on CPU).
+    attention: str = "auto"
     # Run the layer stack as one `lax.scan` over groups of identical layers (`Decoder`), so the
     # compiled program holds one group body whatever the depth. The parameters stay stored
     # per layer (`layers.{i}`); they are stacked at trace time.
     scan_layers: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "remat", attn_impl.remat_name(self.remat))
+        if self.attention not in attn_impl.IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention: {self.attention!r} is not one of "
+                f"{', '.join(attn_impl.IMPLEMENTATIONS)}"
+            )
 
 
 @jax.tree_util.register_dataclass
@@ -105,6 +120,23 @@ def _param(
         value = jnp.ones(shape, jnp.float32)
     # Our own metadata key: flax acts eagerly on `out_sharding`; we map names in sharding.py.
     return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def cast_for_compute(params: nnx.State, compute_dtype: str) -> nnx.State:
+    """The parameters as the forward pass reads them: each one the model casts to the compute
+    dtype, cast (so those casts become no-ops); RMSNorm scales (`scale`, read in float32) as
+    stored. The training step calls this once per optimizer step, outside its micro-batch loop,
+    so float32 master weights are cast once, not once per micro-batch, and an FSDP all-gather
+    moves compute-dtype shards."""
+    cd = to_dtype(compute_dtype)
+
+    def cast(path: tuple, v: Any) -> Any:
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if "scale" in names or not jnp.issubdtype(v.dtype, jnp.floating) or v.dtype == cd:
+            return v
+        return v.astype(cd)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 class RMSNorm(nnx.Module):
@@ -576,11 +608,12 @@ class Attention(nnx.Module):
         b, t, h, hd = q.shape
         kv = arch.num_kv_heads
         new_slots = None
+        blk, scale, cap = self.run.attn_block, arch.attention_scale, arch.attn_logit_softcap
+        impl = "dense"
         if cache is None:
-            # Blocked attention computes each block pair's mask itself: no [B, T, T] mask.
-            mask = None
-            if not uses_blocked_attention(self.run.attn_block, t):
-                mask = attention_mask(segment_ids_bt, positions_bt, self.window)
+            impl = attn_impl.choose(self.run.attention, t, self.window, cap, blk)
+            mask = attention_mask(segment_ids_bt, positions_bt, self.window)
+            mask = mask if impl == "dense" else None
         else:
             k_slots, v_slots, c = cache
             at = (0, c.index, 0, 0)
@@ -593,13 +626,18 @@ class Attention(nnx.Module):
             )
         # Grouped-query attention: query head h reads kv head h // (H / KV), as HF's repeat_kv.
         q = q.reshape(b, t, kv, h // kv, hd)
-        blk, scale, cap = self.run.attn_block, arch.attention_scale, arch.attn_logit_softcap
-        if mask is None:
+        if impl == "dense":
+            out = dense_attention(q, k, v, mask, scale, cap)
+        elif impl == "blocked":
+            # Blocked attention computes each block pair's mask itself: no [B, T, T] mask.
             out = blocked_attention(
                 q, k, v, segment_ids_bt, positions_bt, self.window, scale, cap, block=blk
             )
         else:
-            out = dense_attention(q, k, v, mask, scale, cap)
+            out = attn_impl.fused_attention(
+                impl, q, k, v, segment_ids_bt, self.window, scale, cap, self.run.sharder
+            )
+        out = checkpoint_name(out, attn_impl.ATTENTION_OUT)
         out = out.reshape(b, t, h, hd)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.get_value().astype(cd))
         if arch.o_bias:
@@ -753,10 +791,11 @@ class Decoder(nnx.Module):
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache)
-            if run.remat and cache is None:
-                x, _ = nnx.remat(lambda blk, x_: blk(x_, segment_ids, positions, inv_freq))(
-                    block, x
-                )
+            if run.remat != "none" and cache is None:
+                x, _ = nnx.remat(
+                    lambda blk, x_: blk(x_, segment_ids, positions, inv_freq),
+                    policy=attn_impl.remat_policy(run.remat),
+                )(block, x)
             else:
                 x, slots = block(x, segment_ids, positions, inv_freq, layer_cache)
                 if slots is not None:
@@ -794,9 +833,13 @@ class Decoder(nnx.Module):
             return run.sharder.constrain(x, ("batch", "seq", "embed"))
 
         # Checkpoint each block (not the whole group body): what is saved for the backward pass
-        # is each layer's input, as with the unrolled loop's `nnx.remat`.
-        in_scan = jax.checkpoint(layer, prevent_cse=False, static_argnums=0) if run.remat else layer
-        unrolled = jax.checkpoint(layer, static_argnums=0) if run.remat else layer
+        # is each layer's input (and what `run.remat`'s policy names), as with the unrolled
+        # loop's `nnx.remat`.
+        in_scan, unrolled = layer, layer
+        if run.remat != "none":
+            policy = attn_impl.remat_policy(run.remat)
+            in_scan = jax.checkpoint(layer, prevent_cse=False, static_argnums=0, policy=policy)
+            unrolled = jax.checkpoint(layer, static_argnums=0, policy=policy)
 
         if groups >= 2:
 

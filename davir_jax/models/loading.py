@@ -41,10 +41,11 @@ FORMAT_VERSION = 1
 def run_config(
     dtype: str,
     compute_dtype: str | None = None,
-    remat: bool = False,
+    remat: str | bool = False,
     mesh: Mesh | None = None,
     attn_block: int = ATTN_BLOCK,
     scan_layers: bool = False,
+    attention: str = "auto",
 ) -> RunConfig:
     return RunConfig(
         param_dtype=dtype,
@@ -52,6 +53,7 @@ def run_config(
         remat=remat,
         sharder=Sharder(mesh),
         attn_block=attn_block,
+        attention=attention,
         scan_layers=scan_layers,
     )
 
@@ -291,18 +293,19 @@ def load_model(
     mesh: Mesh | None = None,
     *,
     compute_dtype: str | None = None,
-    remat: bool = False,
+    remat: str | bool = False,
     attn_block: int = ATTN_BLOCK,
     scan_layers: bool = False,
+    attention: str = "auto",
 ) -> Decoder:
     """Load a decoder from any supported source, each parameter placed in its sharding.
 
     `dtype` is the parameter dtype; `compute_dtype` defaults to it. With a `mesh`, parameters are
     sharded by the logical-axis rules in `core.sharding`; without, they live on one device.
-    `remat`, `attn_block` and `scan_layers` say how it runs (`RunConfig`), not what is stored: a
-    checkpoint saved with any of them loads with any other.
+    `remat`, `attn_block`, `scan_layers` and `attention` say how it runs (`RunConfig`), not what
+    is stored: a checkpoint saved with any of them loads with any other.
     """
-    run = run_config(dtype, compute_dtype, remat, mesh, attn_block, scan_layers)
+    run = run_config(dtype, compute_dtype, remat, mesh, attn_block, scan_layers, attention)
     kind, path = resolve_source(source)
     if kind == "gguf":
         w = GGUFWeights(path)
