@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 from davir_jax.core.sharding import Sharder, make_mesh
 from davir_jax.models import attention as attn_impl
@@ -103,10 +104,15 @@ def test_fused_kernel_multi_head_attention_and_one_kv_head(impl):
 @pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
 def test_fused_kernel_inside_shard_map_on_eight_devices(impl):
     """Batch over the data-parallel axes, KV heads over the tensor axis, as the rules map them:
-    the same values and gradients as dense attention on one device."""
-    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    the same values and gradients as dense attention on one device. Then one KV head (the
+    tensor axis splits the query heads of its group instead) and 3 rows (the data-parallel
+    axes do not divide the batch: it stays whole)."""
+    sharder = Sharder(make_mesh(data=2, fsdp=2, tensor=2))
     lengths = LENGTHS + [[40, 40, 48]]  # 4 rows: one per data-parallel shard
-    _compare(impl, 6 if impl == "splash" else None, None, Sharder(mesh), lengths)
+    _compare(impl, 6 if impl == "splash" else None, None, sharder, lengths)
+    q_spec = sharder.spec(("batch", "seq", None, "heads", "head_dim"), (3, T, 1, 4, 16))
+    assert q_spec[3] == "tensor" and q_spec[0] is None
+    _compare(impl, None, None, sharder, LENGTHS, kv=1, g=4)
 
 
 def test_choose_picks_the_platform_kernel_and_falls_back(caplog):
@@ -116,11 +122,14 @@ def test_choose_picks_the_platform_kernel_and_falls_back(caplog):
     assert choose("auto", 1024, None, None, 64, "gpu") == "pallas_gpu"
     assert choose("auto", 48, None, None, 64, "cpu") == "dense"  # no block divides: as before
     assert choose("dense", 1024, None, None, 64, "tpu") == "dense"
+    attn_impl._say_once.cache_clear()
     with caplog.at_level(logging.WARNING):
         assert choose("auto", 1024, 4096, None, 64, "gpu") == "blocked"
         assert choose("auto", 1024, 4096, None, 64, "gpu") == "blocked"
+        assert choose("auto", 1024, None, None, 64, "gpu", head_dim=256) == "blocked"
     said = [r.message for r in caplog.records if "sliding window" in r.message]
-    assert len(said) <= 1  # once per process (an earlier test may have said it already)
+    assert len(said) == 1  # once per process
+    assert any("head_dim 128 (here 256)" in r.message for r in caplog.records)
     with pytest.raises(ValueError, match="pallas_gpu.*soft-capping"):
         choose("pallas_gpu", 1024, None, 30.0, 64, "gpu")
     with pytest.raises(ValueError, match="splash.*no kernel block divides the sequence length"):
@@ -205,6 +214,94 @@ def test_remat_policies_change_memory_not_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5), got, ref)
 
 
+def _count(jaxpr, name: str) -> int:
+    n = sum(eqn.primitive.name == name for eqn in jaxpr.eqns)
+    return n + sum(_count(sub, name) for e in jaxpr.eqns for sub in jaxprs_in_params(e.params))
+
+
+def _remat_case(impl: str, remat: str):
+    import dataclasses
+
+    from davir_jax.core.losses import example_nll
+    from davir_jax.models import random_model
+
+    arch = dataclasses.replace(
+        ARCH,
+        family="llama",
+        num_layers=1,
+        sliding_window=None,
+        layer_types=(),
+        attn_logit_softcap=None,
+        final_logit_softcap=None,
+    )
+    seg, pos = _packed([[40, 40, 48]])
+    ids = np.ones(seg.shape, np.int32)
+    model = random_model(arch, remat=remat, attention=impl, attn_block=32, seed=0)
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+        return example_nll(nnx.merge(graphdef, p), ids, seg, pos, ids, 4, 128)[0].sum()
+
+    return loss, params
+
+
+def test_remat_attention_keeps_the_blocked_kernel_residuals():
+    """Under `attention` the backward does not rerun the blocked attention forward (its loops
+    number as without remat); under `full` it does (one loop more)."""
+
+    def loops(remat: str) -> int:
+        loss, params = _remat_case("blocked", remat)
+        return _count(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, "while")
+
+    none, full, attention = loops("none"), loops("full"), loops("attention")
+    assert full > none, (none, full)
+    assert attention == none, (none, attention)
+
+
+def test_remat_attention_saves_the_splash_log_sum_exp():
+    """Splash names its residuals: `attention` saves its log-sum-exp `[B, KV, G, T]`, `full`
+    does not. (The interpret-mode jaxpr still holds a forward kernel call in the recomputation;
+    whether XLA removes it on TPU is unverified: no session had a TPU.)"""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    def lse_saved(remat: str) -> bool:
+        loss, params = _remat_case("splash", remat)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            print_saved_residuals(loss, params)
+        return f"f32[1,2,2,{T}] output of jitted function '_splash_attention'" in printed.getvalue()
+
+    assert lse_saved("attention") and not lse_saved("full")
+
+
+def test_cast_once_gives_the_gradients_of_casting_at_each_use():
+    """bf16 compute over f32 master weights: the gradients through `cast_for_compute` (cast
+    once) equal those of the model's own casts at each use, with a frequent token (whose
+    embedding gradient sums many rows) and a tied embedding."""
+    import dataclasses
+
+    from davir_jax.core.losses import example_nll
+    from davir_jax.models import random_model
+    from davir_jax.models.decoder import cast_for_compute
+
+    seg, pos = _packed([[40, 40, 48], [128]])
+    ids = np.random.default_rng(5).integers(1, 4, seg.shape).astype(np.int32)  # 3 token ids
+    for tied in (False, True):
+        arch = dataclasses.replace(ARCH, tie_embeddings=tied)
+        model = random_model(arch, compute_dtype="bfloat16", scan_layers=True, seed=6)
+        graphdef, params = nnx.split(model)
+
+        def loss(p, graphdef=graphdef):
+            return example_nll(nnx.merge(graphdef, p), ids, seg, pos, ids, 4, 32)[0].sum()
+
+        at_use = jax.jit(jax.grad(loss))(params)
+        once = jax.jit(jax.grad(lambda p: loss(cast_for_compute(p, "bfloat16"))))(params)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), once, at_use)
+
+
 def test_remat_names_in_the_config():
     from davir_jax.config import ConfigError, load_config
 
@@ -232,7 +329,7 @@ def _param_casts(jaxpr, shapes: set, inside_scan: bool = False) -> tuple[int, in
                 and src.shape in shapes
             ):
                 out[int(inside_scan)] += 1
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jaxprs_in_params(eqn.params):
             o, i = _param_casts(sub, shapes, inside_scan or eqn.primitive.name == "scan")
             out[0] += o
             out[1] += i
@@ -271,7 +368,12 @@ def test_master_weights_are_cast_once_per_optimizer_step():
     }
     batch = {k: np.stack([v, v]) for k, v in micro.items()}  # 2 micro-batches
     jaxpr = jax.make_jaxpr(step)((params, tx.init(params)), batch).jaxpr
-    shapes = {tuple(x.shape) for x in jax.tree.leaves(params) if x.ndim >= 2}
-    outside, inside = _param_casts(jaxpr, shapes)
+    # The layers' matrices are cast; the embedding and LM head stay float32 (`_KEEP_STORED`).
+    from davir_jax.models.decoder import cast_for_compute
+
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(cast_for_compute(params, "bfloat16")))
+    moved = [p for p, c in pairs if p.dtype != c.dtype]
+    assert len(moved) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    outside, inside = _param_casts(jaxpr, {tuple(p.shape) for p in moved})
     assert inside == 0, f"{inside} parameter casts inside the micro-batch loop"
-    assert outside >= len([x for x in jax.tree.leaves(params) if x.ndim >= 2])
+    assert outside >= len(moved)

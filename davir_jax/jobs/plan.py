@@ -183,7 +183,10 @@ def _costs(
     in_step_ref = job == "dpo" and cfg.dpo.reference_in_step
     pdt = m.dtype
     mem["optimizer"] = 2 * param_bytes  # AdamW moments in the parameter dtype
-    mem["gradients"] = param_bytes + param_bytes * 4 // _BYTES[pdt]  # grads + f32 accumulator
+    # A micro-batch's gradients (the layers' in the compute dtype) + the float32 accumulator.
+    mem["gradients"] = param_bytes * c // _BYTES[pdt] + param_bytes * 4 // _BYTES[pdt]
+    if c != _BYTES[pdt]:  # the layers' compute-dtype copy, cast once per step (cast_for_compute)
+        mem["compute_copy"] = param_bytes * c // _BYTES[pdt]
     if in_step_ref:
         mem["reference"] = param_bytes
     if m.remat != "none":
@@ -206,12 +209,22 @@ def _costs(
 
 def _score_keys(m: Any, arch: Any, seq: int, chip: str | None) -> int:
     """How many keys' scores a query holds at once in the widest layer: `seq` where a layer runs
-    `dense`, else the block of its blocked or fused attention on `chip`'s platform."""
-    platform = "cpu" if chip is None else ("gpu" if chip in ("a100", "h100", "h200") else "tpu")
+    `dense`, else the block of its blocked or fused attention on `chip`'s platform (without a
+    chip: a fused kernel named in the config on its own platform, anything else on CPU)."""
+    if chip is None:
+        platform = attn_impl.FUSED.get(m.attention, "cpu")
+    else:
+        platform = "gpu" if chip in ("a100", "h100", "h200") else "tpu"
     widest = 0
     for window in {arch.layer_window(i) for i in range(arch.num_layers)}:
         impl = attn_impl.choose(
-            m.attention, seq, window, arch.attn_logit_softcap, m.attn_block, platform
+            m.attention,
+            seq,
+            window,
+            arch.attn_logit_softcap,
+            m.attn_block,
+            platform,
+            arch.resolved_head_dim,
         )
         if impl == "dense":
             return seq

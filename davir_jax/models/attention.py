@@ -12,7 +12,8 @@ optional logit soft-capping, over a whole sequence (no KV cache; decoding always
   mask, one multi-query kernel per KV head (grouped-query attention as MaxText runs it).
 - `pallas_gpu`: the Pallas Triton flash attention for GPU
   (`jax.experimental.pallas.ops.gpu.attention.mha`) with `segment_ids`; KV heads are repeated to
-  the query heads. It has no sliding window and no soft-capping.
+  the query heads. It has no sliding window and no soft-capping, and is not used above head_dim
+  128.
 - `auto`: `splash` on TPU, `pallas_gpu` on GPU, `blocked` elsewhere; where the platform's kernel
   cannot run a layer (a window or soft-capping it lacks, a length no kernel block divides) that
   layer runs `blocked` and the fallback is logged once.
@@ -59,12 +60,17 @@ def kernel_block(impl: str, seq: int) -> int | None:
     return None
 
 
-def unsupported(impl: str, seq: int, window: int | None, softcap: float | None, platform: str):
+def unsupported(
+    impl: str, seq: int, window: int | None, softcap: float | None, head_dim: int = 0
+) -> str | None:
     """Why fused kernel `impl` cannot run a layer (a sentence), or None when it can."""
     if impl == "pallas_gpu" and window is not None:
         return "the Pallas GPU kernel has no sliding window"
     if impl == "pallas_gpu" and softcap is not None:
         return "the Pallas GPU kernel has no logit soft-capping"
+    if impl == "pallas_gpu" and head_dim > 128:
+        # Its programs hold whole head_dim-wide tiles in shared memory; JAX tests it up to 128.
+        return f"the Pallas GPU kernel is not used above head_dim 128 (here {head_dim})"
     if kernel_block(impl, seq) is None:
         return f"no kernel block divides the sequence length {seq}"
     return None
@@ -82,6 +88,7 @@ def choose(
     softcap: float | None,
     block: int,
     platform: str | None = None,
+    head_dim: int = 0,
 ) -> str:
     """The implementation one layer runs: `dense`, `blocked`, `splash` or `pallas_gpu`.
 
@@ -94,12 +101,12 @@ def choose(
     platform = platform or jax.default_backend()
     if impl == "auto":
         impl = _AUTO.get(platform, "blocked")
-        reason = impl in FUSED and unsupported(impl, seq, window, softcap, platform)
+        reason = impl in FUSED and unsupported(impl, seq, window, softcap, head_dim)
         if reason:
             _say_once(f"attention auto: {reason}; those layers run 'blocked'")
             impl = "blocked"
     elif impl in FUSED:
-        reason = unsupported(impl, seq, window, softcap, platform)
+        reason = unsupported(impl, seq, window, softcap, head_dim)
         if reason:
             raise ValueError(f"attention {impl}: {reason}; use model.attention=auto or blocked")
         if platform != FUSED[impl]:
@@ -142,9 +149,11 @@ def fused_attention(
     q_spec = sharder.spec(("batch", "seq", "kv_heads", None, "head_dim"), q.shape)
     kv_spec = sharder.spec(("batch", "seq", "kv_heads", "head_dim"), k.shape)
     seg_spec = sharder.spec(("batch", "seq"), segment_ids_bt.shape)
-    # The KV-head split of q must be k's: a kv_heads axis that does not divide stays whole.
-    if q_spec[2] != kv_spec[2]:
-        q_spec = jax.sharding.PartitionSpec(q_spec[0], None, kv_spec[2], None, None)
+    if kv_spec[2] is None:
+        # KV heads that the tensor axis does not divide (e.g. 1 or 3 of them) stay whole on
+        # every device; the query heads of each group are split instead where they divide,
+        # so the tensor shards still share the work.
+        q_spec = sharder.spec(("batch", "seq", None, "heads", "head_dim"), q.shape)
     return jax.shard_map(
         kernel,
         mesh=sharder.mesh,
@@ -182,6 +191,7 @@ def _splash_kernel(
             sm.MultiHeadMask([one] * group),
             block_sizes=sizes,
             attn_logits_soft_cap=softcap,
+            residual_checkpoint_name=ATTENTION_RESIDUALS,
             head_shards=1,
             q_seq_shards=1,
             interpret=interpret,
@@ -214,13 +224,14 @@ def _triton(q, k, v, segment_ids_bt, *, window, scale, softcap, block, interpret
 
     del window, softcap  # `unsupported` keeps layers that need them off this kernel
     b, t, kv, g, hd = q.shape
+    bwd = min(block, 32)  # JAX's own backward tiles (its defaults): smaller than the forward's
     sizes = gpu_attention.BlockSizes(
         block_q=block,
         block_k=block,
-        block_q_dkv=block,
-        block_kv_dkv=block,
-        block_q_dq=block,
-        block_kv_dq=block,
+        block_q_dkv=bwd,
+        block_kv_dkv=bwd,
+        block_q_dq=bwd,
+        block_kv_dq=bwd,
     )
     out = gpu_attention.mha(
         q.reshape(b, t, kv * g, hd),
@@ -238,6 +249,10 @@ def _triton(q, k, v, segment_ids_bt, *, window, scale, softcap, block, interpret
 # Remat policies (`model.remat`): what the backward pass keeps of each layer's forward.
 REMAT_POLICIES = ("none", "full", "dots", "attention")
 ATTENTION_OUT = "attention_out"  # the `checkpoint_name` of each layer's attention output
+# ... and of what the attention kernels' backward needs besides it (the log-sum-exp): kept
+# with it, the backward does not rerun the forward kernel. The Pallas GPU kernel has no such
+# hook: under `attention` its forward is recomputed as under `full`.
+ATTENTION_RESIDUALS = "attention_residuals"
 
 
 def remat_name(value: str | bool) -> str:
@@ -256,11 +271,12 @@ def remat_policy(name: str) -> Any:
     - `full`: keep nothing but the layer's input; recompute the whole layer.
     - `dots`: keep the results of the matrix products without batch dimensions (the
       projections and the MLP), recompute the element-wise work and the attention.
-    - `attention`: keep each layer's attention output, recompute the rest (the attention is
-      the most expensive part to recompute on long rows).
+    - `attention`: keep each layer's attention output and the kernel's log-sum-exp (blocked and
+      splash), recompute the rest: the attention is the most expensive part to recompute on
+      long rows.
     """
     if name == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if name == "attention":
-        return jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT)
+        return jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_RESIDUALS)
     return None

@@ -40,11 +40,6 @@ def to_dtype(name: str | Any) -> Any:
 ATTN_BLOCK = 64
 
 
-def uses_blocked_attention(block: int, seq: int) -> bool:
-    """Whether attention over a `seq`-token sequence (no cache) runs in `block`-token blocks."""
-    return 0 < block < seq and seq % block == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """How the decoder runs, as opposed to what it is (`ArchConfig`)."""
@@ -122,17 +117,26 @@ def _param(
     return nnx.Param(value.astype(dtype), logical_axes=axes)
 
 
+# Parameters `cast_for_compute` leaves as stored: RMSNorm scales are read in float32; the
+# embedding and the LM head are read many times per step (a gather per token, the head once per
+# loss chunk), and their gradient contributions must be summed in float32, not in the compute
+# dtype (a frequent token's embedding gradient loses most of its precision in bfloat16).
+_KEEP_STORED = ("scale", "embed", "lm_head")
+
+
 def cast_for_compute(params: nnx.State, compute_dtype: str) -> nnx.State:
-    """The parameters as the forward pass reads them: each one the model casts to the compute
-    dtype, cast (so those casts become no-ops); RMSNorm scales (`scale`, read in float32) as
-    stored. The training step calls this once per optimizer step, outside its micro-batch loop,
-    so float32 master weights are cast once, not once per micro-batch, and an FSDP all-gather
-    moves compute-dtype shards."""
+    """The parameters as the forward pass reads them: the layers' matrices (and biases), which
+    the model casts to the compute dtype, cast once, so those casts become no-ops; the rest
+    (`_KEEP_STORED`) as stored. The training step calls this once per optimizer step, outside
+    its micro-batch loop, so float32 master weights are cast once, not once per micro-batch,
+    and an FSDP all-gather moves compute-dtype shards. Each cast matrix is read once per
+    forward pass, so its gradient is the same as with a cast at the point of use."""
     cd = to_dtype(compute_dtype)
 
     def cast(path: tuple, v: Any) -> Any:
         names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if "scale" in names or not jnp.issubdtype(v.dtype, jnp.floating) or v.dtype == cd:
+        keep = any(n in names for n in _KEEP_STORED)
+        if keep or not jnp.issubdtype(v.dtype, jnp.floating) or v.dtype == cd:
             return v
         return v.astype(cd)
 
@@ -524,6 +528,10 @@ def _flash(q, k, v, segment_ids, positions, first, scale, softcap, window, block
 
 def _flash_fwd(q, k, v, segment_ids, positions, first, scale, softcap, window, block):  # noqa: ANN001, ANN202
     out, lse = _flash_forward(q, k, v, segment_ids, positions, first, scale, softcap, window, block)
+    # Named, so that `model.remat=attention` keeps them and the backward does not rerun the
+    # forward kernel to get them back.
+    out = checkpoint_name(out, attn_impl.ATTENTION_OUT)
+    lse = checkpoint_name(lse, attn_impl.ATTENTION_RESIDUALS)
     return out, (q, k, v, segment_ids, positions, first, out, lse)
 
 
@@ -611,9 +619,11 @@ class Attention(nnx.Module):
         blk, scale, cap = self.run.attn_block, arch.attention_scale, arch.attn_logit_softcap
         impl = "dense"
         if cache is None:
-            impl = attn_impl.choose(self.run.attention, t, self.window, cap, blk)
-            mask = attention_mask(segment_ids_bt, positions_bt, self.window)
-            mask = mask if impl == "dense" else None
+            impl = attn_impl.choose(self.run.attention, t, self.window, cap, blk, head_dim=hd)
+            # Blocked and fused attention build each block's mask themselves: no [B, T, T] mask.
+            mask = None
+            if impl == "dense":
+                mask = attention_mask(segment_ids_bt, positions_bt, self.window)
         else:
             k_slots, v_slots, c = cache
             at = (0, c.index, 0, 0)
@@ -629,7 +639,6 @@ class Attention(nnx.Module):
         if impl == "dense":
             out = dense_attention(q, k, v, mask, scale, cap)
         elif impl == "blocked":
-            # Blocked attention computes each block pair's mask itself: no [B, T, T] mask.
             out = blocked_attention(
                 q, k, v, segment_ids_bt, positions_bt, self.window, scale, cap, block=blk
             )
