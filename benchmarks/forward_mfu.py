@@ -8,7 +8,9 @@ path), which avoids compiling a jitted initialiser of the whole unrolled layer s
 
 `--attention` measures each implementation (`model.attention`) on the same shapes, one result
 line each; `--segments` packs that many equal examples into each row (segment ids 1..N), the
-layout the fused kernels are for.
+layout the fused kernels are for. The FLOP count still takes attention over the whole row (as
+one causal example), so on packed rows MFU is overstated by part of the attention term; the
+implementations compared at the same shapes are compared fairly.
 
 FLOPs per token: 2 x (non-embedding parameters + LM head) + causal attention
 2 x 2 x layers x heads x head_dim x seq / 2. MFU = achieved FLOP/s / the chip's dense bf16 peak.
@@ -153,18 +155,18 @@ def measure(a: argparse.Namespace, arch, mesh, attention: str) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="smollm2-135m")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--dtype", default="bfloat16")
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options both MFU benchmarks take (this one and train_mfu.py)."""
     p.add_argument("--attention", default="auto", help="comma-separated model.attention values")
     p.add_argument("--segments", type=int, default=1, help="examples packed per row")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--out", default=None)
-    a = p.parse_args()
+
+
+def run_each_attention(a: argparse.Namespace, measure) -> None:
+    """`measure(a, arch, mesh, attention)` for each of `a.attention`'s implementations, on one
+    mesh over every device; one JSON line each, printed and appended to `a.out`."""
     arch = preset_arch(a.preset)
     mesh = make_mesh(1, -1, 1)
     for attention in a.attention.split(","):
@@ -173,6 +175,16 @@ def main() -> None:
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(res) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="smollm2-135m")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16")
+    add_common_args(p)
+    run_each_attention(p.parse_args(), measure)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ the recomputed forward is not counted (MFU counts useful work only).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -31,9 +30,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from forward_mfu import host_random_model, packed_rows, peak_flops, preset_arch  # noqa: E402
+from forward_mfu import (  # noqa: E402
+    add_common_args,
+    host_random_model,
+    packed_rows,
+    peak_flops,
+    run_each_attention,
+)
 
-from davir_jax.core.sharding import make_mesh, state_shardings  # noqa: E402
+from davir_jax.core.sharding import state_shardings  # noqa: E402
 from davir_jax.engine.config import OptimizerConfig  # noqa: E402
 from davir_jax.engine.trainer import (  # noqa: E402
     accum_batch_sharding,
@@ -119,20 +124,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", help="parameter (master weight) dtype")
     p.add_argument("--compute-dtype", default="bfloat16")
     p.add_argument("--remat", default="none", help="none, full, dots or attention")
-    p.add_argument("--attention", default="auto", help="comma-separated model.attention values")
-    p.add_argument("--segments", type=int, default=1, help="examples packed per row")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--out", default=None)
-    a = p.parse_args()
-    arch = preset_arch(a.preset)
-    mesh = make_mesh(1, -1, 1)
-    for attention in a.attention.split(","):
-        res = measure(a, arch, mesh, attention)
-        print(json.dumps(res), flush=True)
-        if a.out:
-            with open(a.out, "a") as f:
-                f.write(json.dumps(res) + "\n")
+    add_common_args(p)
+    run_each_attention(p.parse_args(), measure)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ float32 master weights to the compute dtype once per optimizer step, not per mic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -157,6 +158,17 @@ ARCH = ArchConfig(
 )
 
 
+# The same shapes as a Llama: no window, no soft-capping.
+LLAMA = dataclasses.replace(
+    ARCH,
+    family="llama",
+    sliding_window=None,
+    layer_types=(),
+    attn_logit_softcap=None,
+    final_logit_softcap=None,
+)
+
+
 def _logits(impl: str, arch: ArchConfig, mesh=None) -> np.ndarray:
     from davir_jax.models import random_model
 
@@ -175,18 +187,8 @@ def test_model_logits_equal_dense_with_every_implementation(impl):
 
 
 def test_model_with_pallas_gpu_equals_dense_on_llama_shapes():
-    import dataclasses
-
-    arch = dataclasses.replace(
-        ARCH,
-        family="llama",
-        sliding_window=None,
-        layer_types=(),
-        attn_logit_softcap=None,
-        final_logit_softcap=None,
-    )
-    dense, real = _logits("dense", arch)
-    got, _ = _logits("pallas_gpu", arch)
+    dense, real = _logits("dense", LLAMA)
+    got, _ = _logits("pallas_gpu", LLAMA)
     np.testing.assert_allclose(got[real], dense[real], atol=1e-4)
 
 
@@ -220,20 +222,10 @@ def _count(jaxpr, name: str) -> int:
 
 
 def _remat_case(impl: str, remat: str):
-    import dataclasses
-
     from davir_jax.core.losses import example_nll
     from davir_jax.models import random_model
 
-    arch = dataclasses.replace(
-        ARCH,
-        family="llama",
-        num_layers=1,
-        sliding_window=None,
-        layer_types=(),
-        attn_logit_softcap=None,
-        final_logit_softcap=None,
-    )
+    arch = dataclasses.replace(LLAMA, num_layers=1)
     seg, pos = _packed([[40, 40, 48]])
     ids = np.ones(seg.shape, np.int32)
     model = random_model(arch, remat=remat, attention=impl, attn_block=32, seed=0)
@@ -281,8 +273,6 @@ def test_cast_once_gives_the_gradients_of_casting_at_each_use():
     """bf16 compute over f32 master weights: the gradients through `cast_for_compute` (cast
     once) equal those of the model's own casts at each use, with a frequent token (whose
     embedding gradient sums many rows) and a tied embedding."""
-    import dataclasses
-
     from davir_jax.core.losses import example_nll
     from davir_jax.models import random_model
     from davir_jax.models.decoder import cast_for_compute
@@ -342,17 +332,7 @@ def test_master_weights_are_cast_once_per_optimizer_step():
     from davir_jax.engine.trainer import make_train_step
     from davir_jax.models import random_model
 
-    arch = ArchConfig(
-        family="llama",
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-    )
-    model = random_model(arch, compute_dtype="bfloat16", scan_layers=False)
+    model = random_model(LLAMA, compute_dtype="bfloat16", scan_layers=False)
     graphdef, params = nnx.split(model)
     tx = optax.adamw(1e-3)
     step = make_train_step(graphdef, tx, 16)
