@@ -7,7 +7,7 @@
 Models: `tiny` is the 2-layer random Llama of `configs/tiny.yaml`; `smollm2` is SmolLM2-135M
 (`model.source=smollm2-135m`, the real weights). Steps: `davir_jax.jobs.score.nll_step` (one
 model's scoring step), `davir_jax.jobs.sft.make_train_step` with `sft_objective` (forward, backward,
-AdamW) and with `preference.preference_objective` (DPO, `dpo.objective`; reference log-probs fed
+AdamW) and with `dpo.config_objective` (DPO, `dpo.objective`; reference log-probs fed
 in the batch unless `dpo.reference_in_step=true`). The config is built as the CLI builds it
 (`load_config` with dotted overrides, `mesh_from_config`), so `--override` reaches every key
 (`model.remat=true`, `model.attn_block=0`, `mesh.cpu_devices=-1`, ...); a key this version does
@@ -128,7 +128,7 @@ def build_step(cfg: Any, job: str, mesh: Any) -> tuple[Any, tuple[Any, ...], dic
         sft_objective,
         step_batch,
     )
-    from davir_jax.jobs.dpo import PAIR_KEYS, preference_objective
+    from davir_jax.jobs.dpo import PAIR_KEYS, config_objective
     from davir_jax.models import load_model, random_model
 
     m, dc = cfg.model, cfg.data
@@ -170,9 +170,7 @@ def build_step(cfg: Any, job: str, mesh: Any) -> tuple[Any, tuple[Any, ...], dic
         batch = step_batch(SimpleNamespace(num_segments=segments, get=get), plans, mesh, 0, 1)
     else:
         d = cfg.dpo
-        objective = preference_objective(
-            d.objective, d.resolved_beta, d.label_smoothing, cfg.train.chunk
-        )
+        objective = config_objective(d, cfg.train.chunk)
         bs = [assemble(p.rows, row_len, segments, get) for p in plans]
         host = {k: np.stack([getattr(b, k) for b in bs]) for k in PAIR_KEYS[:-1]}
         # Reference NLLs of a plausible size (summed over each response), as precomputed.

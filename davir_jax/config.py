@@ -9,6 +9,7 @@ wrong types and impossible values raise `ConfigError` naming the key and the fil
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ class ScoringConfig:
 class DPOConfig:
     """Preference training (`davir dpo`) on `data.path` (a preference format), from `model.source`.
 
-    `objective`: dpo | ipo | dpo_norm | davir_dpo, or a plugin's (`davir_jax.plugins`);
+    `objective`: dpo | ipo | dpo_norm | davir_dpo | simpo | orpo | hinge | robust, or a
+    plugin's (`davir_jax.plugins`);
     `beta`: None takes the objective's documented default. The reference log-probs are
     precomputed once (`reference`, default the starting model) and read from the batch, or taken
     from a `davir score` run on the same pairs (`reference_scores`); `reference_in_step` computes
@@ -76,6 +78,11 @@ class DPOConfig:
     objective: str = shorthand("davir_dpo", "--objective", "dpo")
     beta: float | None = shorthand(None, "--beta", "dpo")
     label_smoothing: float = 0.0  # conservative DPO: the share of pairs assumed mislabelled
+    # Adds nll_weight x the chosen response's mean token NLL to any objective's pair loss (RPO,
+    # Pang et al. 2024, arXiv 2404.19733); logged as nll_loss.
+    nll_weight: float = 0.0
+    # The objective's own keyword options, e.g. {gamma_beta_ratio: 0.5} for simpo.
+    objective_args: dict[str, float] = dataclasses.field(default_factory=dict)
     # The reference model's source (default: the starting model).
     reference: str | None = shorthand(None, "--reference", "dpo")
     # A davir score run on the same pairs, whose nll_ref column gives the reference log-probs.
@@ -95,6 +102,15 @@ class DPOConfig:
             raise ValueError(f"beta: must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.nll_weight < 0:
+            raise ValueError(f"nll_weight: must be 0 or more, got {self.nll_weight}")
+        fn = PREFERENCE_OBJECTIVES[self.objective][0]
+        known = list(inspect.signature(fn).parameters)[8:]  # after the 8 shared arguments
+        for k in self.objective_args:
+            if k not in known:
+                raise ValueError(
+                    f"objective_args.{k}: {self.objective} takes {', '.join(known) or 'no options'}"
+                )
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction: must be in [0, 1), got {self.eval_fraction}")
 

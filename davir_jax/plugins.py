@@ -5,12 +5,12 @@ user's own module adds, then names on the command line (`davir --plugins my_ext.
     import jax
     from davir_jax.plugins import register_objective, register_score
 
-    @register_objective("simpo", default_beta=2.0, needs_reference=False)
-    def simpo(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta, label_smoothing=0.0):
-        rc, rr = beta * pi_c / n_c, beta * pi_r / n_r
-        return -jax.nn.log_sigmoid(rc - rr - 0.5), rc, rr
+    @register_objective("dpo_margin", default_beta=0.1)
+    def dpo_margin(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta, label_smoothing=0.0, margin=1.0):
+        rc, rr = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+        return -jax.nn.log_sigmoid(rc - rr - margin), rc, rr
 
-    davir dpo --plugins my_ext.py --objective simpo --model SFT --data pairs.jsonl --out DIR
+    davir dpo --plugins my_ext.py --objective dpo_margin --model SFT --data pairs.jsonl --out DIR
 
 The registries are the ones the built-ins live in (the built-in objectives and scores are
 registered with these same decorators), so a plugin's name is accepted wherever a built-in one
@@ -25,8 +25,9 @@ function of per-pair arrays, all `[P]` (or `[B, P]`) float32:
 `pi_*`: summed log-probs of the chosen (c) and rejected (r) responses under the policy;
 `ref_*`: the same under the frozen reference; `n_*`: their response-token counts (>= 1, EOS
 included when it is in the loss); `beta`: `dpo.beta`, or `default_beta` when unset;
-`label_smoothing`: `dpo.label_smoothing`. It returns the per-pair loss (training minimises its
-mean over the pairs of a step) and the per-pair rewards logged as rewards/chosen and
+`label_smoothing`: `dpo.label_smoothing`; keyword parameters after it (with defaults) are the
+objective's options, set by `dpo.objective_args`. It returns the per-pair loss (training
+minimises its mean over the pairs of a step) and the per-pair rewards logged as rewards/chosen and
 rewards/rejected (their difference gives rewards/margins, the accuracy and the held-out margin
 statistics). It runs inside `jax.jit` and under `jax.grad`: no Python branching on values.
 With `needs_reference=False` the reference log-probs are never computed and `ref_*` are 0.

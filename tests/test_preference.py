@@ -19,7 +19,7 @@ from conftest import run_cli
 from toy_tokenizers import WORDS
 
 from davir_jax.config import Config, DPOConfig
-from davir_jax.core.losses import MIN_REF_NLL, PREFERENCE_OBJECTIVES
+from davir_jax.core.losses import MIN_REF_NLL, PREFERENCE_OBJECTIVES, REFERENCE_FREE
 from davir_jax.data.config import DataConfig
 from davir_jax.engine.config import OptimizerConfig, TrainConfig
 from davir_jax.jobs.dpo import dpo
@@ -36,6 +36,20 @@ def _log_sigmoid(x):
 def np_objective(name, pc, pr, rc, rr, nc, nr, beta, ls):
     """Independent float64 NumPy versions of the formulas in method.md and the papers."""
     pc, pr, rc, rr, nc, nr = (np.asarray(x, np.float64) for x in (pc, pr, rc, rr, nc, nr))
+    if name == "orpo":  # Hong et al. 2024, Eqs. 6-7: odds of the mean token probability
+        mc, mr = np.minimum(pc / nc, -1e-6), np.minimum(pr / nr, -1e-6)
+        lo_c, lo_r = mc - np.log(1 - np.exp(mc)), mr - np.log(1 - np.exp(mr))
+        return -mc - beta * _log_sigmoid(lo_c - lo_r), beta * mc, beta * mr
+    if name == "simpo":  # Meng et al. 2024, Eq. 6, gamma = 0.5 beta
+        a, b = beta * pc / nc, beta * pr / nr
+        z = a - b - 0.5 * beta
+        return -(1 - ls) * _log_sigmoid(z) - ls * _log_sigmoid(-z), a, b
+    a, b = beta * (pc - rc), beta * (pr - rr)
+    if name == "hinge":
+        return np.maximum(0.0, 1.0 - (a - b)), a, b
+    if name == "robust":  # Chowdhury et al. 2024, Eq. 8
+        z = a - b
+        return ((1 - ls) * -_log_sigmoid(z) + ls * _log_sigmoid(-z)) / (1 - 2 * ls), a, b
     if name == "dpo":
         a, b = beta * (pc - rc), beta * (pr - rr)
     elif name == "dpo_norm":
@@ -64,18 +78,20 @@ def test_objectives_equal_numpy(name, ls):
     fn, beta = PREFERENCE_OBJECTIVES[name]
     args = _inputs()
     got = fn(*(jnp.asarray(a) for a in args), beta, ls)
-    want = np_objective(name, *args, beta, 0.0 if name == "ipo" else ls)
+    want = np_objective(name, *args, beta, 0.0 if name in ("ipo", "orpo", "hinge") else ls)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(PREFERENCE_OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(set(PREFERENCE_OBJECTIVES) - REFERENCE_FREE))
 def test_log2_at_the_reference(name):
     fn, beta = PREFERENCE_OBJECTIVES[name]
     pc, pr, rc, rr, nc, nr = _inputs(1)
     loss, a, b = fn(rc, rr, rc, rr, nc, nr, beta, 0.0)  # policy == reference
     if name == "ipo":  # IPO's loss at the reference is (1 / (2 beta))^2 by its definition
         np.testing.assert_allclose(np.asarray(loss), (1 / (2 * beta)) ** 2, rtol=1e-6)
+    elif name == "hinge":  # max(0, 1 - 0)
+        np.testing.assert_allclose(np.asarray(loss), 1.0, rtol=1e-6)
     else:
         np.testing.assert_allclose(np.asarray(loss), np.log(2.0), rtol=1e-6)
     assert np.all(np.asarray(a) == 0) and np.all(np.asarray(b) == 0)
@@ -95,6 +111,49 @@ def test_gradients_finite_for_one_token_and_very_long_responses(name):
             argnums=(0, 1),
         )(jnp.float32(c[0]), jnp.float32(c[1]))
         assert all(np.isfinite(np.asarray(x)) for x in g), (name, c, g)
+
+
+def test_reference_free_objectives_ignore_the_reference():
+    assert {"simpo", "orpo"} <= REFERENCE_FREE and "hinge" not in REFERENCE_FREE
+    args = _inputs(2)
+    for name in ("simpo", "orpo"):
+        fn, beta = PREFERENCE_OBJECTIVES[name]
+        a = fn(*args, beta, 0.0)
+        b = fn(args[0], args[1], 0 * args[2], 0 * args[3], args[4], args[5], beta, 0.0)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_simpo_margin_option_and_nll_term_in_pair_values():
+    """`dpo.objective_args` reach the objective; `dpo.nll_weight` adds the chosen response's
+    mean token NLL to each pair's loss (and logs it as TRL's nll_loss)."""
+    from davir_jax.jobs.dpo import pair_values
+
+    pc, pr, rc, rr, nc, nr = _inputs(3, n=8)
+    nll = -np.stack([pc, pr], -1).reshape(1, 16)
+    ref = -np.stack([rc, rr], -1).reshape(1, 16)
+    cnt = np.stack([nc, nr], -1).reshape(1, 16)
+    w = np.ones((1, 16), np.float32)
+    beta = 2.0
+    loss, aux, _ = pair_values("simpo", beta, 0.0, nll, ref, cnt, w, 0.0, {"gamma_beta_ratio": 0})
+    a, b = beta * pc.astype(np.float64) / nc, beta * pr.astype(np.float64) / nr
+    np.testing.assert_allclose(np.asarray(loss)[0], -_log_sigmoid(a - b), rtol=1e-5)
+    plus, aux2, _ = pair_values("dpo", 0.1, 0.0, nll, ref, cnt, w, 0.5)
+    base, _, _ = pair_values("dpo", 0.1, 0.0, nll, ref, cnt, w)
+    chosen = -pc.astype(np.float64) / nc
+    np.testing.assert_allclose(np.asarray(plus - base)[0], 0.5 * chosen, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(aux2["nll_loss"]), chosen.sum(), rtol=1e-5)
+    assert "nll_loss" not in aux
+
+
+def test_objective_args_are_checked_against_the_objective():
+    assert DPOConfig(objective="simpo", objective_args={"gamma_beta_ratio": 0.3})
+    with pytest.raises(ValueError, match="objective_args.gamma: simpo takes gamma_beta_ratio"):
+        DPOConfig(objective="simpo", objective_args={"gamma": 1.0})
+    with pytest.raises(ValueError, match="objective_args.x: dpo takes no options"):
+        DPOConfig(objective="dpo", objective_args={"x": 1.0})
+    with pytest.raises(ValueError, match="nll_weight"):
+        DPOConfig(nll_weight=-1.0)
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -155,6 +214,19 @@ def test_training_raises_margin_and_accuracy(tmp_path, base, objective):
         "logps/rejected",
         "pairs",
     }
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+def test_reference_free_training_with_an_nll_term(tmp_path, base, objective):
+    data = _pairs(tmp_path / "p.jsonl", 60)
+    cfg = _cfg(tmp_path, base, data, dpo={"objective": objective, "nll_weight": 0.2})
+    m = _metrics(dpo(cfg, progress=False))
+    assert "nll_loss" in m[0] and m[0]["nll_loss"] > 0
+    late = m[-3:]
+    # Rewards are beta x mean token log-probs (ORPO's beta is 0.1): the margin's scale is beta's.
+    margin = np.mean([r["rewards/margins"] for r in late])
+    assert margin > max(m[0]["rewards/margins"], 0.0) + 0.05 * PREFERENCE_OBJECTIVES[objective][1]
+    assert np.mean([r["loss"] for r in late]) < m[0]["loss"]
 
 
 def test_precomputed_in_step_and_scored_reference_agree(tmp_path, base):

@@ -304,3 +304,66 @@ def davir_dpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smooth
     rc = beta * (pi_c - ref_c) / jnp.maximum(-ref_c, MIN_REF_NLL)
     rr = beta * (pi_r - ref_r) / jnp.maximum(-ref_r, MIN_REF_NLL)
     return _smoothed_sigmoid_loss(rc - rr, label_smoothing), rc, rr
+
+
+@register_objective("simpo", 2.0, needs_reference=False)
+def simpo_loss(
+    pi_c,
+    pi_r,
+    ref_c,
+    ref_r,
+    n_c,
+    n_r,
+    beta: float,
+    label_smoothing: float = 0.0,
+    gamma_beta_ratio: float = 0.5,
+):
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6), reference-free:
+    -log sigmoid(beta / |y_w| log pi(y_w|x) - beta / |y_l| log pi(y_l|x) - gamma), with the
+    target margin gamma = `gamma_beta_ratio` * beta (the SimPO code's parameterisation; its
+    defaults beta 2, ratio 0.5). Rewards: beta times the mean token log-prob."""
+    rc = beta * pi_c / jnp.maximum(n_c, 1.0)
+    rr = beta * pi_r / jnp.maximum(n_r, 1.0)
+    return _smoothed_sigmoid_loss(rc - rr - gamma_beta_ratio * beta, label_smoothing), rc, rr
+
+
+# ORPO's odds need a mean token log-prob below 0 (probability below 1): this keeps log(1 - p)
+# finite where a response is certain (and on filler pairs, whose log-probs are 0).
+MAX_MEAN_LOGP = -1e-6
+
+
+@register_objective("orpo", 0.1, needs_reference=False)
+def orpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, Eqs. 6-7), reference-free: the chosen
+    response's mean token NLL plus beta (ORPO's lambda; TRL's default 0.1) times
+    -log sigmoid(log odds(y_w) - log odds(y_l)), odds(y) = P(y) / (1 - P(y)) with P(y) the
+    mean token probability exp(log pi(y|x) / |y|). Rewards (as TRL): beta times the mean token
+    log-prob. Label smoothing does not apply."""
+    mean_c = jnp.minimum(pi_c / jnp.maximum(n_c, 1.0), MAX_MEAN_LOGP)
+    mean_r = jnp.minimum(pi_r / jnp.maximum(n_r, 1.0), MAX_MEAN_LOGP)
+
+    def log_odds(m: jax.Array) -> jax.Array:
+        return m - jnp.log(-jnp.expm1(m))  # log p - log(1 - p), stable near p = 1
+
+    ratio = -jax.nn.log_sigmoid(log_odds(mean_c) - log_odds(mean_r))
+    return -mean_c + beta * ratio, beta * mean_c, beta * mean_r
+
+
+@register_objective("hinge", 0.1)
+def hinge_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
+    """Hinge on the DPO margin (SLiC-HF, Zhao et al. 2023, arXiv 2305.10425, as TRL's
+    loss_type="hinge"): max(0, 1 - beta * h), h the difference of the two log-ratios. Label
+    smoothing does not apply."""
+    rc, rr = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    return jax.nn.relu(1.0 - (rc - rr)), rc, rr
+
+
+@register_objective("robust", 0.1)
+def robust_dpo_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta: float, label_smoothing: float = 0.0):
+    """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409, Eq. 8; TRL's loss_type="robust"):
+    an unbiased DPO loss when a share e (`label_smoothing`, below 0.5) of the pairs is flipped:
+    [(1 - e) (-log sigmoid(beta h)) + e log sigmoid(-beta h)] / (1 - 2 e)."""
+    rc, rr = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    z, e = rc - rr, label_smoothing
+    loss = ((1.0 - e) * -jax.nn.log_sigmoid(z) + e * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * e)
+    return loss, rc, rr

@@ -35,7 +35,7 @@ from davir_jax.engine.trainer import (
     optimizer_shardings,
     sft_objective,
 )
-from davir_jax.jobs.dpo import preference_objective
+from davir_jax.jobs.dpo import config_objective
 from davir_jax.jobs.plan import plan, step_shape
 from davir_jax.models.loading import run_config
 from davir_jax.models.weights import abstract_model
@@ -117,9 +117,7 @@ def _train_step_args(
     if job == "sft":
         objective = sft_objective(tc.chunk)
     else:
-        objective = preference_objective(
-            dc.objective, dc.resolved_beta, dc.label_smoothing, tc.chunk
-        )
+        objective = config_objective(dc, tc.chunk)
     frozen = (graphdef, param_sh) if in_step_ref else None
     step = make_train_step(graphdef, tx, objective, (param_sh, opt_sh), mesh, frozen)
     accum = 1 if (tc.batch_examples or tc.batch_tokens) else tc.grad_accum

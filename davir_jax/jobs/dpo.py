@@ -67,9 +67,13 @@ def pair_values(
     ref_nll: jax.Array,
     count: jax.Array,
     weights: jax.Array,
+    nll_weight: float = 0.0,
+    options: dict[str, float] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """Per-pair loss, TRL-named metric sums and pair weights from per-segment values `[B, S]`
-    (segment 2k is a pair's chosen response, 2k+1 its rejected one)."""
+    (segment 2k is a pair's chosen response, 2k+1 its rejected one). `nll_weight` adds that
+    multiple of the chosen response's mean token NLL (`nll_loss`); `options` are the
+    objective's own keywords."""
     fn = PREFERENCE_OBJECTIVES[name][0]
 
     def pair(x: jax.Array) -> jax.Array:
@@ -90,6 +94,7 @@ def pair_values(
         n[..., 1],
         beta,
         label_smoothing,
+        **(options or {}),
     )
     aux = {
         "rewards/chosen": (rc * w).sum(),
@@ -99,13 +104,23 @@ def pair_values(
         "logps/chosen": (logp[..., 0] * w).sum(),
         "logps/rejected": (logp[..., 1] * w).sum(),
     }
+    if nll_weight:
+        chosen_nll = -logp[..., 0] / n[..., 0]
+        loss = loss + nll_weight * chosen_nll
+        aux["nll_loss"] = (chosen_nll * w).sum()
     return loss * w, aux, w
 
 
 def preference_objective(
-    name: str, beta: float, label_smoothing: float = 0.0, chunk: int = LM_HEAD_CHUNK
+    name: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chunk: int = LM_HEAD_CHUNK,
+    nll_weight: float = 0.0,
+    options: dict[str, float] | None = None,
 ) -> Objective:
-    """The mean over the pairs of the global batch of objective `name`'s per-pair loss."""
+    """The mean over the pairs of the global batch of objective `name`'s per-pair loss (plus
+    `nll_weight` x the chosen response's mean token NLL; `options`: the objective's keywords)."""
 
     def fn(model: Any, micro: dict[str, jax.Array], ref_model: Any = None):
         args = (micro["input_ids"], micro["segment_ids"], micro["positions"], micro["loss_mask"])
@@ -115,14 +130,29 @@ def preference_objective(
             ref_nll = jax.lax.stop_gradient(example_nll(ref_model, *args, s, chunk)[0])
         else:
             ref_nll = micro["ref_nll"]
-        loss, aux, w = pair_values(name, beta, label_smoothing, nll, ref_nll, cnt, micro["weights"])
+        loss, aux, w = pair_values(
+            name, beta, label_smoothing, nll, ref_nll, cnt, micro["weights"], nll_weight, options
+        )
         # A pair's loss is non-finite if either response's value is: flag both of its segments.
         pair_bad = jnp.repeat((w > 0) & ~jnp.isfinite(loss), 2, axis=-1)
         real = micro["weights"] > 0
         bad = real & (~jnp.isfinite(nll) | ~jnp.isfinite(ref_nll) | pair_bad)
         return loss.sum(), w.sum(), aux, bad
 
-    return Objective(name, fn, PAIR_KEYS, METRICS, denom_name="pairs")
+    metrics = METRICS + (("nll_loss",) if nll_weight else ())
+    return Objective(name, fn, PAIR_KEYS, metrics, denom_name="pairs")
+
+
+def config_objective(dc: Any, chunk: int) -> Objective:
+    """`preference_objective` of a `dpo` config section."""
+    return preference_objective(
+        dc.objective,
+        dc.resolved_beta,
+        dc.label_smoothing,
+        chunk,
+        dc.nll_weight,
+        dict(dc.objective_args),
+    )
 
 
 # -- pairs -------------------------------------------------------------------------------------
@@ -268,6 +298,7 @@ def evaluate_pairs(
     name: str,
     beta: float,
     chunk: int = LM_HEAD_CHUNK,
+    options: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Preference accuracy, mean margin and the Pearson correlation of the margin with the
     chosen-minus-rejected length difference (tokens) on `pairs` (method.md: 0.38 for DPO vs
@@ -286,7 +317,8 @@ def evaluate_pairs(
     )
     c, r = pairs.chosen, pairs.rejected
     fn = PREFERENCE_OBJECTIVES[name][0]
-    _, rc, rr = fn(-nll[c], -nll[r], -ref_nll[c], -ref_nll[r], cnt[c], cnt[r], beta, 0.0)
+    args = (-nll[c], -nll[r], -ref_nll[c], -ref_nll[r], cnt[c], cnt[r], beta, 0.0)
+    _, rc, rr = fn(*args, **(options or {}))
 
     margin = np.asarray(rc) - np.asarray(rr)
     dlen = (cnt[c] - cnt[r]).astype(np.float64)
@@ -351,7 +383,7 @@ def dpo(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
 
     job = Job(
         name="dpo",
-        objective=preference_objective(dc.objective, beta, dc.label_smoothing, tc.chunk),
+        objective=config_objective(dc, tc.chunk),
         # The shared planner over pairs (pair-level settings), each pair then as its two
         # responses side by side.
         steps=plan_steps(train_pairs.lengths, train_pairs.cfg, tc, cfg.seed, "pairs").map(
@@ -411,7 +443,7 @@ def _held_out(
     res = {"objective": dc.objective, "beta": dc.resolved_beta, "train_pairs": n_train}
     if len(eval_pairs):
         res["held_out"] = evaluate_pairs(
-            model, eval_pairs, ref, dc.objective, dc.resolved_beta, tc.chunk
+            model, eval_pairs, ref, dc.objective, dc.resolved_beta, tc.chunk, dc.objective_args
         )
         print(f"held-out pairs: {json.dumps(res['held_out'])}", file=sys.stderr)
     return res
@@ -423,6 +455,7 @@ __all__ = [
     "evaluate_pairs",
     "held_out",
     "pair_values",
+    "config_objective",
     "preference_objective",
     "reference_nll",
 ]
