@@ -76,6 +76,13 @@ def unsupported(
     return None
 
 
+def attention_name(value: str) -> str:
+    """`value` if it names an implementation, else the error every config layer raises."""
+    if value not in IMPLEMENTATIONS:
+        raise ValueError(f"attention: {value!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    return value
+
+
 @functools.cache
 def _say_once(message: str) -> None:
     log.warning(message)
@@ -96,8 +103,7 @@ def choose(
     layer; a kernel named explicitly that cannot run it is an error naming the reason. `blocked`
     runs `dense` when `block` does not divide `seq` (or is 0), as it always has.
     """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention: {impl!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    attention_name(impl)
     platform = platform or jax.default_backend()
     if impl == "auto":
         impl = _AUTO.get(platform, "blocked")

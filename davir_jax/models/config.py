@@ -7,7 +7,7 @@ from typing import Any
 
 from davir_jax.core.schema import shorthand
 from davir_jax.models.arch import ArchConfig
-from davir_jax.models.attention import IMPLEMENTATIONS, remat_name
+from davir_jax.models.attention import attention_name, remat_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +37,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", remat_name(self.remat))
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention: {self.attention!r} is not one of {', '.join(IMPLEMENTATIONS)}"
-            )
+        attention_name(self.attention)
         if self.attn_block < 0:
             raise ValueError(
                 f"attn_block: must be 0 (dense) or a block size, got {self.attn_block}"

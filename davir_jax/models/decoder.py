@@ -64,11 +64,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", attn_impl.remat_name(self.remat))
-        if self.attention not in attn_impl.IMPLEMENTATIONS:
-            raise ValueError(
-                f"attention: {self.attention!r} is not one of "
-                f"{', '.join(attn_impl.IMPLEMENTATIONS)}"
-            )
+        attn_impl.attention_name(self.attention)
 
 
 @jax.tree_util.register_dataclass
