@@ -242,9 +242,15 @@ def cmd_select(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if overrides:
         raise ValueError(f"davir select takes no config overrides, got {overrides}")
-    manifest = run_select(args.pools, args.method, args.out, args.seed)
+    manifest = run_select(args.pools, args.method, args.out, args.seed, args.filter, args.diversity)
     for pool in manifest["pools"]:
         print(f"{pool['name']}: {pool['n_selected']:,} of {pool['n_pool']:,} -> {pool['file']}")
+        for f in pool.get("filters", []):
+            print(f"  filter {f['filter']}: removed {f['removed']:,}")
+        for d in pool.get("diversity", []):
+            print(f"  diversity {d['method']}: removed {d['n_removed']:,}")
+        if pool.get("n_short"):
+            print(f"  {pool['n_short']:,} short of the budget: only {pool['n_passed']:,} passed")
     print(f"wrote {args.out}/manifest.json ({manifest['n_selected']:,} examples, {args.method})")
     return 0
 
@@ -401,6 +407,23 @@ def _tool_commands(sub: Any) -> None:
     sel.add_argument("--method", default="davir", help="score name (default davir)")
     sel.add_argument("--out", required=True)
     sel.add_argument("--seed", type=int, default=0, help="seed of the random score")
+    sel.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="SCORE<VALUE",
+        help="keep only rows whose score passes (<, <=, >, >=; repeatable), e.g. 'ifd<1' "
+        "(Cherry/Superfiltering); the budget still counts against the whole pool",
+    )
+    sel.add_argument(
+        "--diversity",
+        action="append",
+        default=[],
+        metavar="STEP",
+        help="after ranking (repeatable, in order): minhash[:threshold=0.8] drops near-duplicate "
+        "texts; threshold[:min_distance=0.1] (DEITA) or facility[:pool=N] (Superfiltering.D) "
+        "picks the budget on the scoring run's embeddings (score with --scoring.embed=base)",
+    )
     sel.set_defaults(fn=cmd_select)
     dg = sub.add_parser("diagnostics", help="length correlations, plots, top/bottom examples")
     dg.add_argument("scores", help="a scoring output directory or scores.parquet")

@@ -41,10 +41,22 @@ class ScoringConfig:
     `chunk`: response positions per row in one LM-head application (`losses.LM_HEAD_CHUNK`);
     peak logits memory = rows * chunk * 4096 floats (`losses.VOCAB_BLOCK`; the whole vocabulary
     where it is split over devices).
+    `proxy`: a third model source, scored with and without the prompt (Superfiltering's small
+    proxy, arXiv 2402.00530); it must take the scoring tokenizer's ids (a smaller model of the
+    same family), so every score compares the same token ids.
+    `ifd`: models (`base`, `reference`) whose NLL of the response alone (without its prompt,
+    `data.dataset.ResponseAlone`) is also computed, for the IFD scores (arXiv 2308.12032).
+    `embed`: a scored model (`base`, `reference`, `proxy`) whose final hidden states,
+    mean-pooled over each response, are stored as `embeddings.npy` beside the scores (for
+    `davir select --diversity`), from the same forward pass.
+    At least one of `base`, `reference`, `proxy` is needed.
     """
 
     base: str | None = shorthand(None, "--base", "score")
     reference: str | None = shorthand(None, "--reference", "score")
+    proxy: str | None = shorthand(None, "--proxy", "score")
+    ifd: tuple[str, ...] = ()
+    embed: str | None = None
     tokenizer: str | None = None
     out: str | None = shorthand(None, "--out", "score")  # output directory
     resident: str = "both"
@@ -56,6 +68,11 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.resident not in ("both", "sequential"):
             raise ValueError(f"resident: {self.resident!r} is not both or sequential")
+        for m in self.ifd:
+            if m not in ("base", "reference", "proxy"):
+                raise ValueError(f"ifd: {m!r} is not base or reference (the proxy always is)")
+        if self.embed not in (None, "base", "reference", "proxy"):
+            raise ValueError(f"embed: {self.embed!r} is not base, reference or proxy")
         for k in ("shard_batches", "chunk"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k}: must be positive, got {getattr(self, k)}")
@@ -170,7 +187,8 @@ class PipelineConfig:
     test: str | None = shorthand(None, "--test", "pipeline", "demo")  # held-out data file
     val: str | None = None
     reference: str | None = None  # a reference model source (default: SFT on the pool)
-    methods: tuple[str, ...] = ("davir", "rho", "random")  # selection scores
+    # selection methods: a score, or LABEL=SCORE;filter=EXPR;diversity=STEP (SelectionMethod)
+    methods: tuple[str, ...] = ("davir", "rho", "random")
     budgets: tuple[str, ...] = ("fraction=0.25",)  # all, count=N or fraction=F
     extra_pools: tuple[str, ...] = ()  # data files joining every selection whole
     full: bool = True  # evaluate the reference too (SFT on the full pool)
@@ -183,16 +201,17 @@ class PipelineConfig:
             raise ValueError("methods: at least one selection method")
         if self.seeds < 1:
             raise ValueError(f"seeds: must be positive, got {self.seeds}")
-        from davir_jax.core.scores import SCORES
-        from davir_jax.core.selection import Budget
+        from davir_jax.core.selection import Budget, SelectionMethod
 
-        unknown = [m for m in self.methods if m not in SCORES]
-        if unknown:
-            # Here, not after the reference SFT and the scoring pass that precede selection.
-            raise ValueError(
-                f"methods: {unknown} not among the scores {', '.join(SCORES)} (a plugin's "
-                "score needs --plugins FILE or the config's plugins key)"
-            )
+        # Here, not after the reference SFT and the scoring pass that precede selection.
+        labels = []
+        for m in self.methods:
+            try:
+                labels.append(SelectionMethod.parse(m).label)
+            except ValueError as e:
+                raise ValueError(f"methods: {e}") from None
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"methods: labels must differ, got {labels}")
 
         for b in self.budgets:
             Budget.parse(b)

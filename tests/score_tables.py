@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 
 
 def write_scores_dir(
-    d: Path, source: str, n: int, seed: int, records: list[str] | None = None
+    d: Path, source: str, n: int, seed: int, records: list[str] | None = None, **columns
 ) -> dict:
     """A scoring job's output in `d`: scores.parquet + manifest.json for `n` examples of
     `source` with random lengths and NLLs, rounded so that DavIR ties occur (exercising the id
-    tie-break); returns the columns (`ids`, `lb`, `lr`, `t`), records and manifest."""
+    tie-break); returns the columns (`ids`, `lb`, `lr`, `t`), records and manifest. `columns`:
+    more float64 columns (e.g. `nll_base_alone`)."""
     rng = np.random.default_rng(seed)
     t = rng.integers(1, 200, n)
     lb = np.round(t * rng.uniform(0.5, 3.0, n), 1) + 0.5
@@ -39,6 +40,7 @@ def write_scores_dir(
                 "nll_base": lb,
                 "nll_ref": lr,
                 "record": records,
+                **{k: pa.array(v, pa.float64()) for k, v in columns.items()},
             }
         ),
         d / "scores.parquet",

@@ -149,13 +149,22 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_traceback(monkeypatch, 
 
 @pytest.fixture
 def no_work(monkeypatch):
-    """Make the first expensive step of every job (tokenizing a data set) a test failure."""
-    import davir_jax.data.dataset as dataset
+    """Make the first expensive step of every job (tokenizing a data set) a test failure.
+
+    Patched in every module that binds `prepare` by name (imported first), so the patch holds
+    whatever the test order, and no module keeps the patched function after the test."""
+    import importlib
 
     def refuse(*a, **k):
         raise AssertionError("a job started work before checking its inputs")
 
-    monkeypatch.setattr(dataset, "prepare", refuse)
+    names = ("data.dataset", "jobs.score", "jobs.evaluate", "jobs.sft", "jobs.dpo")
+    # All imported before any is patched: a module first imported after the patch would bind
+    # the patched function, and keep it after the undo.
+    modules = [importlib.import_module(f"davir_jax.{name}") for name in names]
+    for name, module in zip(names, modules):
+        assert hasattr(module, "prepare"), f"davir_jax.{name} no longer binds prepare"
+        monkeypatch.setattr(module, "prepare", refuse)
 
 
 def _cfg(tmp_path, **sections):

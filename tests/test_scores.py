@@ -10,8 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from davir_jax.core.scores import (
+    IFD_SCORES,
     SCORES,
+    MissingScoreInput,
     ScoreColumns,
+    available_scores,
     compute_scores,
     random_uniform,
     read_scores,
@@ -19,7 +22,7 @@ from davir_jax.core.scores import (
 )
 
 
-def _table(nll_base, nll_ref, n_tokens, ids=None) -> pa.Table:
+def _table(nll_base, nll_ref, n_tokens, ids=None, **more) -> pa.Table:
     n = len(nll_base)
     ids = ids if ids is not None else [f"src:{i}" for i in range(n)]
     return pa.table(
@@ -32,6 +35,7 @@ def _table(nll_base, nll_ref, n_tokens, ids=None) -> pa.Table:
             "nll_base": pa.array(nll_base, pa.float64()),
             "nll_ref": pa.array(nll_ref, pa.float64()),
             "record": pa.array([json.dumps({"output": "x" * i}) for i in range(n)], pa.string()),
+            **{k: pa.array(v, pa.float64()) for k, v in more.items()},
         }
     )
 
@@ -54,7 +58,8 @@ def test_every_score_by_hand():
     np.testing.assert_array_equal(s["loss_ref"], [1.0, 1.5, 2.0])
     np.testing.assert_array_equal(s["low_loss_base"], [-2.0, -2.0, -2.0])
     np.testing.assert_array_equal(s["low_loss_ref"], [-1.0, -1.5, -2.0])
-    assert set(s) == set(SCORES)
+    ifd = {n for base in IFD_SCORES for n in (base, base + "_per_token")}
+    assert set(s) == set(SCORES) - ifd  # a run without the _alone columns offers no IFD
     assert all(v.dtype == np.float64 and v.shape == (3,) for v in s.values())
 
 
@@ -153,6 +158,48 @@ def test_duplicate_ids_and_unknown_names_rejected():
         ScoreColumns.from_data(
             {"example_id": ["a"], "nll_base": [1.0], "nll_ref": [1.0], "n_tokens": [1.5]}
         )
+
+
+def test_ifd_scores_by_hand_and_their_inputs():
+    # IFD = L_m / L_m_alone (ratio of sums over the same T tokens = Cherry's ratio of means);
+    # per-token form (L_m - L_m_alone) / T.
+    tab = _table(
+        [4.0, 6.0],
+        [3.0, 5.0],
+        [2, 3],
+        nll_base_alone=[8.0, 3.0],
+        nll_ref_alone=[6.0, 10.0],
+        nll_proxy=[1.0, 9.0],
+        nll_proxy_alone=[4.0, 3.0],
+    )
+    s = compute_scores(tab)
+    np.testing.assert_array_equal(s["ifd"], [0.5, 2.0])
+    np.testing.assert_array_equal(s["ifd_per_token"], [-2.0, 1.0])
+    np.testing.assert_array_equal(s["ifd_ref"], [0.5, 0.5])
+    np.testing.assert_array_equal(s["ifd_ref_per_token"], [-1.5, -5 / 3])
+    np.testing.assert_array_equal(s["superfiltering"], [0.25, 3.0])
+    np.testing.assert_array_equal(s["superfiltering_per_token"], [-1.5, 2.0])
+    assert set(s) == set(SCORES)
+    only_base = _table([4.0], [3.0], [2], nll_base_alone=[8.0])
+    assert "ifd" in available_scores(only_base) and "ifd_ref" not in available_scores(only_base)
+    with pytest.raises(MissingScoreInput, match=r"ifd_ref needs nll_ref_alone.*ifd=\[reference\]"):
+        compute_scores(only_base, "ifd_ref")
+    with pytest.raises(ValueError, match=r"nll_base_alone, which is 0 for 1 example\(s\) \(src:0"):
+        compute_scores(_table([4.0], [3.0], [2], nll_base_alone=[0.0]), "ifd")
+
+
+def test_a_run_without_a_base_offers_the_scores_it_can():
+    n = 3
+    tab = _table([1.0] * n, [2.0, 3.0, 4.0], [1, 1, 2]).set_column(
+        5, "nll_base", pa.nulls(n, pa.float64())
+    )
+    assert available_scores(tab) == ["loss_ref", "low_loss_ref", "random"]
+    np.testing.assert_array_equal(compute_scores(tab, "loss_ref")["loss_ref"], [2.0, 3.0, 2.0])
+    with pytest.raises(MissingScoreInput, match=r"davir needs nll_base: score with a base"):
+        compute_scores(tab, "davir")
+    partly = tab.set_column(5, "nll_base", pa.array([1.0, None, 2.0], pa.float64()))
+    with pytest.raises(ValueError, match=r"nll_base has 1 null value\(s\) of 3"):
+        compute_scores(partly, "rho")
 
 
 def test_register_score_extends_the_registry():

@@ -102,6 +102,98 @@ def test_nll_equals_transformers_pytorch(tmp_path, models, attn_block):
     assert (out / "diagnostics.md").is_file() and (out / "diagnostics_vs_length.png").is_file()
 
 
+def _torch_alone_nll(model, tok, response: str) -> float:
+    """IFD's L(y): the same response ids after one start token (the BOS), every one scored."""
+    import torch
+
+    ids = [tok.bos_token_id] + tok(response, add_special_tokens=False)["input_ids"]
+    ids.append(tok.eos_token_id)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    return -sum(float(lp[t - 1, ids[t]]) for t in range(1, len(ids)))
+
+
+def _torch_embedding(model, tok, row: dict) -> np.ndarray:
+    import torch
+
+    prompt = tok(row["prompt"])["input_ids"]
+    ids = prompt + tok(row["response"], add_special_tokens=False)["input_ids"]
+    ids.append(tok.eos_token_id)
+    with torch.no_grad():
+        h = model.model(torch.tensor([ids])).last_hidden_state[0].double()
+    return h[len(prompt) :].mean(0).numpy()
+
+
+@pytest.mark.devices(8)
+def test_ifd_columns_equal_transformers_pytorch(tmp_path, models):
+    """The response-alone NLLs of base, reference and a third (proxy) model, in the same pass,
+    equal PyTorch's per example; packed on 8 devices; the IFD scores are their ratios."""
+    from hf_models import make_hf_model
+
+    from davir_jax.core.scores import compute_scores, read_scores
+
+    root, hf, tok = models
+    proxy = make_hf_model("llama", tmp_path / "proxy", seed=2)
+    tok.save_pretrained(tmp_path / "proxy")
+    rows = _rows(21, seed=8)
+    data = _write(tmp_path / "pool.jsonl", rows)
+    scoring = {"proxy": str(tmp_path / "proxy"), "ifd": ["base", "reference"], "embed": "base"}
+    out = score(_cfg(tmp_path, root, data, scoring=scoring, model={"attn_block": 16}), False)
+    table = _table(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ifd"] == ["base", "reference", "proxy"] and "proxy" in manifest["fingerprints"]
+    for i, row in enumerate(rows):
+        r = table[f"pool:{i}"]
+        for model, col in (
+            (hf["base"], "nll_base"),
+            (hf["reference"], "nll_ref"),
+            (proxy, "nll_proxy"),
+        ):
+            np.testing.assert_allclose(
+                r[col], _torch_nll(model, tok, row["prompt"], row["response"])[0], rtol=1e-4
+            )
+            np.testing.assert_allclose(
+                r[col + "_alone"], _torch_alone_nll(model, tok, row["response"]), rtol=1e-4
+            )
+    s = compute_scores(read_scores(out), ["ifd", "ifd_ref", "superfiltering", "ifd_per_token"])
+    lb = np.array([table[f"pool:{i}"]["nll_base"] for i in range(21)])
+    alone = np.array([table[f"pool:{i}"]["nll_base_alone"] for i in range(21)])
+    np.testing.assert_allclose(s["ifd"], lb / alone, rtol=1e-12)
+    assert "ifd" in json.loads((out / "diagnostics.json").read_text())["scores"]
+    # The base's final-norm hidden states mean-pooled over the response, rows as the table.
+    emb = np.load(out / "embeddings.npy", allow_pickle=False)
+    order = read_scores(out).column("example_id").to_pylist()
+    assert emb.shape == (21, 64) and emb.dtype == np.float32
+    for i in (0, 7, 20):
+        np.testing.assert_allclose(
+            emb[order.index(f"pool:{i}")], _torch_embedding(hf["base"], tok, rows[i]), atol=1e-4
+        )
+
+
+def test_proxy_alone_run_scores_superfiltering_and_resumes(tmp_path, models):
+    """A run with only a proxy (Superfiltering: no base, no reference) writes null base and
+    reference columns, and its shards resume: a rerun of a complete run is a no-op with the same
+    table, and a run that lost its response-alone shards recomputes just them."""
+    from davir_jax.core.scores import available_scores, read_scores
+
+    root, _, _ = models
+    data = _write(tmp_path / "pool.jsonl", _rows(12, seed=9))
+    scoring = {"base": None, "reference": None, "proxy": str(root / "base")}
+    cfg = _cfg(tmp_path, root, data, scoring=scoring, data={"pack": False})
+    out = score(cfg, False)
+    t = read_scores(out)
+    assert t.column("nll_base").null_count == t.column("nll_ref").null_count == 12
+    assert {"superfiltering", "superfiltering_per_token"} <= set(available_scores(t))
+    assert "davir" not in available_scores(t)
+    first = _table(out)
+    for f in (out / "shards" / "proxy_alone").glob("*.parquet"):
+        f.unlink()
+    (out / "scores.parquet").unlink()
+    assert _table(score(cfg, False)) == first
+    with pytest.raises(ValueError, match=r"scoring.ifd lists \['reference'\]"):
+        score(_cfg(tmp_path, root, data, "x", scoring={**scoring, "ifd": ["reference"]}), False)
+
+
 @pytest.mark.devices(8)
 def test_eight_devices_equal_one_and_packed_equals_padded(tmp_path, models):
     root, _, _ = models

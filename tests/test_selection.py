@@ -236,3 +236,131 @@ def test_default_pool_name_precedence(tmp_path):
     tab = tab.set_column(1, "source", pa.array(["x", "y", "x", "y"]))
     pq.write_table(tab, d / "scores.parquet")
     assert run_select([f"{d}:all"], "rho", str(tmp_path / "o"), 0)["pools"][0]["name"] == "run-7"
+
+
+def test_filter_by_one_score_rank_by_another(tmp_path):
+    """`--filter "ifd<1" --method davir`: the rows with IFD >= 1 go, the rest are ranked by
+    DavIR; the budget counts against the whole pool and a shortfall is reported."""
+    rng = np.random.default_rng(3)
+    n = 120
+    alone = np.round(rng.uniform(20.0, 400.0, n), 1)
+    write_scores_dir(tmp_path / "a", "alpaca", n, seed=4)  # no IFD columns
+    info = write_scores_dir(tmp_path / "b", "alpaca", n, seed=4, nll_base_alone=alone)
+    ifd = info["lb"] / alone
+    assert 10 < (ifd >= 1).sum() < n - 10  # both sides of the threshold occur
+    ids = [f"alpaca:{i}" for i in range(n)]
+    d = (info["lb"] - info["lr"]) / info["lb"]
+    passing = [i for i in _oracle_top(ids, d, n) if ifd[i] < 1]
+    m = run_select(
+        ["b=" + str(tmp_path / "b") + ":count=12"], "davir", str(tmp_path / "o"), 0, ["ifd<1"]
+    )
+    assert [s["example_id"] for s in m["selected"]] == [ids[i] for i in passing[:12]]
+    entry = m["pools"][0]
+    assert entry["filters"] == [{"filter": "ifd<1", "removed": int((ifd >= 1).sum())}]
+    assert (entry["n_passed"], entry["n_short"], m["filters"]) == (len(passing), 0, ["ifd<1"])
+    big = run_select(
+        ["b=" + str(tmp_path / "b") + ":all"],
+        "davir",
+        str(tmp_path / "o"),
+        0,
+        ["ifd<1", "davir>=0.2"],
+    )
+    keep = [i for i in passing if d[i] >= 0.2]
+    assert [s["example_id"] for s in big["selected"]] == [ids[i] for i in keep]
+    assert big["pools"][0]["n_short"] == n - len(keep)
+    with pytest.raises(ValueError, match=r"bad filter 'ifd=1'"):
+        run_select(
+            ["b=" + str(tmp_path / "b") + ":all"], "davir", str(tmp_path / "o"), 0, ["ifd=1"]
+        )
+    with pytest.raises(ValueError, match=r"ifd_ref needs nll_ref_alone"):
+        run_select(
+            ["a=" + str(tmp_path / "a") + ":all"], "davir", str(tmp_path / "o"), 0, ["ifd_ref<1"]
+        )
+
+
+def test_diversity_steps_in_select_against_brute_force(tmp_path):
+    """minhash drops exact/near-exact duplicate texts (keeping the better-ranked copy); the
+    DEITA threshold then walks the ranking accepting rows farther than min_distance (cosine)
+    from every accepted row: equal to a brute-force walk; the manifest names what went."""
+    rng = np.random.default_rng(5)
+    n, k = 80, 10
+    texts = [f"question {i} " + " ".join(rng.choice(list("abcdefgh"), 30)) for i in range(n)]
+    texts[7] = texts[3].upper()  # the same text up to case: a duplicate
+    records = [json.dumps({"instruction": t, "output": "x"}) for t in texts]
+    info = write_scores_dir(tmp_path / "p", "pool", n, seed=6, records=records)
+    centers = rng.normal(size=(6, 16))
+    emb = (centers[rng.integers(0, 6, n)] + 0.3 * rng.normal(size=(n, 16))).astype(np.float32)
+    np.save(tmp_path / "p" / "embeddings.npy", emb)
+    ids = [f"pool:{i}" for i in range(n)]
+    d = (info["lb"] - info["lr"]) / info["lb"]
+    ranked = _oracle_top(ids, d, n)
+    dup_loser = max((3, 7), key=ranked.index)
+    walk = [i for i in ranked if i != dup_loser]
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    chosen: list[int] = []
+    for i in walk:
+        if len(chosen) < k and all(1 - unit[i] @ unit[j] > 0.05 for j in chosen):
+            chosen.append(i)
+    m = run_select(
+        [f"p={tmp_path / 'p'}:count={k}"],
+        "davir",
+        str(tmp_path / "o"),
+        0,
+        diversity=["minhash:threshold=0.9", "threshold:min_distance=0.05"],
+    )
+    assert [s["example_id"] for s in m["selected"]] == [ids[i] for i in chosen]
+    mh, th = m["pools"][0]["diversity"]
+    keeper = 3 if dup_loser == 7 else 7
+    assert mh["n_removed"] == 1 and mh["removed"] == [[ids[dup_loser], ids[keeper]]]
+    assert th["method"] == "threshold" and th["n_removed"] > 0  # clusters: some rows too close
+    assert m["diversity"] == [
+        "minhash:threshold=0.9,num_perm=128,ngram=5",
+        "threshold:min_distance=0.05",
+    ]
+    fl = run_select(
+        [f"p={tmp_path / 'p'}:count={k}"], "rho", str(tmp_path / "o"), 0, diversity=["facility"]
+    )
+    assert len(fl["selected"]) == k and fl["pools"][0]["diversity"][0]["pool"] == 3 * k
+    with pytest.raises(ValueError, match="must be the last"):
+        run_select(
+            [f"p={tmp_path / 'p'}:all"],
+            "davir",
+            str(tmp_path / "o"),
+            0,
+            diversity=["facility", "minhash"],
+        )
+    with pytest.raises(ValueError, match=r"threshold takes min_distance=VALUE"):
+        run_select(
+            [f"p={tmp_path / 'p'}:all"],
+            "davir",
+            str(tmp_path / "o"),
+            0,
+            diversity=["threshold:tau=1"],
+        )
+    (tmp_path / "p" / "embeddings.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"scoring.embed=base"):
+        run_select(
+            [f"p={tmp_path / 'p'}:all"], "davir", str(tmp_path / "o"), 0, diversity=["threshold"]
+        )
+
+
+def test_selection_method_specs_and_the_pipeline_config():
+    from davir_jax.config import load_config
+    from davir_jax.core.selection import SelectionMethod
+
+    assert SelectionMethod.parse("davir") == SelectionMethod("davir", "davir")
+    m = SelectionMethod.parse("cherry=ifd;filter=ifd<1;diversity=threshold:min_distance=0.2")
+    assert m == SelectionMethod("cherry", "ifd", ("ifd<1",), ("threshold:min_distance=0.2",))
+    for bad, match in (
+        ("x=nope", "'nope' is not among the scores"),
+        ("a/b=davir", "bad label"),
+        ("x=davir;fliter=ifd<1", "is not filter=EXPR or diversity=STEP"),
+        ("x=davir;filter=ifd=1", "bad filter"),
+        ("x=davir;diversity=cluster", "'cluster' is not one of"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SelectionMethod.parse(bad)
+    cfg = load_config(None, ["--pipeline.methods=[davir,cherry=ifd;filter=ifd<1]"])
+    assert cfg.pipeline.methods == ("davir", "cherry=ifd;filter=ifd<1")
+    with pytest.raises(ValueError, match="labels must differ"):
+        load_config(None, ["--pipeline.methods=[davir,davir=rho]"])

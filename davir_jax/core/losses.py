@@ -195,6 +195,41 @@ def example_nll(
     return segment_nll(lp, mask, segment_ids, num_segments)
 
 
+def segment_mean(
+    hidden_btd: jax.Array, mask_bt: jax.Array, segment_ids_bt: jax.Array, num_segments: int
+) -> jax.Array:
+    """Per-example mean of `hidden_btd` over the positions `mask_bt` marks: `[B, S, D]` float32
+    (column s is segment s+1; an example without such positions gets zeros)."""
+    b, t, d = hidden_btd.shape
+    seg = jnp.clip(segment_ids_bt, 0, num_segments)
+    flat = (jnp.arange(b, dtype=jnp.int32)[:, None] * (num_segments + 1) + seg).reshape(-1)
+    w = mask_bt.astype(jnp.float32).reshape(-1)
+    n = b * (num_segments + 1)
+    sums = jax.ops.segment_sum(hidden_btd.astype(jnp.float32).reshape(-1, d) * w[:, None], flat, n)
+    cnt = jax.ops.segment_sum(w, flat, num_segments=n)
+    mean = sums / jnp.maximum(cnt, 1.0)[:, None]
+    return mean.reshape(b, num_segments + 1, d)[:, 1:]
+
+
+def example_nll_and_embedding(
+    model: Any,
+    input_ids: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    loss_mask: jax.Array,
+    num_segments: int,
+    chunk: int = LM_HEAD_CHUNK,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`example_nll` plus each example's final hidden states mean-pooled over its response
+    tokens (the positions the loss mask marks), `[B, S, D]`: the embedding a diversity step
+    (DEITA's, arXiv 2312.15685) compares, from the same forward pass."""
+    targets, mask = shift_targets(input_ids, loss_mask, segment_ids)
+    hidden = model.hidden_states(input_ids, segment_ids, positions)
+    lp = token_logprobs(model.logits, hidden, targets, chunk, mask, model.vocab_block(VOCAB_BLOCK))
+    nll, cnt = segment_nll(lp, mask, segment_ids, num_segments)
+    return nll, cnt, segment_mean(hidden, loss_mask, segment_ids, num_segments)
+
+
 def sft_loss_sums(
     model: Any,
     input_ids: jax.Array,

@@ -150,3 +150,86 @@ class Budget:
         if self.kind == "count":
             return budget_count(n, count=self.value)
         return budget_count(n, fraction=self.value)
+
+
+_FILTER_RE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*(<=|>=|<|>)\s*(\S+)\s*")
+_OPS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}
+
+
+@dataclass(frozen=True)
+class ScoreFilter:
+    """Keep the examples whose score `name` satisfies `op value` (e.g. `ifd<1`, Cherry LLM's
+    and Superfiltering's rule: IFD >= 1 means the instruction does not help the response).
+
+    Filters and the ranking score are independent: `davir select --method davir --filter
+    "ifd<1"` ranks the examples that pass by DavIR.
+    """
+
+    name: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> ScoreFilter:
+        """`SCORE<VALUE`, `SCORE<=VALUE`, `SCORE>VALUE` or `SCORE>=VALUE`."""
+        m = _FILTER_RE.fullmatch(text)
+        if not m:
+            raise ValueError(f"bad filter {text!r}: expected SCORE<VALUE (also <=, >, >=)")
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            raise ValueError(f"bad filter {text!r}: {m.group(3)!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"bad filter {text!r}: the value must be finite")
+        return cls(m.group(1), m.group(2), value)
+
+    def spec(self) -> str:
+        return f"{self.name}{self.op}{self.value:g}"
+
+    def keep(self, scores: np.ndarray) -> np.ndarray:
+        """bool [N]: which rows pass."""
+        return _OPS[self.op](np.asarray(scores, np.float64), self.value)
+
+
+_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class SelectionMethod:
+    """A pipeline selection method: a score, optional filters and diversity steps, and the
+    label its runs are named by. Text form `SCORE` (label = score) or
+    `LABEL=SCORE[;filter=EXPR]...[;diversity=STEP]...`, e.g. `cherry=ifd;filter=ifd<1` (Cherry
+    LLM: IFD, instruction-helps rows only) or `davir_deita=davir;diversity=threshold`."""
+
+    label: str
+    score: str
+    filters: tuple[str, ...] = ()
+    diversity: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> SelectionMethod:
+        from davir_jax.core.diversity import DiversityStep
+        from davir_jax.core.scores import SCORES
+
+        head, *opts = (x.strip() for x in spec.split(";"))
+        label, eq, score = head.partition("=")
+        score = score.strip() if eq else label.strip()
+        label = label.strip()
+        if not _LABEL_RE.fullmatch(label):
+            raise ValueError(f"method {spec!r}: bad label {label!r} (letters, digits, . _ -)")
+        if score not in SCORES:
+            raise ValueError(
+                f"method {spec!r}: {score!r} is not among the scores {', '.join(SCORES)} "
+                "(a plugin's score needs --plugins FILE or the config's plugins key)"
+            )
+        found: dict[str, list[str]] = {"filter": [], "diversity": []}
+        for opt in opts:
+            key, eq, value = opt.partition("=")
+            if not eq or key.strip() not in found:
+                raise ValueError(f"method {spec!r}: {opt!r} is not filter=EXPR or diversity=STEP")
+            found[key.strip()].append(value.strip())
+        for f in found["filter"]:
+            ScoreFilter.parse(f)
+        for d in found["diversity"]:
+            DiversityStep.parse(d)
+        return cls(label, score, tuple(found["filter"]), tuple(found["diversity"]))

@@ -168,14 +168,63 @@ class TokenizedData(_Batched):
         recs = self.store.get_many(idx)
         return [(r["input_ids"], r["loss_mask"]) for r in recs]
 
-    def n_response_tokens(self) -> np.ndarray:
-        """T per example (loss tokens: the response, plus EOS unless `eos_in_loss` is off);
-        reads every record once."""
+    def _per_record(self, fn: Any) -> np.ndarray:
+        """int64 [N]: `fn(input_ids, loss_mask)` of every example; reads every record once."""
         out = np.zeros(len(self), np.int64)
         for s in range(0, len(self), 4096):
             idx = list(range(s, min(s + 4096, len(self))))
-            out[idx] = [int(m.sum()) for _, m in self.get(idx)]
+            out[idx] = [fn(ids, m) for ids, m in self.get(idx)]
         return out
+
+    def n_response_tokens(self) -> np.ndarray:
+        """T per example (loss tokens: the response, plus EOS unless `eos_in_loss` is off);
+        reads every record once."""
+        return self._per_record(lambda ids, m: int(m.sum()))
+
+    def prompt_lengths(self) -> np.ndarray:
+        """Tokens before the response per example (every template's sequence is prompt +
+        response, and the response's first token is the first loss token); reads every record."""
+        return self._per_record(lambda ids, m: int(np.argmax(m > 0)))
+
+
+class ResponseAlone(_Batched):
+    """The examples of `data` with their prompt replaced by one start token: the same response
+    token ids (and loss mask) predicted without the instruction, for IFD's L(y) (Cherry LLM,
+    arXiv 2308.12032). Sequence: `[start] + response`, mask `[0] + response mask`, so T and the
+    scored ids equal the prompted example's exactly and IFD is a ratio over the same tokens.
+
+    `start` is the tokenizer's BOS, else its EOS (BOS-less tokenizers such as Qwen2's and
+    SmolLM2's separate documents with it): one token of context, as Cherry's code gives the
+    response when its tokenizer adds a BOS, and never a scored position.
+    """
+
+    def __init__(self, data: TokenizedData, start: int) -> None:
+        self.data, self.cfg, self.start = data, data.cfg, int(start)
+        self.prompt_len = data.prompt_lengths()
+        self.lengths = data.lengths - self.prompt_len + 1
+        self.example_ids, self.rows = data.example_ids, data.rows
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def get(self, idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        head_ids, head_mask = np.asarray([self.start], np.int32), np.zeros(1, np.uint8)
+        out = []
+        for i, (ids, mask) in zip(idx, self.data.get(idx)):
+            p = int(self.prompt_len[i])
+            out.append(
+                (
+                    np.concatenate([head_ids, ids[p:].astype(np.int32)]),
+                    np.concatenate([head_mask, mask[p:].astype(np.uint8)]),
+                )
+            )
+        return out
+
+
+def start_token(tokenizer: Any) -> int:
+    """`ResponseAlone`'s start token: the tokenizer's BOS, else its EOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(bos if bos is not None else tokenizer.eos_token_id)
 
 
 def prepare(

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from davir_jax.core.io import progress_bar
-from davir_jax.core.losses import LM_HEAD_CHUNK, example_nll
+from davir_jax.core.losses import LM_HEAD_CHUNK, example_nll, example_nll_and_embedding
 from davir_jax.core.sharding import batch_sharding, data_parallel_size, state_shardings
 from davir_jax.data.batching import Batch, assemble, local_rows
 from davir_jax.models.arch import ArchConfig
@@ -50,18 +50,22 @@ def nonfinite_examples(batch: Batch, nll: np.ndarray, example_ids: Any) -> list[
 
 
 @functools.lru_cache(maxsize=32)
-def nll_step(arch: ArchConfig, run: RunConfig, num_segments: int, chunk: int) -> Any:
-    """Jitted `(state, ids, segment_ids, positions, loss_mask) -> (nll [B, S], count [B, S])`.
+def nll_step(
+    arch: ArchConfig, run: RunConfig, num_segments: int, chunk: int, embed: bool = False
+) -> Any:
+    """Jitted `(state, ids, segment_ids, positions, loss_mask) -> (nll [B, S], count [B, S])`,
+    with `embed` also each example's mean-pooled response hidden states `[B, S, D]`.
 
     Built once per model configuration. On a mesh, the parameter shardings come from the rules
     table, the batch is split over the data-parallel axes, and the (small) outputs are
     replicated so every process can read its own rows.
     """
     graphdef, abs_state = abstract_model(arch, run)
+    fn = example_nll_and_embedding if embed else example_nll
 
     def step(state: nnx.State, ids: jax.Array, seg: jax.Array, pos: jax.Array, mask: jax.Array):
         model = nnx.merge(graphdef, state)
-        return example_nll(model, ids, seg, pos, mask, num_segments, chunk)
+        return fn(model, ids, seg, pos, mask, num_segments, chunk)
 
     mesh = run.sharder.mesh
     if mesh is None:
@@ -71,7 +75,7 @@ def nll_step(arch: ArchConfig, run: RunConfig, num_segments: int, chunk: int) ->
     return jax.jit(
         step,
         in_shardings=(state_shardings(abs_state, mesh), rows, rows, rows, rows),
-        out_shardings=(rep, rep),
+        out_shardings=(rep,) * (3 if embed else 2),
     )
 
 
@@ -85,19 +89,20 @@ def device_batch(batch: Batch, mesh: Mesh | None) -> list[jax.Array]:
 
 
 def _launch_nll(
-    model: Decoder, batch: Batch, num_segments: int, chunk: int
-) -> tuple[jax.Array, jax.Array]:
+    model: Decoder, batch: Batch, num_segments: int, chunk: int, embed: bool = False
+) -> tuple[jax.Array, ...]:
     """Dispatch one batch's step; JAX returns before the device has finished it."""
     _, state = nnx.split(model)
-    fn = nll_step(model.arch, model.run, num_segments, chunk)
+    fn = nll_step(model.arch, model.run, num_segments, chunk, embed)
     return fn(state, *device_batch(batch, model.run.sharder.mesh))
 
 
-def _local_rows(batch: Batch, out: tuple[jax.Array, jax.Array]) -> tuple[np.ndarray, np.ndarray]:
-    """This process's rows of a step's global `[R, S]` outputs, on the host (waits for them)."""
+def _local_rows(batch: Batch, out: tuple[jax.Array, ...]) -> tuple[np.ndarray, ...]:
+    """This process's rows of a step's global `[R, S, ...]` outputs, on the host (waits for
+    them)."""
     r = batch.input_ids.shape[0]
     lo = jax.process_index() * r if jax.process_count() > 1 else 0
-    return np.asarray(out[0])[lo : lo + r], np.asarray(out[1])[lo : lo + r]
+    return tuple(np.asarray(o)[lo : lo + r] for o in out)
 
 
 def batch_nll(
@@ -112,17 +117,23 @@ def stream_nll(
     batches: Iterable[Batch],
     num_segments: int,
     chunk: int = LM_HEAD_CHUNK,
-) -> Iterator[tuple[Batch, dict[str, tuple[np.ndarray, np.ndarray]]]]:
-    """Every batch, in order, with each model's `batch_nll` of it. The next batch's steps are
-    dispatched before this batch's results are read back, so the host's work (assembling and
-    sending the next batch, and the caller's: shards, progress) overlaps the device's."""
+    embed: Iterable[str] = (),
+) -> Iterator[tuple[Batch, dict[str, tuple[np.ndarray, ...]]]]:
+    """Every batch, in order, with each model's `batch_nll` of it (and, for the models named in
+    `embed`, the mean-pooled response hidden states `[R, S, D]` as a third array). The next
+    batch's steps are dispatched before this batch's results are read back, so the host's work
+    (assembling and sending the next batch, and the caller's: shards, progress) overlaps the
+    device's."""
+    embed = set(embed)
 
     def read(batch: Batch, launched: dict[str, Any]) -> tuple[Batch, dict[str, Any]]:
         return batch, {m: _local_rows(batch, out) for m, out in launched.items()}
 
     pending = None
     for batch in batches:
-        launched = {m: _launch_nll(md, batch, num_segments, chunk) for m, md in models.items()}
+        launched = {
+            m: _launch_nll(md, batch, num_segments, chunk, m in embed) for m, md in models.items()
+        }
         if pending is not None:
             yield read(*pending)
         pending = (batch, launched)

@@ -199,13 +199,20 @@ def _outputs(out: str, key: str, cfg: Any) -> list[Path]:
 
 def check_score(cfg: Any) -> list[Path]:
     sc = cfg.scoring
-    require(cfg, "score", ["scoring.reference", "scoring.out", "data.path"])
-    for m in ("base", "reference", "tokenizer"):
+    require(cfg, "score", ["scoring.out", "data.path"])
+    models = [m for m in ("base", "reference", "proxy") if getattr(sc, m) is not None]
+    if not models:
+        raise UserError("davir score needs one of scoring.base, scoring.reference, scoring.proxy")
+    unset = [m for m in sc.ifd if getattr(sc, m) is None]
+    if unset:
+        raise UserError(f"scoring.ifd lists {unset} but scoring.{unset[0]} is not set")
+    for m in (*models, "tokenizer"):
         if getattr(sc, m) is not None:
             model_source(getattr(sc, m), f"scoring.{m}")
-    tok = sc.tokenizer or sc.base or sc.reference
     tokenizer_fits(
-        tok, "scoring.tokenizer" if sc.tokenizer else "scoring.base", (sc.base, sc.reference)
+        sc.tokenizer or getattr(sc, models[0]),
+        "scoring.tokenizer" if sc.tokenizer else f"scoring.{models[0]}",
+        tuple(getattr(sc, m) for m in models),
     )
     _pool(cfg)
     out = writable_dir(sc.out, "scoring.out")

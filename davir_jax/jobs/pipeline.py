@@ -26,6 +26,7 @@ from typing import Any
 from davir_jax.config import Config
 from davir_jax.core.io import file_sha256, write_json
 from davir_jax.core.schema import to_dict
+from davir_jax.core.selection import SelectionMethod
 from davir_jax.data.readers import resolve_format, source_name
 from davir_jax.engine.preflight import checked
 from davir_jax.jobs.evaluate import run_eval
@@ -175,9 +176,10 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     # subset with that seed (random draws another subset, every method another data order).
     runs: dict[str, str] = {}
     for budget in pc.budgets:
-        for method in pc.methods:
+        for spec in pc.methods:
+            method = SelectionMethod.parse(spec)
             for k in range(pc.seeds):
-                name = run_name(method, budget, k)
+                name = run_name(method.label, budget, k)
                 runs[name] = _subset_run(
                     cfg, stages, out, name, (method, budget, cfg.seed + k), train_inputs, progress
                 )
@@ -258,7 +260,7 @@ def _subset_run(
     stages: Stages,
     out: Path,
     name: str,
-    spec: tuple[str, str, int],
+    spec: tuple[SelectionMethod, str, int],
     train_inputs: dict[str, Any],
     progress: bool,
 ) -> str:
@@ -276,13 +278,23 @@ def _subset_run(
         f"select/{name}",
         {
             "scores": file_sha256(scores_dir / "scores.parquet"),
-            "method": method,
+            # A plain score keeps its old stage key (earlier runs stay valid).
+            "method": method.score
+            if method.label == method.score and not (method.filters or method.diversity)
+            else dataclasses.asdict(method),
             "budget": budget,
             "extra": extra,
             "seed": seed,
         },
         lambda: (
-            run_select([f"pool={scores_dir}:{budget}"], method, str(sel), seed),
+            run_select(
+                [f"pool={scores_dir}:{budget}"],
+                method.score,
+                str(sel),
+                seed,
+                method.filters,
+                method.diversity,
+            ),
             add_extra_pools(sel, pc.extra_pools),
         ),
     )

@@ -1,21 +1,28 @@
 """The DavIR scoring job: every example's response NLL under a base and a reference model.
 
     davir score --data FILE --template plain --base SRC --reference SRC --out DIR
+                [--proxy SRC] [--scoring.ifd=[base,reference]]
 
 One pass over a tokenized data set (`davir_jax.data`); each fixed-shape batch goes through both
 models (or, with `scoring.resident=sequential`, all batches through the base, then all through the
 reference, for when both do not fit), so both see the same token ids and masks. The per-example
-summed NLL is `davir_jax.core.losses.example_nll`, the same function the trainers use.
+summed NLL is `davir_jax.core.losses.example_nll`, the same function the trainers use. For IFD
+(`scoring.ifd`, and a `scoring.proxy` for Superfiltering) a second view of the same examples,
+each response after one start token instead of its prompt (`ResponseAlone`), is scored the same
+way by the models that need it, while they are loaded.
 
 Output, resumable at any moment:
     DIR/run.json                          what this run is (models, data, tokenizer, batching):
                                           a rerun with anything else refuses to mix outputs
-    DIR/shards/{base,reference}/p{P}-s{S}.parquet
+    DIR/shards/{base,reference,proxy}[_alone]/p{P}-s{S}.parquet
                                           rows `example_id, index, n_tokens, nll` of shard S
                                           (`shard_batches` batches) of process P, atomic
     DIR/scores.parquet                    the merged table (process 0, after all shards):
                                           example_id, source, row, content_hash, n_tokens,
-                                          nll_base, nll_ref, record
+                                          nll_base, nll_ref, record, and the IFD columns
+                                          nll_proxy, nll_{base,ref,proxy}_alone when scored
+    DIR/embeddings.npy                    with `scoring.embed`: float32 [N, D] mean-pooled
+                                          response hidden states, rows as scores.parquet
     DIR/manifest.json                     fingerprints, config, skip counts by reason, timings
     DIR/diagnostics.{md,json} + PNGs      length correlations of every score
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import math
 import time
 from collections.abc import Iterator
@@ -46,10 +54,15 @@ from davir_jax.core.fingerprints import tokenizer_fingerprint
 from davir_jax.core.io import progress_bar, write_atomic, write_json
 from davir_jax.core.runs import batching_identity, check_batch_rows, claim_run_dir
 from davir_jax.core.schema import to_dict
-from davir_jax.core.scores import MANIFEST_FILE, SCORES_FILE
+from davir_jax.core.scores import (
+    EMBEDDINGS_FILE,
+    MANIFEST_FILE,
+    OPTIONAL_NLL_COLUMNS,
+    SCORES_FILE,
+)
 from davir_jax.core.sharding import mesh_from_config
 from davir_jax.data.batching import Batch
-from davir_jax.data.dataset import prepare
+from davir_jax.data.dataset import ResponseAlone, prepare, start_token
 from davir_jax.data.readers import PAIR_FORMATS, iter_rows, resolve_format
 from davir_jax.data.skips import SkipLog
 from davir_jax.engine.nll import NonFiniteLossError, name_examples, nonfinite_examples, stream_nll
@@ -61,16 +74,10 @@ from davir_jax.reports.diagnostics import write_diagnostics
 if TYPE_CHECKING:  # the data layer (tensorflow-datasets) loads only when a job runs
     from davir_jax.data.dataset import TokenizedData
 
-MODELS = ("base", "reference")
-
-
-# -- non-finite values ---------------------------------------------------------------------
-
-
-# -- the jitted step -----------------------------------------------------------------------
-
-
-# -- the job -------------------------------------------------------------------------------
+MODELS = ("base", "reference", "proxy")
+# The scores table's NLL column of each model (`core.scores.NLL_COLUMNS`).
+NLL_COLUMN = {"base": "nll_base", "reference": "nll_ref", "proxy": "nll_proxy"}
+ALONE = "_alone"  # suffix of a model's response-alone shards and column
 
 
 @dataclasses.dataclass
@@ -81,24 +88,31 @@ class _Shard:
     index: list[int] = dataclasses.field(default_factory=list)
     n_tokens: list[int] = dataclasses.field(default_factory=list)
     nll: list[float] = dataclasses.field(default_factory=list)
+    embedding: list[np.ndarray] = dataclasses.field(default_factory=list)
 
-    def add(self, data: TokenizedData, batch: Batch, nll: np.ndarray, cnt: np.ndarray) -> None:
+    def add(
+        self, data: Any, batch: Batch, nll: np.ndarray, cnt: np.ndarray, *emb: np.ndarray
+    ) -> None:
         sel = batch.example_index >= 0
         for i, v, c in zip(batch.example_index[sel], nll[sel], cnt[sel]):
             self.ids.append(data.example_ids[i])
             self.index.append(int(data.rows[i]))
             self.n_tokens.append(int(round(float(c))))
             self.nll.append(float(v))
+        if emb:  # [R, S, D] -> the real examples' rows, in the same order
+            self.embedding.extend(np.asarray(emb[0][sel], np.float32))
 
     def write(self, path: Path) -> None:
-        table = pa.table(
-            {
-                "example_id": pa.array(self.ids, pa.string()),
-                "index": pa.array(self.index, pa.int64()),
-                "n_tokens": pa.array(self.n_tokens, pa.int64()),
-                "nll": pa.array(self.nll, pa.float64()),
-            }
-        )
+        cols = {
+            "example_id": pa.array(self.ids, pa.string()),
+            "index": pa.array(self.index, pa.int64()),
+            "n_tokens": pa.array(self.n_tokens, pa.int64()),
+            "nll": pa.array(self.nll, pa.float64()),
+        }
+        if self.embedding:
+            flat = pa.array(np.concatenate(self.embedding), pa.float32())
+            cols["embedding"] = pa.FixedSizeListArray.from_arrays(flat, len(self.embedding[0]))
+        table = pa.table(cols)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         write_atomic(path, sink.getvalue().to_pybytes())
@@ -137,8 +151,15 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def ifd_models(cfg: Config) -> tuple[str, ...]:
+    """The models whose response-alone NLL is computed: `scoring.ifd`, and the proxy always."""
+    sc = cfg.scoring
+    return tuple(m for m in MODELS if m in sc.ifd or (m == "proxy" and sc.proxy is not None))
+
+
 def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str]) -> dict[str, Any]:
     """What must be equal for two runs' shards to be mixed."""
+    ifd = ifd_models(cfg)
     return {
         "data": data.fields,
         "models": fingerprints,
@@ -146,6 +167,8 @@ def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str])
         "batching": {**batching_identity(cfg), "shard_batches": cfg.scoring.shard_batches},
         "resident": cfg.scoring.resident,
         "process_count": jax.process_count(),
+        **({"ifd": list(ifd)} if ifd else {}),
+        **({"embed": cfg.scoring.embed} if cfg.scoring.embed else {}),
     }
 
 
@@ -154,9 +177,27 @@ def _load(cfg: Config, source: str, mesh: Mesh) -> Decoder:
     return load_model(source, m.dtype, mesh, **m.run_options())
 
 
+class _Resident:
+    """The models of one pass group, loaded when a pass first needs them and kept for the
+    group's other view (the response-alone pass reuses what the prompted pass loaded)."""
+
+    def __init__(self, cfg: Config, mesh: Mesh, timings: dict[str, float]) -> None:
+        self.cfg, self.mesh, self.timings = cfg, mesh, timings
+        self.models: dict[str, Decoder] = {}
+
+    def get(self, names: list[str]) -> dict[str, Decoder]:
+        missing = [m for m in names if m not in self.models]
+        if missing:
+            t0 = time.time()
+            for m in missing:
+                self.models[m] = _load(self.cfg, getattr(self.cfg.scoring, m), self.mesh)
+            self.timings["load_" + "+".join(missing)] = time.time() - t0
+        return {m: self.models[m] for m in names}
+
+
 def scored_models(cfg: Config) -> tuple[str, ...]:
-    """The models this run scores: both, or the reference alone when no base is given (the
-    reference log-probs of preference pairs for DPO)."""
+    """The models this run scores: those given (the reference alone: the reference log-probs
+    of preference pairs for DPO; the proxy alone: Superfiltering)."""
     return tuple(m for m in MODELS if getattr(cfg.scoring, m) is not None)
 
 
@@ -165,17 +206,39 @@ def _passes(cfg: Config) -> list[tuple[str, ...]]:
     return [models] if cfg.scoring.resident == "both" else [(m,) for m in models]
 
 
+def _check_request(cfg: Config) -> None:
+    sc = cfg.scoring
+    missing = [f"scoring.{k}" for k in ("out",) if getattr(sc, k) is None]
+    missing += ["data.path"] if cfg.data.path is None else []
+    if not scored_models(cfg):
+        missing.append("one of scoring.base, scoring.reference, scoring.proxy")
+    if missing:
+        raise ValueError(f"davir score needs {', '.join(missing)}")
+    unset = [m for m in sc.ifd if getattr(sc, m) is None]
+    if unset:
+        raise ValueError(f"scoring.ifd lists {unset} but scoring.{unset[0]} is not set")
+    if sc.embed is not None and getattr(sc, sc.embed) is None:
+        raise ValueError(f"scoring.embed is {sc.embed} but scoring.{sc.embed} is not set")
+
+
+def _views(cfg: Config, data: TokenizedData, tok: Any) -> dict[str, tuple[Any, list]]:
+    """Shard-name suffix -> (examples, their batch plans): the prompted examples, and the
+    responses alone when some model computes IFD."""
+    views: dict[str, tuple[Any, list]] = {"": (data, data.plans(shuffle=False))}
+    if ifd_models(cfg):
+        alone = ResponseAlone(data, start_token(tok))
+        views[ALONE] = (alone, alone.plans(shuffle=False))
+    return views
+
+
 @checked("score")  # preflight: every input and output checked, the output locked
 def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     """Run (or resume) the scoring job described by `cfg`; returns the output directory.
 
     `mesh` defaults to `cfg.mesh` over all devices.
     """
+    _check_request(cfg)
     sc = cfg.scoring
-    missing = [k for k in ("reference", "out") if getattr(sc, k) is None]
-    if missing or cfg.data.path is None:
-        names = [f"scoring.{k}" for k in missing] + (["data.path"] if cfg.data.path is None else [])
-        raise ValueError(f"davir score needs {', '.join(names)}")
     t_start = time.time()
     if mesh is None:
         mesh = mesh_from_config(cfg.mesh)  # first: it may set the CPU device count
@@ -188,75 +251,85 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     out = Path(sc.out)
     identity = run_identity(cfg, data, fingerprints)
     claim_run_dir(out, identity, sc.overwrite, "scoring run")
-    plans = data.plans(shuffle=False)
-    n_shards = math.ceil(len(plans) / sc.shard_batches)
+    views = _views(cfg, data, tok)
+    layout: dict[str, int] = {}  # shard name -> number of shards
     timings: dict[str, float] = {}
-    for models in _passes(cfg):
-        _score_pass(cfg, out, data, plans, models, mesh, timings, progress)
+    for group in _passes(cfg):
+        resident = _Resident(cfg, mesh, timings)
+        for suffix, (view, plans) in views.items():
+            names = {m + suffix: m for m in group if not suffix or m in ifd_models(cfg)}
+            layout |= dict.fromkeys(names, math.ceil(len(plans) / sc.shard_batches))
+            if names:
+                _score_pass(cfg, out, view, plans, names, resident, timings, progress)
     _barrier(f"davir score shards {out}")
     if pi == 0:
-        _merge(cfg, out, data, identity, n_shards, pc, timings, t_start)
+        _merge(cfg, out, data, identity, layout, pc, timings, t_start)
     _barrier(f"davir score merged {out}")
     return out
 
 
 def _tokenizer(cfg: Config) -> tuple[Any, dict[str, str]]:
-    """The tokenizer both models are scored with, and the fingerprints of the models and it."""
+    """The tokenizer every model is scored with, and the fingerprints of the models and it."""
     sc = cfg.scoring
-    # The tokenizer's ids must fit both models' vocabularies (else every NLL is NaN).
-    tok = load_tokenizer_for(sc.tokenizer or sc.base or sc.reference, (sc.base, sc.reference))
-    fingerprints = {m: model_fingerprint(getattr(sc, m)) for m in scored_models(cfg)}
+    models = scored_models(cfg)
+    # The tokenizer's ids must fit every model's vocabulary (else every NLL is NaN).
+    tok = load_tokenizer_for(
+        sc.tokenizer or getattr(sc, models[0]), tuple(getattr(sc, m) for m in models)
+    )
+    fingerprints = {m: model_fingerprint(getattr(sc, m)) for m in models}
     fingerprints["tokenizer"] = tokenizer_fingerprint(tok)
-    if sc.tokenizer is None and sc.base is not None:
-        try:
-            ref_tok = load_tokenizer_for(sc.reference)
-        except (OSError, ValueError):
-            ref_tok = None  # a reference without its own tokenizer uses the base's
-        if ref_tok is not None and tokenizer_fingerprint(ref_tok) != fingerprints["tokenizer"]:
-            raise ValueError(
-                f"the base ({sc.base}) and reference ({sc.reference}) tokenizers differ; "
-                "scores would compare different token sequences"
-            )
+    if sc.tokenizer is None:
+        for m in models[1:]:
+            try:
+                own = load_tokenizer_for(getattr(sc, m))
+            except (OSError, ValueError):
+                own = None  # a model without its own tokenizer uses the first one's
+            if own is not None and tokenizer_fingerprint(own) != fingerprints["tokenizer"]:
+                raise ValueError(
+                    f"the {models[0]} ({getattr(sc, models[0])}) and {m} ({getattr(sc, m)}) "
+                    "tokenizers differ; scores would compare different token sequences"
+                )
     return tok, fingerprints
 
 
 def _score_pass(
     cfg: Config,
     out: Path,
-    data: TokenizedData,
+    data: Any,
     plans: list,
-    models: tuple[str, ...],
-    mesh: Mesh,
+    names: dict[str, str],
+    resident: _Resident,
     timings: dict[str, float],
     progress: bool,
 ) -> None:
-    """Score the shards this process has not written yet with `models` resident together,
-    writing one Parquet shard per model and `shard_batches` batches."""
+    """Score the shards this process has not written yet, each shard name of `names` (-> its
+    model) over `data`'s batches, writing one Parquet shard per name and `shard_batches`
+    batches. The models are loaded only when some shard is left to do."""
     sc, pi, pc = cfg.scoring, jax.process_index(), jax.process_count()
     k = sc.shard_batches
     n_shards = math.ceil(len(plans) / k)
-    for m in models:
+    for m in names:
         (out / "shards" / m).mkdir(parents=True, exist_ok=True)
         for stale in (out / "shards" / m).glob(f".p{pi:05d}-*.tmp-*"):
             stale.unlink(missing_ok=True)  # a write cut short by a kill
     # The first shard some process has not finished: everyone resumes there (lockstep).
-    done = (all(_shard_path(out, m, pi, s).is_file() for m in models) for s in range(n_shards))
+    done = (all(_shard_path(out, m, pi, s).is_file() for m in names) for s in range(n_shards))
     first = _agree_min(next((s for s, d in enumerate(done) if not d), n_shards))
     if first == n_shards:
         return
-    key = "+".join(models)
-    t0 = time.time()
-    loaded = {m: _load(cfg, getattr(sc, m), mesh) for m in models}
-    timings["load_" + key] = time.time() - t0
+    models = resident.get(list(dict.fromkeys(names.values())))
+    loaded = {name: models[m] for name, m in names.items()}
     t0 = time.time()
     n_ex = n_tok = 0
-    bar = progress_bar(len(plans), "score", "batch", progress and pi == 0, first * k)
+    what = "score" + (" (responses alone)" if isinstance(data, ResponseAlone) else "")
+    bar = progress_bar(len(plans), what, "batch", progress and pi == 0, first * k)
     for s in range(first, n_shards):
-        shards = {m: _Shard() for m in models}
+        shards = {m: _Shard() for m in names}
         batches = (b for _, b in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k))
         bad: list[str] = []
-        for batch, nlls in stream_nll(loaded, batches, data.num_segments, sc.chunk):
-            for m in models:
+        embed = [sc.embed] if sc.embed in names else []  # the prompted view's model only
+        for batch, nlls in stream_nll(loaded, batches, data.num_segments, sc.chunk, embed):
+            for m in names:
                 # Checked before the shard is written: a NaN score must never be stored.
                 bad += [
                     f"{i} ({m})" for i in nonfinite_examples(batch, nlls[m][0], data.example_ids)
@@ -271,9 +344,10 @@ def _score_pass(
             bar.set_postfix_str(f"{n_ex / dt:,.1f} ex/s {n_tok / dt:,.0f} tok/s", refresh=False)
         if _agree_max(len(bad)):  # every process stops at the same shard
             _refuse_nonfinite(bad, s)
-        for m in models:
+        for m in names:
             shards[m].write(_shard_path(out, m, pi, s))
     bar.close()
+    key = "+".join(names)
     timings["score_" + key] = time.time() - t0
     timings["tokens_per_s_" + key] = n_tok * pc / max(time.time() - t0, 1e-9)
 
@@ -299,24 +373,59 @@ def _merge(
     out: Path,
     data: TokenizedData,
     identity: dict[str, Any],
-    n_shards: int,
+    layout: dict[str, int],
     pc: int,
     timings: dict[str, float],
     t_start: float,
 ) -> None:
     """Join every process's shards into `scores.parquet` and its manifest, refusing missing,
     duplicated or non-finite examples (never a complete table that is not whole)."""
-    cols = {m: _checked_shards(out, m, data, n_shards, pc) for m in scored_models(cfg)}
-    ref, base = cols["reference"], cols.get("base")
-    if base is not None and (
-        base.column("example_id").to_pylist() != ref.column("example_id").to_pylist()
-    ):
-        raise RuntimeError(f"{out}: base and reference shards hold different examples")
-    table = _scores_table(data, ref, base)
+    cols = {m: _checked_shards(out, m, data, n, pc) for m, n in layout.items()}
+    first = next(iter(cols))
+    ids = cols[first].column("example_id").to_pylist()
+    for m, t in cols.items():
+        if t.column("example_id").to_pylist() != ids:
+            raise RuntimeError(f"{out}: {first} and {m} shards hold different examples")
+        if m.endswith(ALONE) and not t.column("n_tokens").equals(
+            cols[m.removesuffix(ALONE)].column("n_tokens")
+        ):  # the response alone must be scored on exactly the prompted response's tokens
+            raise RuntimeError(f"{out}: {m} shards count other tokens than {m[: -len(ALONE)]}")
+    table = _scores_table(data, cols)
+    if cfg.scoring.embed is not None:
+        _write_embeddings(out, cols[cfg.scoring.embed])
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     write_atomic(out / SCORES_FILE, sink.getvalue().to_pybytes())
-    manifest = {
+    write_json(
+        out / MANIFEST_FILE,
+        _manifest(cfg, data, table, identity, timings, t_start),
+        sort_keys=True,
+    )
+    if cfg.scoring.diagnostics and ("base" in cols or ifd_models(cfg)):
+        write_diagnostics(out, echo=False)
+
+
+def _write_embeddings(out: Path, shards: pa.Table) -> None:
+    """`embeddings.npy`: float32 [N, D], row i = example i of scores.parquet (written before
+    it, so a complete table always has its embeddings)."""
+    if "embedding" not in shards.column_names:
+        raise RuntimeError(f"{out}: the shards hold no embeddings (rescore with --overwrite)")
+    col = shards.column("embedding").combine_chunks()
+    emb = col.values.to_numpy().reshape(len(col), col.type.list_size).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, emb, allow_pickle=False)
+    write_atomic(out / EMBEDDINGS_FILE, buf.getvalue())
+
+
+def _manifest(
+    cfg: Config,
+    data: TokenizedData,
+    table: pa.Table,
+    identity: dict[str, Any],
+    timings: dict[str, float],
+    t_start: float,
+) -> dict[str, Any]:
+    return {
         "kind": "davir-scores",
         "complete": True,
         "n_examples": table.num_rows,
@@ -329,7 +438,16 @@ def _merge(
         },
         "template": data.cfg.template,
         "fingerprints": {**identity["models"], "data": data.fields["data_sha256"]},
-        "models": {"base": cfg.scoring.base, "reference": cfg.scoring.reference},
+        "models": {m: getattr(cfg.scoring, m) for m in MODELS},
+        "ifd": list(ifd_models(cfg)),
+        "embeddings": None
+        if cfg.scoring.embed is None
+        else {
+            "file": EMBEDDINGS_FILE,
+            "model": cfg.scoring.embed,
+            # What a row is: comparable only with rows from the same model and pooling.
+            "pooling": "mean of the final-norm hidden states over the response tokens",
+        },
         "pairs": data.fields.get("sides") == "both",
         "skipped": dict(data.log.skipped),
         "warnings": dict(data.log.warnings),
@@ -346,9 +464,6 @@ def _merge(
             "processes": jax.process_count(),
         },
     }
-    write_json(out / MANIFEST_FILE, manifest, sort_keys=True)
-    if cfg.scoring.diagnostics and base is not None:
-        write_diagnostics(out, echo=False)
 
 
 def _checked_shards(out: Path, m: str, data: TokenizedData, n_shards: int, pc: int) -> pa.Table:
@@ -374,25 +489,34 @@ def _checked_shards(out: Path, m: str, data: TokenizedData, n_shards: int, pc: i
     return t
 
 
-def _scores_table(data: TokenizedData, ref: pa.Table, base: pa.Table | None) -> pa.Table:
-    rows = ref.column("index").to_pylist()
+def _scores_table(data: TokenizedData, cols: dict[str, pa.Table]) -> pa.Table:
+    """The merged table: the source columns, `nll_base`/`nll_ref` (null for a model the run did
+    not score), `logp_ref`, and the IFD columns the run computed."""
+    anchor = next(iter(cols.values()))
+    rows = anchor.column("index").to_pylist()
     text = _source_rows(data, set(rows))
     records = [text[r] for r in rows]
+    nll = {}
+    for m, t in cols.items():
+        model = m.removesuffix(ALONE)
+        nll[NLL_COLUMN[model] + (ALONE if m.endswith(ALONE) else "")] = t.column("nll")
     nulls = pa.nulls(len(rows), pa.float64())
+    ref = nll.get("nll_ref")
     return pa.table(
         {
-            "example_id": ref.column("example_id"),
+            "example_id": anchor.column("example_id"),
             "source": pa.array([data.source] * len(rows), pa.string()),
-            "row": ref.column("index"),
+            "row": anchor.column("index"),
             "content_hash": pa.array(
                 [hashlib.sha256(t.encode()).hexdigest()[:16] for t in records], pa.string()
             ),
-            "n_tokens": ref.column("n_tokens"),
-            "nll_base": base.column("nll") if base is not None else nulls,
-            "nll_ref": ref.column("nll"),
+            "n_tokens": anchor.column("n_tokens"),
+            "nll_base": nll.pop("nll_base", nulls),
+            "nll_ref": nll.pop("nll_ref", nulls),
             # Summed log-probs, for DPO (log p_ref(y|x) = -nll_ref).
-            "logp_ref": pa.array(-ref.column("nll").to_numpy(), pa.float64()),
+            "logp_ref": nulls if ref is None else pa.array(-ref.to_numpy(), pa.float64()),
             "record": pa.array(records, pa.string()),
+            **{c: nll[c] for c in OPTIONAL_NLL_COLUMNS if c in nll},
         }
     )
 

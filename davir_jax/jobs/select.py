@@ -11,10 +11,21 @@ Output of `select_mixture` (one directory, published atomically):
 - `manifest.json`: method, seed, per-pool budget/sizes/data/template, every selected example
   with its score and rank, and the input fingerprints (scores file sha256 + the scoring job's
   fingerprints).
+
+Filters (`ScoreFilter`, e.g. `ifd<1`: Cherry LLM's and Superfiltering's rule) drop rows before
+ranking; a budget still counts against the whole pool (a fraction means the same number of
+examples with or without filters), and a pool with fewer rows passing than its budget gives what
+passes (`n_short` in its manifest entry says by how many). Diversity steps (`DiversityStep`:
+`minhash[:threshold=0.8]`, `threshold[:min_distance=0.1]`, `facility[:pool=N]`) then work down
+the ranking: MinHash drops near-duplicates of better-ranked rows (their record texts), and one
+embedding step (last; DEITA's distance threshold, arXiv 2312.15685, or Superfiltering.D's
+facility location, on the scoring run's `embeddings.npy`) chooses the budget. Each pool's
+manifest entry lists what every step removed, as (removed, kept) example ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,9 +36,21 @@ from typing import Any
 
 import numpy as np
 
+from davir_jax.core.diversity import (
+    DiversityStep,
+    facility_location_diversity,
+    minhash_dedupe,
+    threshold_diversity,
+)
 from davir_jax.core.io import atomic_dir, dumps_json, file_sha256
-from davir_jax.core.scores import SCORES_FILE, compute_scores, read_scores, scores_file
-from davir_jax.core.selection import _BUDGET_HELP, Budget, rank_order
+from davir_jax.core.scores import (
+    EMBEDDINGS_FILE,
+    SCORES_FILE,
+    compute_scores,
+    read_scores,
+    scores_file,
+)
+from davir_jax.core.selection import _BUDGET_HELP, Budget, ScoreFilter, rank_order
 
 MANIFEST_FILE = "manifest.json"
 SELECTION_KIND = "davir-selection"
@@ -175,10 +198,114 @@ def _check_out_dir(out: Path, scores_paths: list[Path]) -> None:
                 )
 
 
+def _rank_pool(
+    table: Any, ids: np.ndarray, method: str, seed: int, filters: Sequence[ScoreFilter], k: int
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """(the pool's ranking: indices of the rows that pass every filter, best first by
+    `method`; the `method` scores of all rows; what each filter removed)."""
+    scores = compute_scores(table, list(dict.fromkeys([method, *(f.name for f in filters)])), seed)
+    keep = np.ones(len(ids), bool)
+    report = []
+    for f in filters:
+        passed = f.keep(scores[f.name])
+        report.append({"filter": f.spec(), "removed": int((keep & ~passed).sum())})
+        keep &= passed
+    order = rank_order(scores[method], ids)
+    return order[keep[order]], scores[method], report
+
+
+def record_text(record: str) -> str:
+    """The text a MinHash compares: a record's string values (not its keys, which every row
+    shares), in field order, one per line."""
+    obj = json.loads(record)
+    return "\n".join(v for v in obj.values() if isinstance(v, str))
+
+
+def pool_embeddings(f: Path, n: int) -> np.ndarray:
+    """The scoring run's `embeddings.npy` beside `f` (float32 [n, D], rows as the table)."""
+    e = f.parent / EMBEDDINGS_FILE
+    if not e.is_file():
+        raise FileNotFoundError(
+            f"no {EMBEDDINGS_FILE} beside {f}: score with --scoring.embed=base for an "
+            "embedding diversity step (or use --diversity minhash)"
+        )
+    emb = np.load(e, allow_pickle=False, mmap_mode="r")
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"{e}: shape {emb.shape} does not match the {n} rows of {f}")
+    return emb
+
+
+def _diversify(
+    steps: Sequence[DiversityStep], ranked: np.ndarray, k: int, f: Path, table: Any, score: Any
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Run the diversity steps on the ranking (best first): dedupe steps drop items, a pick
+    step chooses the budget; returns (the chosen indices, best first, the manifest entries
+    with example ids in place of indices)."""
+    ids = table.column("example_id").to_numpy(zero_copy_only=False).astype(np.str_)
+    entries = []
+    for step in steps:
+        if step.method == "minhash":
+            recs = table.column("record").take(ranked).to_pylist()
+            o = step.options
+            texts = [record_text(r) for r in recs]
+            res = minhash_dedupe(
+                texts,
+                np.arange(len(ranked)),
+                o["threshold"],
+                num_perm=o["num_perm"],
+                ngram=o["ngram"],
+            )
+            res = dataclasses.replace(
+                res, selected=ranked[res.selected], removed=ranked[res.removed]
+            )
+        elif step.method == "threshold":
+            emb = pool_embeddings(f, len(ids))
+            res = threshold_diversity(emb, ranked, k, step.options["min_distance"])
+        else:
+            emb = pool_embeddings(f, len(ids))
+            res = facility_location_diversity(emb, score, k, step.options["pool"], order=ranked)
+        ranked = res.selected
+        entry = res.manifest()
+        entry["removed"] = [[str(ids[a]), str(ids[b])] for a, b in entry["removed"]]
+        entries.append(entry)
+    return ranked[:k], entries
+
+
+def _select_pool(
+    loaded: tuple[Pool, Path, Any, dict[str, Any], str],
+    method: str,
+    seed: int,
+    filters: Sequence[ScoreFilter],
+    steps: Sequence[DiversityStep],
+) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
+    """One pool's selection: (its rows file, its `selected` entries, its manifest entry)."""
+    pool, f, table, manifest, name = loaded
+    ids = table.column("example_id").to_numpy(zero_copy_only=False).astype(np.str_)
+    k = pool.budget.resolve(len(ids))
+    ranked, score, filtered = _rank_pool(table, ids, method, seed, filters, k)
+    idx, div = _diversify(steps, ranked, k, f, table, score)
+    selected = [
+        {"example_id": str(ids[i]), "pool": name, "score": float(score[i]), "rank": r + 1}
+        for r, i in enumerate(idx)
+    ]
+    entry = _pool_entry(pool, f, manifest, name, len(ids), len(idx))
+    if filters or steps:
+        # n_passed: rows through the filters; n_short: budget minus what was selected.
+        entry |= {"filters": filtered, "n_passed": len(ranked), "n_short": k - len(idx)}
+        entry |= {"diversity": div} if steps else {}
+    return _pool_file(f, table, ids, idx), selected, entry
+
+
 def select_mixture(
-    pools: Sequence[Pool], method: str, seed: int, out_dir: str | Path
+    pools: Sequence[Pool],
+    method: str,
+    seed: int,
+    out_dir: str | Path,
+    filters: Sequence[ScoreFilter | str] = (),
+    diversity: Sequence[DiversityStep | str] = (),
 ) -> dict[str, Any]:
     """Select within each pool by its own `method` scores, write the mixture to `out_dir`.
+    `filters` and `diversity` (objects or their text forms): see the module docstring.
 
     Returns the manifest written to `out_dir/manifest.json` (see the module docstring). The
     directory is built beside `out_dir` and published with one rename, so readers never see a
@@ -186,6 +313,7 @@ def select_mixture(
     """
     if not pools:
         raise ValueError("no pools given")
+    filters, steps = _options(filters, diversity)
     out = Path(out_dir)
     loaded = _load_pools(pools)
     _check_out_dir(out, [x[1] for x in loaded])
@@ -201,32 +329,47 @@ def select_mixture(
                 f"pool {name} repeats example(s) of pool {seen_ids[clash[0]]}: {clash[:5]}"
             )
         seen_ids.update(dict.fromkeys(ids, name))
-        score = compute_scores(table, method, seed)[method]
-        idx = rank_order(score, ids)[: pool.budget.resolve(len(ids))]
-        files[f"{name}.jsonl"] = _pool_file(f, table, ids, idx)
-        selected += [
-            {"example_id": str(ids[i]), "pool": name, "score": float(score[i]), "rank": r + 1}
-            for r, i in enumerate(idx)
-        ]
-        pool_entries.append(_pool_entry(pool, f, manifest, name, len(ids), len(idx)))
+        text, chosen, entry = _select_pool(
+            (pool, f, table, manifest, name), method, seed, filters, steps
+        )
+        files[f"{name}.jsonl"] = text
+        selected += chosen
+        pool_entries.append(entry)
         inputs[name] = {"scores_sha256": file_sha256(f), "fingerprints": manifest["fingerprints"]}
     result = {
         "kind": SELECTION_KIND,
         "method": method,
         "seed": int(seed),
+        "filters": [f.spec() for f in filters],
+        "diversity": [d.spec() for d in steps],
         "n_selected": len(selected),
         "pools": pool_entries,
         # rank: 1-based position within its pool's file (line number), best first.
         "selected": selected,
         "inputs": inputs,
     }
+    _publish(out, files, result)
+    return result
+
+
+def _options(
+    filters: Sequence[ScoreFilter | str], diversity: Sequence[DiversityStep | str]
+) -> tuple[list[ScoreFilter], list[DiversityStep]]:
+    """Filters and diversity steps from their text forms; an embedding step only last."""
+    fs = [f if isinstance(f, ScoreFilter) else ScoreFilter.parse(f) for f in filters]
+    steps = [d if isinstance(d, DiversityStep) else DiversityStep.parse(d) for d in diversity]
+    if any(d.kind == "pick" for d in steps[:-1]):
+        raise ValueError("an embedding diversity step (threshold, facility) must be the last")
+    return fs, steps
+
+
+def _publish(out: Path, files: dict[str, str], manifest: dict[str, Any]) -> None:
     with atomic_dir(out) as tmp:  # readers see the whole selection or none of it
         for fname, text in files.items():
             (tmp / fname).write_text(text, encoding="utf-8", newline="\n")
         (tmp / MANIFEST_FILE).write_text(
-            dumps_json(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+            dumps_json(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-    return result
 
 
 def _load_pools(pools: Sequence[Pool]) -> list[tuple[Pool, Path, Any, dict[str, Any], str]]:
@@ -273,11 +416,18 @@ def _pool_entry(
     }
 
 
-def run_select(pools: list[str], method: str, out: str, seed: int) -> dict[str, Any]:
+def run_select(
+    pools: list[str],
+    method: str,
+    out: str,
+    seed: int,
+    filters: Sequence[str] = (),
+    diversity: Sequence[str] = (),
+) -> dict[str, Any]:
     """`davir select`: parse the pool specs (see `parse_pool`) and run `select_mixture`."""
     if not pools:
         raise ValueError(f"give at least one pool: {_POOL_HELP}")
-    return select_mixture([parse_pool(p) for p in pools], method, seed, out)
+    return select_mixture([parse_pool(p) for p in pools], method, seed, out, filters, diversity)
 
 
 __all__ = [

@@ -28,7 +28,13 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from davir_jax.core.io import dumps_json, file_sha256, write_atomic
-from davir_jax.core.scores import MANIFEST_FILE, SCORES, compute_scores, read_scores, scores_file
+from davir_jax.core.scores import (
+    MANIFEST_FILE,
+    available_scores,
+    compute_scores,
+    read_scores,
+    scores_file,
+)
 from davir_jax.core.selection import rank_order
 
 JSON_FILE = "diagnostics.json"
@@ -223,14 +229,15 @@ def write_diagnostics(
     """Correlations with length, plots and top/bottom-k examples for each score; written to disk.
 
     source: a scoring job's directory or scores.parquet, or a scores table (then `out_dir` is
-    required). out_dir: defaults to the scores directory. names: scores to report (default: all
-    registered). k: examples listed at each end. seed: for `random`. echo: print the report.
+    required). out_dir: defaults to the scores directory. names: scores to report (default: every
+    registered score the table has the inputs for). k: examples listed at each end. seed: for
+    `random`. echo: print the report.
     Returns the dict saved as diagnostics.json.
     """
     table, inputs, out_dir = _read_source(source, out_dir)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}")
-    names = list(SCORES) if names is None else list(names)
+    names = available_scores(table) if names is None else list(names)
     if not names:
         raise ValueError("no scores to report")
     out = Path(out_dir)

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from davir_jax.core.io import write_atomic
-from davir_jax.core.scores import SCORES, compute_scores, read_scores
+from davir_jax.core.scores import available_scores, compute_scores, read_scores
+from davir_jax.core.selection import SelectionMethod
 from davir_jax.core.stats import (
     Interval,
     bootstrap_ci,
@@ -120,7 +121,8 @@ def seed_names(root: Path, prefix: str) -> list[str]:
 def method_runs(cfg: Any) -> list[tuple[str, str, str]]:
     """(budget, method, run prefix) for every budget and method of `cfg.pipeline`."""
     pc = cfg.pipeline
-    return [(b, m, f"{m}-{budget_tag(b)}") for b in pc.budgets for m in pc.methods]
+    labels = [SelectionMethod.parse(m).label for m in pc.methods]
+    return [(b, m, f"{m}-{budget_tag(b)}") for b in pc.budgets for m in labels]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +160,9 @@ def load_pool(
     if table.column("nll_base").null_count:
         return None
     names = ["rho", "davir"] + [
-        s for s in extra_scores if s in SCORES and s not in ("rho", "davir", "random")
+        s
+        for s in extra_scores
+        if s in available_scores(table) and s not in ("rho", "davir", "random")
     ]
     scores = compute_scores(table, names)
     records = [json.loads(r) for r in table.column("record").to_pylist()]
@@ -880,7 +884,8 @@ def write_report(out: Path, cfg: Any) -> Path:
     """Write `out/report.md` (and its PNGs) from a pipeline run folder."""
     out = Path(out)
     labels = tuple(_pipeline_opt(cfg, "labels", ()) or ())
-    pool = load_pool(out, labels, tuple(cfg.pipeline.methods))
+    scores = tuple(SelectionMethod.parse(m).score for m in cfg.pipeline.methods)
+    pool = load_pool(out, labels, scores)
     groups, items = load_groups(out, cfg)
     lines = section_run(out, cfg, groups, items)
     lines += section_groups(pool, labels)
