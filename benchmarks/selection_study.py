@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from davir_jax.config import load_config  # noqa: E402
+from davir_jax.core.selection import SelectionMethod  # noqa: E402
 from davir_jax.core.stats import bootstrap_ci  # noqa: E402
 from davir_jax.demo import LABELS, write_splits  # noqa: E402
 from davir_jax.demo.build import alpaca_rows, gsm8k_rows, take_distinct  # noqa: E402
@@ -126,6 +127,29 @@ def per_example(out: Path, methods: list[str], budgets: list[str], seeds: int) -
     return "\n".join(lines) + "\n"
 
 
+def overlap(out: Path, methods: list[str], budgets: list[str]) -> str:
+    """Jaccard similarity |A & B| / |A | B| of the first seed's selections of every two methods
+    at each budget (`random` left out: its draw is not a ranking)."""
+    lines = []
+    for budget in budgets:
+        tag = budget.replace("=", "")
+        chosen = {}
+        for m in methods:
+            if m == "random":
+                continue
+            sel = json.loads((out / "select" / f"{m}-{tag}-s0" / "manifest.json").read_text())
+            chosen[m] = {x["example_id"] for x in sel["selected"]}
+        names = list(chosen)
+        sizes = ", ".join(f"{m} {len(chosen[m])}" for m in names)
+        lines += [f"Selections at {budget} (first seed; sizes: {sizes}), Jaccard:", ""]
+        lines += ["| | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        for a in names:
+            cells = [len(chosen[a] & chosen[b]) / max(len(chosen[a] | chosen[b]), 1) for b in names]
+            lines.append(f"| {a} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", choices=("alpaca", "gsm8k", "mix"), default="alpaca")
@@ -172,9 +196,11 @@ def main() -> None:
     report = (out / "report.md").read_text()
     print(report)
     # random first: every other method is compared with it
-    methods = sorted(a.methods.split(","), key=lambda m: m != "random")
+    labels = [SelectionMethod.parse(m).label for m in a.methods.split(",")]
+    methods = sorted(labels, key=lambda m: m != "random")
     budgets = a.budgets.split(",")
     print(per_example(out, methods, budgets, a.seeds))
+    print(overlap(out, methods, budgets))
     if a.append_results:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         model = next(
@@ -192,6 +218,8 @@ def main() -> None:
             + sections(report)
             + "\n\n#### Held-out items weighted equally\n\n"
             + per_example(out, methods, budgets, a.seeds)
+            + "\n#### Overlap of the selections\n\n"
+            + overlap(out, methods, budgets)
         )
         from results_md import add_section
 
