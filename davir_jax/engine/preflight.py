@@ -203,9 +203,9 @@ def check_score(cfg: Any) -> list[Path]:
     models = [m for m in ("base", "reference", "proxy") if getattr(sc, m) is not None]
     if not models:
         raise UserError("davir score needs one of scoring.base, scoring.reference, scoring.proxy")
-    unset = [m for m in sc.ifd if getattr(sc, m) is None]
+    unset = [m for m in (*sc.ifd, sc.embed) if m is not None and getattr(sc, m) is None]
     if unset:
-        raise UserError(f"scoring.ifd lists {unset} but scoring.{unset[0]} is not set")
+        raise UserError(f"scoring.ifd or scoring.embed names {unset[0]}, which is not set")
     for m in (*models, "tokenizer"):
         if getattr(sc, m) is not None:
             model_source(getattr(sc, m), f"scoring.{m}")
@@ -263,7 +263,12 @@ def check_pipeline(cfg: Any) -> list[Path]:
     model_source(cfg.model.source, "model.source")
     if pc.reference is not None:
         model_source(pc.reference, "pipeline.reference")
-    tokenizer_fits(cfg.model.source, "model.source", (pc.reference,))
+    sc = cfg.scoring
+    if sc.proxy is not None:
+        model_source(sc.proxy, "scoring.proxy")
+    if "proxy" in (*sc.ifd, sc.embed) and sc.proxy is None:
+        raise UserError("scoring.ifd or scoring.embed names the proxy but scoring.proxy is not set")
+    tokenizer_fits(cfg.model.source, "model.source", (pc.reference, sc.proxy))
     _pool(cfg)
     for key in ("test", "val"):
         if getattr(pc, key) is not None:

@@ -84,7 +84,7 @@ _NOT_RESULTS = {
         *("min_steps", "strict_steps"),
     ),
     "data": ("path", "cache_dir"),
-    "scoring": ("base", "reference", "out", "overwrite", "diagnostics"),
+    "scoring": ("base", "reference", "proxy", "out", "overwrite", "diagnostics"),
     "eval": ("out",),
 }
 
@@ -225,6 +225,8 @@ def _scores_stage(
         "reference": model_inputs(cfg.model, ref),
         "scoring": _settings("scoring", cfg.scoring),
     }
+    if cfg.scoring.proxy is not None:  # by its content, like the other models
+        inputs["proxy"] = model_inputs(cfg.model, cfg.scoring.proxy)
     scoring = {"base": cfg.model.source, "reference": ref, "out": str(scores_dir), **_OWN}
     stages.run("scores", inputs, lambda: score(_with(cfg, scoring=scoring), progress))
 
