@@ -205,3 +205,58 @@ def test_lora_run_is_a_model_source_and_resumes(tmp_path, base):
     # Other adapters (a shorter run): another fingerprint.
     other = sft(_lora_cfg(tmp_path, base, "short", max_steps=2), progress=False)
     assert model_fingerprint(other) != fp
+
+
+def _torch_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def test_merged_export_loads_in_transformers(tmp_path, base):
+    import transformers
+
+    from davir_jax.cli import main
+
+    cfg = _lora_cfg(tmp_path, base, max_steps=2)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=ALL))
+    out = sft(cfg, progress=False)
+    assert main(["export", str(out), str(tmp_path / "hf"), "--merged"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = np.asarray(load_model(out)(IDS))
+    assert np.abs(ours - np.asarray(load_model(base)(IDS))).max() > 1e-3  # trained adapters
+    np.testing.assert_allclose(ours, _torch_logits(hf, IDS), atol=1e-4)
+    # A plain source has no adapters for --peft.
+    assert main(["export", str(base), str(tmp_path / "none"), "--peft"]) == 2
+
+
+@pytest.mark.parametrize(
+    "targets", [(".*",), ("q_proj", r"layers\.1\.attn\.o_proj", r"layers\.0\.mlp\.down_proj")]
+)
+def test_peft_export_loads_in_peft(tmp_path, base, targets):
+    peft = pytest.importorskip("peft", reason="peft is not installed (requirements-test.lock)")
+    import transformers
+    from safetensors import safe_open
+
+    from davir_jax.cli import main
+    from davir_jax.models.loading import save_lora
+
+    lora = LoraConfig(rank=4, alpha=8.0, targets=targets)
+    model = load_model(base)
+    apply_lora(model, lora, 5)
+    _perturb_b(model)
+    ours = np.asarray(model(IDS))
+    assert np.abs(ours - np.asarray(load_model(base)(IDS))).max() > 1e-3
+    save_lora(model, tmp_path / "lora", base, lora)
+    np.testing.assert_array_equal(np.asarray(load_model(tmp_path / "lora")(IDS)), ours)
+    assert main(["export", str(tmp_path / "lora"), str(tmp_path / "peft"), "--peft"]) == 0
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (conf["peft_type"], conf["task_type"], conf["r"]) == ("LORA", "CAUSAL_LM", 4)
+    with safe_open(tmp_path / "peft" / "adapter_model.safetensors", "numpy") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert shapes[f"{q}.lora_A.weight"] == [4, 64] and shapes[f"{q}.lora_B.weight"] == [64, 4]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    np.testing.assert_allclose(ours, _torch_logits(theirs, IDS), atol=1e-4)

@@ -449,6 +449,11 @@ def lora_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def lora_config(meta: dict[str, Any]) -> LoraConfig:
+    """The `LoraConfig` a LoRA directory's metadata (`lora_meta`) records."""
+    return LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
+
+
 def _restore(path: Path, name: str, abs_state: nnx.State, mesh: Mesh | None) -> Any:
     """The orbax checkpoint `path/name` restored into the shardings of `abs_state` (pure dict)."""
     shardings = state_shardings(abs_state, mesh)
@@ -489,8 +494,7 @@ def _load_lora(path: Path, run: RunConfig, mesh: Mesh | None) -> Decoder:
     model = load_model(
         base["source"], run.param_dtype, mesh, compute_dtype=run.compute_dtype, **opts
     )
-    lora = LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
-    if apply_lora(model, lora) != meta["adapted"]:
+    if apply_lora(model, lora_config(meta)) != meta["adapted"]:
         raise WeightFileError(f"{path / LORA_META}: the adapted projections do not match")
     state = nnx.state(model, nnx.LoRAParam)
     nnx.replace_by_pure_dict(state, _restore(path, "adapters", state, mesh))

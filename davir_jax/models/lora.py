@@ -20,8 +20,10 @@ as PEFT's `adapter_model.safetensors` does (`lora_A.weight` `[r, in]`, `lora_B.w
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,8 +32,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from davir_jax.core.io import atomic_dir, dumps_json
 from davir_jax.models.config import LORA_PROJECTIONS, LoraConfig
 from davir_jax.models.decoder import LORA_SUFFIX as SUFFIX
+from davir_jax.models.safetensors_io import save_file
 from davir_jax.models.weights import _to_host
 
 # Each projection: (the module holding it, the number of leading input axes of its kernel, the
@@ -200,3 +204,33 @@ def peft_target_modules(model: Any) -> list[str] | str:
         return names
     full = [peft_name(p, "A")[len("base_model.model.") : -len(".lora_A.weight")] for p in paths]
     return "^(" + "|".join(re.escape(f) for f in full) + ")$"
+
+
+def export_peft(model: Any, base: str, lora: LoraConfig, out_dir: str | os.PathLike) -> Path:
+    """Write the adapters of `model` as a PEFT LoRA directory (`PeftModel.from_pretrained(base,
+    out_dir)` loads it): `adapter_config.json` (peft_type LORA, task_type CAUSAL_LM, r,
+    lora_alpha, target_modules, base_model_name_or_path) and `adapter_model.safetensors`
+    (`peft_tensors`). Atomic (`core.io.atomic_dir`); every process gathers, process 0 writes."""
+    if not has_lora(model):
+        raise ValueError(f"{out_dir}: the model has no LoRA adapters to export")
+    tensors = list(peft_tensors(model))  # a collective on multi-host: every process takes part
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": peft_target_modules(model),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out = Path(out_dir)
+    if jax.process_index() == 0:
+        with atomic_dir(out) as tmp:
+            (tmp / "adapter_config.json").write_text(dumps_json(config, indent=2))
+            save_file(tensors, tmp / "adapter_model.safetensors")
+    return out
