@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -260,3 +261,20 @@ def test_peft_export_loads_in_peft(tmp_path, base, targets):
     hf = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
     np.testing.assert_allclose(ours, _torch_logits(theirs, IDS), atol=1e-4)
+
+
+def test_plan_counts_the_adapters_and_their_optimizer_state_only():
+    from davir_jax.jobs.plan import plan
+
+    llama = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama2-7b.yaml"
+    full = plan(load_config(llama, ["--mesh.fsdp=4"]), "sft", chip="v5p")
+    cfg = load_config(llama, ["--mesh.fsdp=4", "--model.lora.rank=16"])  # q_proj, v_proj
+    p = plan(cfg, "sft", chip="v5p")
+    assert p["adapter_params"] == 32 * 2 * (4096 * 16 + 16 * 4096)
+    mem = p["memory_bytes"]
+    # bfloat16; A [embed, r] is split 4 ways over fsdp, B [r, heads, head_dim] is not (tensor=1).
+    assert mem["adapters"] == 32 * 2 * (4096 * 16 * 2 // 4 + 16 * 4096 * 2)
+    assert mem["params"] == full["memory_bytes"]["params"]  # the frozen base, as loaded
+    assert mem["optimizer"] == 2 * mem["adapters"]
+    assert mem["gradients"] == mem["adapters"] + 2 * mem["adapters"]  # bf16 + f32 accumulator
+    assert p["memory_total_bytes"] < full["memory_total_bytes"]
