@@ -29,7 +29,7 @@ from davir_jax.engine.trainer import (
 )
 from davir_jax.jobs.sft import sft
 from davir_jax.models import ArchConfig, load_model, random_model
-from davir_jax.models.config import LoraConfig
+from davir_jax.models.config import LoraConfig, ModelConfig
 from davir_jax.models.loading import model_fingerprint
 from davir_jax.models.lora import adapters, apply_lora, merge_lora
 
@@ -278,3 +278,59 @@ def test_plan_counts_the_adapters_and_their_optimizer_state_only():
     assert mem["optimizer"] == 2 * mem["adapters"]
     assert mem["gradients"] == mem["adapters"] + 2 * mem["adapters"]  # bf16 + f32 accumulator
     assert p["memory_total_bytes"] < full["memory_total_bytes"]
+
+
+@pytest.mark.parametrize("in_step", [False, True])
+def test_dpo_trains_adapters_against_the_frozen_base(tmp_path, base, in_step):
+    """The policy is base + adapters (B = 0: the base itself at step 1, so the DPO loss starts
+    at log 2); the reference is the base, precomputed or resident in the step."""
+    import test_preference as tp
+
+    from davir_jax.jobs.dpo import dpo
+
+    data = tp._pairs(tmp_path / "p.jsonl", 40)
+    cfg = tp._cfg(tmp_path, base, data, dpo={"objective": "dpo", "reference_in_step": in_step})
+    lora = LoraConfig(rank=4, targets=("q_proj", "v_proj", "up_proj"))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora))
+    out = dpo(cfg, progress=False)
+    m = tp._metrics(out)
+    assert m[0]["loss"] == pytest.approx(np.log(2), rel=1e-5)
+    assert m[-1]["rewards/margins"] > 0
+    assert json.loads((out / "model" / "davir_lora.json").read_text())["base"]["source"] == str(
+        base
+    )
+
+
+def test_a_lora_directory_is_the_reference_of_davir_score(tmp_path, base):
+    """Scoring against the adapters gives the reference NLLs of their merged weights."""
+    import pyarrow.parquet as pq
+
+    from davir_jax.config import Config, ScoringConfig
+    from davir_jax.data.config import DataConfig
+    from davir_jax.jobs.score import score
+    from davir_jax.models import export_hf
+    from davir_jax.models.loading import load_tokenizer_for, save_lora
+
+    lora = LoraConfig(rank=4, targets=(".*",))
+    model = load_model(base)
+    apply_lora(model, lora, 2)
+    _perturb_b(model)
+    tok = load_tokenizer_for(base)
+    save_lora(model, tmp_path / "lora", base, lora, tok)
+    export_hf(merge_lora(model), tok, tmp_path / "merged")
+    data = _data(tmp_path / "d.jsonl", 12)
+    nll = {}
+    for ref in ("lora", "merged"):
+        cfg = Config(
+            model=ModelConfig(source=str(base)),
+            data=DataConfig(path=str(data), cache_dir=str(tmp_path / "c"), batch_rows=8),
+            scoring=ScoringConfig(
+                base=str(base), reference=str(tmp_path / ref), out=str(tmp_path / f"s-{ref}")
+            ),
+        )
+        out = score(cfg, progress=False)
+        nll[ref] = pq.read_table(out / "scores.parquet").to_pydict()
+    assert nll["lora"]["example_id"] == nll["merged"]["example_id"]
+    np.testing.assert_allclose(nll["lora"]["nll_base"], nll["merged"]["nll_base"], rtol=0)
+    np.testing.assert_allclose(nll["lora"]["nll_ref"], nll["merged"]["nll_ref"], rtol=1e-5)
+    assert not np.allclose(nll["lora"]["nll_ref"], nll["lora"]["nll_base"], rtol=1e-3)

@@ -25,6 +25,7 @@ losses equal an uninterrupted run's: the data order is a pure function of (seed,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -191,36 +192,22 @@ def make_train_step(
     SFT loss with that LM-head chunk. With a mesh, the state shardings are declared (and the state
     donated) and the batch is split over the data-parallel axes. `fixed` (the shardings of the
     model's untrained parameters, or True without a mesh) adds them as an argument after the
-    batch: the model is `merge(graphdef, params, fixed_params)` and only `params` get gradients
-    and optimizer state (LoRA: the adapters train, the base weights stay as they are).
-    `frozen = (graphdef, shardings)` adds a frozen model's parameters as the last argument (an
-    in-step reference).
+    batch: only `params` get gradients and optimizer state (LoRA: the adapters train, the base
+    stays). `frozen = (graphdef, shardings)` adds a frozen model's parameters as the last
+    argument (an in-step reference).
     """
     if isinstance(objective, int):
         objective = sft_objective(objective)
-    frozen_def = None if frozen is None else frozen[0]
-
-    def sums(params: nnx.State, micro: dict[str, jax.Array], frozen_params: Any, fixed_params):
-        model = nnx.merge(graphdef, params, *(() if fixed_params is None else (fixed_params,)))
-        ref = None
-        if frozen_params is not None:
-            ref = nnx.merge(frozen_def, jax.lax.stop_gradient(frozen_params))
-        loss_sum, denom, aux, bad = objective.fn(model, micro, ref)
-        return loss_sum, (denom, aux, bad)
-
-    grad_fn = jax.value_and_grad(sums, has_aux=True)
+    grad_fn = _grad_fn(graphdef, objective, None if frozen is None else frozen[0])
 
     def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array], *extra: Any):
         params, opt_state = state
         fixed_params = extra[0] if fixed is not None else None
         frozen_params = extra[-1] if frozen is not None else None
-        whole = (params,) if fixed_params is None else (params, fixed_params)
-        run = getattr(nnx.merge(graphdef, *whole), "run", None)  # trace time only
-        cast = (lambda p: p) if run is None else (lambda p: cast_for_compute(p, run.compute_dtype))
         # The untrained parameters are cast once per step too, outside the gradient.
-        fixed_c = None if fixed_params is None else cast(fixed_params)
+        compute, fixed_c = _compute_copies(graphdef, params, fixed_params)
         g, loss_sum, n, aux, bad = _accumulate(
-            grad_fn, cast(params), batch, (frozen_params, fixed_c), objective.aux
+            grad_fn, compute, batch, (frozen_params, fixed_c), objective.aux
         )
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
@@ -241,6 +228,31 @@ def make_train_step(
         return jax.jit(step, donate_argnums=0)
     extra_sh = (() if fixed is None else (fixed,)) + (() if frozen is None else (frozen[1],))
     return _jit_sharded(step, objective, shardings, mesh, extra_sh)
+
+
+def _grad_fn(graphdef: nnx.GraphDef, objective: Objective, frozen_def: Any) -> Callable:
+    """`(params, micro, frozen_params, fixed_params) -> ((loss_sum, (denom, aux, bad)), grads)`:
+    the objective's value and its gradient with respect to `params` alone."""
+
+    def sums(params: nnx.State, micro: dict[str, jax.Array], frozen_params: Any, fixed_params):
+        model = nnx.merge(graphdef, params, *(() if fixed_params is None else (fixed_params,)))
+        ref = None
+        if frozen_params is not None:
+            ref = nnx.merge(frozen_def, jax.lax.stop_gradient(frozen_params))
+        loss_sum, denom, aux, bad = objective.fn(model, micro, ref)
+        return loss_sum, (denom, aux, bad)
+
+    return jax.value_and_grad(sums, has_aux=True)
+
+
+def _compute_copies(graphdef: nnx.GraphDef, params: Any, fixed: Any) -> tuple[Any, Any]:
+    """`params` and `fixed` (or None) as the forward pass reads them (`cast_for_compute`)."""
+    whole = (params,) if fixed is None else (params, fixed)
+    run = getattr(nnx.merge(graphdef, *whole), "run", None)  # trace time only
+    if run is None:
+        return params, fixed
+    cast = functools.partial(cast_for_compute, compute_dtype=run.compute_dtype)
+    return cast(params), None if fixed is None else cast(fixed)
 
 
 def _accumulate(

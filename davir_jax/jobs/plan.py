@@ -35,9 +35,9 @@ from davir_jax.core.sharding import (
     resolve_axis_sizes,
 )
 from davir_jax.models import attention as attn_impl
-from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.models.decoder import RunConfig
 from davir_jax.models.loading import load_arch
-from davir_jax.models.lora import apply_lora
+from davir_jax.models.lora import abstract_lora_model
 from davir_jax.models.weights import abstract_model, iter_params
 
 # Memory (GiB) and dense bf16 peak (FLOP/s) per device, from the vendors' spec sheets.
@@ -91,12 +91,8 @@ def _param_table(arch: Any, dtype: str) -> tuple[tuple[tuple[int, ...], Any], ..
 def _adapter_table(arch: Any, dtype: str, lora: Any) -> tuple[tuple[tuple[int, ...], Any], ...]:
     """(shape, logical axes) of every LoRA adapter matrix `lora` puts on `arch` (abstract)."""
 
-    def build() -> Any:
-        model = Decoder(arch, RunConfig(param_dtype=dtype), rngs=nnx.Rngs(0))
-        apply_lora(model, lora)
-        return model
-
-    state = nnx.state(nnx.eval_shape(build), nnx.LoRAParam)
+    _, abs_state = abstract_lora_model(arch, RunConfig(param_dtype=dtype), lora)
+    state = abs_state.filter(nnx.LoRAParam)
     return tuple(
         (tuple(v.get_value().shape), v.get_metadata().get("logical_axes"))
         for _, v in iter_params(state)
@@ -213,16 +209,7 @@ def _costs(
         mem["logits"] = logits
         return mem, 2 * forward_flops(arch, seq) * d.batch_rows * seq  # base and reference
     in_step_ref = job == "dpo" and cfg.dpo.reference_in_step
-    pdt = m.dtype
-    # What trains: every parameter, or with LoRA the adapters alone (the base is an input).
-    trained = param_bytes if m.lora is None else adapter_bytes
-    if m.lora is not None:
-        mem["adapters"] = adapter_bytes
-    mem["optimizer"] = 2 * trained  # AdamW moments in the parameter dtype
-    # A micro-batch's gradients (the layers' in the compute dtype) + the float32 accumulator.
-    mem["gradients"] = trained * c // _BYTES[pdt] + trained * 4 // _BYTES[pdt]
-    if c != _BYTES[pdt]:  # the layers' compute-dtype copy, cast once per step (cast_for_compute)
-        mem["compute_copy"] = (param_bytes + adapter_bytes) * c // _BYTES[pdt]
+    mem.update(_state_memory(m, param_bytes, adapter_bytes))
     if in_step_ref:
         mem["reference"] = param_bytes
     if m.remat != "none":
@@ -243,6 +230,21 @@ def _costs(
     if in_step_ref:
         flops += forward_flops(arch, seq) * tokens
     return mem, flops
+
+
+def _state_memory(m: Any, param_bytes: int, adapter_bytes: int) -> dict[str, float]:
+    """Per-device bytes of a training step's state besides the parameters: what trains (every
+    parameter, or with LoRA the adapters alone: the base is an input) has AdamW moments and
+    gradients; the compute-dtype copy covers everything the forward pass reads."""
+    c, p = _BYTES[m.compute_dtype or m.dtype], _BYTES[m.dtype]
+    trained = param_bytes if m.lora is None else adapter_bytes
+    mem = {} if m.lora is None else {"adapters": adapter_bytes}
+    mem["optimizer"] = 2 * trained  # AdamW moments in the parameter dtype
+    # A micro-batch's gradients (the layers' in the compute dtype) + the float32 accumulator.
+    mem["gradients"] = trained * c // p + trained * 4 // p
+    if c != p:  # the layers' compute-dtype copy, cast once per step (cast_for_compute)
+        mem["compute_copy"] = (param_bytes + adapter_bytes) * c // p
+    return mem
 
 
 def _score_keys(m: Any, arch: Any, seq: int, chip: str | None) -> int:

@@ -656,12 +656,15 @@ class Attention(nnx.Module):
                 impl, q, k, v, segment_ids_bt, self.window, scale, cap, self.run.sharder
             )
         out = checkpoint_name(out, attn_impl.ATTENTION_OUT)
-        out = out.reshape(b, t, h, hd)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.get_value().astype(cd))
-        y = with_lora(self, "o_proj", out, y)
-        if arch.o_bias:
+        return self._output(out.reshape(b, t, h, hd), cd), new_slots
+
+    def _output(self, out_bthk: jax.Array, cd: Any) -> jax.Array:
+        """The output projection of the heads' outputs: `o_proj`, its LoRA adapter, its bias."""
+        y = jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj.get_value().astype(cd))
+        y = with_lora(self, "o_proj", out_bthk, y)
+        if self.arch.o_bias:
             y = y + self.o_bias.get_value().astype(cd)
-        return y, new_slots
+        return y
 
 
 def _activation(name: str, x: jax.Array) -> jax.Array:

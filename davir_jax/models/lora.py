@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 from davir_jax.core.io import atomic_dir, dumps_json
 from davir_jax.models.config import LORA_PROJECTIONS, LoraConfig
 from davir_jax.models.decoder import LORA_SUFFIX as SUFFIX
+from davir_jax.models.decoder import Decoder, RunConfig
 from davir_jax.models.safetensors_io import save_file
 from davir_jax.models.weights import _to_host
 
@@ -143,7 +144,22 @@ def apply_lora(model: Any, cfg: LoraConfig, key: jax.Array | int = 0) -> list[st
             n_in,
         )
         setattr(module, name + SUFFIX, adapter)
+    # Static (part of the graph definition): jobs that compile from the architecture (the NLL
+    # engine) rebuild the same adapted model abstractly (`abstract_lora_model`).
+    model.lora_config = cfg
     return paths
+
+
+def abstract_lora_model(arch: Any, run: RunConfig, cfg: LoraConfig) -> tuple[Any, nnx.State]:
+    """Graph definition and abstract state of `Decoder(arch, run)` with `cfg`'s adapters: no
+    memory used (as `weights.abstract_model`)."""
+
+    def build() -> Decoder:
+        model = Decoder(arch, run, rngs=nnx.Rngs(0))
+        apply_lora(model, cfg)
+        return model
+
+    return nnx.split(nnx.eval_shape(build))
 
 
 def adapters(model: Any) -> Iterator[tuple[str, str, nnx.Module, LoRA]]:
@@ -168,6 +184,8 @@ def merge_lora(model: Any) -> Any:
         new = (old.astype(jnp.float32) + adapter.delta_weight()).astype(old.dtype)
         w.set_value(jax.device_put(new, old.sharding))
         delattr(module, name + SUFFIX)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
     return model
 
 
