@@ -1,7 +1,8 @@
 """The `davir` command. Thin: parse, build from the library, call it, print.
 
 Subcommands: `demo` (the embedded default job), `info` (a model's architecture, parameter count
-and shardings), `export` (any model source to a Hugging Face directory), `score` (the DavIR
+and shardings), `export` (any model source to a Hugging Face directory, LoRA adapters merged;
+or `--peft`: a LoRA source's adapters as a PEFT directory), `score` (the DavIR
 scoring job), `select` (top examples by a score, mixtures), `diagnostics` (length correlations),
 `config` (print the resolved config).
 
@@ -188,16 +189,24 @@ def cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Any model source as a Hugging Face directory (a LoRA source with its adapters merged),
+    or with `--peft` a LoRA source's adapters as a PEFT adapter directory."""
     from davir_jax.models import export_hf, load_model
-    from davir_jax.models.loading import load_tokenizer_for
+    from davir_jax.models.loading import load_tokenizer_for, lora_config, lora_meta
+    from davir_jax.models.lora import export_peft, merge_lora
 
+    meta = lora_meta(args.source) if args.peft else None  # refused first if not a LoRA source
     model = load_model(args.source, args.dtype)
+    if meta is not None:
+        out = export_peft(model, meta["base"]["source"], lora_config(meta), args.out)
+        print(f"wrote {out} (PEFT adapters of {meta['base']['source']})")
+        return 0
     tok = None
     try:
         tok = load_tokenizer_for(args.source)
     except (ValueError, OSError) as e:
         print(f"note: no tokenizer exported ({e})", file=sys.stderr)
-    out = export_hf(model, tok, args.out)
+    out = export_hf(merge_lora(model), tok, args.out)
     print(f"wrote {out}")
     return 0
 
@@ -351,10 +360,25 @@ def _model_commands(sub: Any) -> None:
     i.add_argument("-v", "--verbose", action="store_true", help="every parameter's sharding")
     _config_args(i, "model", "mesh")
     i.set_defaults(fn=cmd_info)
-    e = sub.add_parser("export", help="write any model source as a Hugging Face directory")
+    e = sub.add_parser(
+        "export",
+        help="write any model source as a Hugging Face directory (LoRA adapters merged), or a "
+        "LoRA source's adapters as a PEFT directory (--peft)",
+    )
     e.add_argument("source")
     e.add_argument("out")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    how = e.add_mutually_exclusive_group()
+    how.add_argument(
+        "--merged",
+        action="store_true",
+        help="merged weights W + (alpha/r) A B, as save_model/export_hf write (the default)",
+    )
+    how.add_argument(
+        "--peft",
+        action="store_true",
+        help="adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained",
+    )
     e.set_defaults(fn=cmd_export)
 
 

@@ -29,7 +29,17 @@ pytestmark = pytest.mark.devices(8)
 def test_rules_table_names_each_logical_axis_once():
     names = [k for k, _ in LOGICAL_RULES]
     assert len(names) == len(set(names))
-    assert set(names) == {"batch", "seq", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab"}
+    assert set(names) == {
+        "batch",
+        "seq",
+        "embed",
+        "mlp",
+        "heads",
+        "kv_heads",
+        "head_dim",
+        "vocab",
+        "lora_rank",
+    }
 
 
 def test_make_mesh_fills_minus_one_and_rejects_bad_sizes():

@@ -31,6 +31,7 @@ _AUTO = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
 
 # The rules table: each logical axis once. Batch is split over every data-parallel axis; FSDP
 # shards parameters along `embed`; tensor parallelism splits heads, MLP width and vocabulary.
+# LoRA adapters carry their projection's input or output axes, so they split with it.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", DATA_PARALLEL),
     ("seq", None),
@@ -40,6 +41,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", TENSOR),
     ("head_dim", None),
     ("vocab", TENSOR),
+    ("lora_rank", None),  # LoRA's rank axis (a few columns): replicated
 )
 
 

@@ -28,6 +28,7 @@ from davir_jax.core.sharding import batch_sharding, data_parallel_size, state_sh
 from davir_jax.data.batching import Batch, assemble, local_rows
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.models.lora import abstract_lora_model
 from davir_jax.models.weights import abstract_model
 
 _BATCH_KEYS = ("input_ids", "segment_ids", "positions", "loss_mask")
@@ -51,16 +52,25 @@ def nonfinite_examples(batch: Batch, nll: np.ndarray, example_ids: Any) -> list[
 
 @functools.lru_cache(maxsize=32)
 def nll_step(
-    arch: ArchConfig, run: RunConfig, num_segments: int, chunk: int, embed: bool = False
+    arch: ArchConfig,
+    run: RunConfig,
+    num_segments: int,
+    chunk: int,
+    lora: Any = None,
+    embed: bool = False,
 ) -> Any:
     """Jitted `(state, ids, segment_ids, positions, loss_mask) -> (nll [B, S], count [B, S])`,
     with `embed` also each example's mean-pooled response hidden states `[B, S, D]`.
 
-    Built once per model configuration. On a mesh, the parameter shardings come from the rules
-    table, the batch is split over the data-parallel axes, and the (small) outputs are
-    replicated so every process can read its own rows.
+    Built once per model configuration (`lora`: the model's `LoraConfig`, for a model with
+    adapters). On a mesh, the parameter shardings come from the rules table, the batch is split
+    over the data-parallel axes, and the (small) outputs are replicated so every process can
+    read its own rows.
     """
-    graphdef, abs_state = abstract_model(arch, run)
+    if lora is None:
+        graphdef, abs_state = abstract_model(arch, run)
+    else:
+        graphdef, abs_state = abstract_lora_model(arch, run, lora)
     fn = example_nll_and_embedding if embed else example_nll
 
     def step(state: nnx.State, ids: jax.Array, seg: jax.Array, pos: jax.Array, mask: jax.Array):
@@ -93,7 +103,8 @@ def _launch_nll(
 ) -> tuple[jax.Array, ...]:
     """Dispatch one batch's step; JAX returns before the device has finished it."""
     _, state = nnx.split(model)
-    fn = nll_step(model.arch, model.run, num_segments, chunk, embed)
+    lora = getattr(model, "lora_config", None)
+    fn = nll_step(model.arch, model.run, num_segments, chunk, lora, embed)
     return fn(state, *device_batch(batch, model.run.sharder.mesh))
 
 

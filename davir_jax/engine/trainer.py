@@ -25,6 +25,7 @@ losses equal an uninterrupted run's: the data order is a pure function of (seed,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -65,8 +66,11 @@ from davir_jax.models.decoder import cast_for_compute
 from davir_jax.models.loading import (
     load_model,
     model_fingerprint,
+    resolve_source,
+    save_lora,
     save_model,
 )
+from davir_jax.models.lora import apply_lora, has_lora
 
 if TYPE_CHECKING:  # the whole config is joined above this floor; the trainer reads its sections
     from davir_jax.config import Config
@@ -174,8 +178,10 @@ def make_train_step(
     shardings: tuple[Any, Any] | None = None,
     mesh: Mesh | None = None,
     frozen: tuple[nnx.GraphDef, Any] | None = None,
+    fixed: Any | None = None,
 ) -> Any:
-    """Jitted `((params, opt_state), batch[, frozen_params]) -> ((params, opt_state), metrics)`.
+    """Jitted `((params, opt_state), batch[, fixed_params][, frozen_params]) -> ((params,
+    opt_state), metrics)`.
 
     `batch` holds `[accum, rows, ...]` arrays; the micro-batches run in a `lax.scan` and the
     gradients of the summed loss are divided once by the global `denom` (tokens for SFT, pairs
@@ -184,29 +190,24 @@ def make_train_step(
     non-finite loss or gradient norm; `fit` reads it every step) and `_bad` `[accum, rows,
     segments]` (which examples; read only when `_nonfinite` is not 0). An int `objective` is the
     SFT loss with that LM-head chunk. With a mesh, the state shardings are declared (and the state
-    donated) and the batch is split over the data-parallel axes. `frozen = (graphdef, shardings)`
-    adds a frozen model's parameters as a third argument (an in-step reference).
+    donated) and the batch is split over the data-parallel axes. `fixed` (the shardings of the
+    model's untrained parameters, or True without a mesh) adds them as an argument after the
+    batch: only `params` get gradients and optimizer state (LoRA: the adapters train, the base
+    stays). `frozen = (graphdef, shardings)` adds a frozen model's parameters as the last
+    argument (an in-step reference).
     """
     if isinstance(objective, int):
         objective = sft_objective(objective)
-    frozen_def = None if frozen is None else frozen[0]
+    grad_fn = _grad_fn(graphdef, objective, None if frozen is None else frozen[0])
 
-    def sums(params: nnx.State, micro: dict[str, jax.Array], frozen_params: Any):
-        model = nnx.merge(graphdef, params)
-        ref = None
-        if frozen_params is not None:
-            ref = nnx.merge(frozen_def, jax.lax.stop_gradient(frozen_params))
-        loss_sum, denom, aux, bad = objective.fn(model, micro, ref)
-        return loss_sum, (denom, aux, bad)
-
-    grad_fn = jax.value_and_grad(sums, has_aux=True)
-
-    def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array], frozen_params=None):
+    def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array], *extra: Any):
         params, opt_state = state
-        run = getattr(nnx.merge(graphdef, params), "run", None)  # trace time only
-        compute = params if run is None else cast_for_compute(params, run.compute_dtype)
+        fixed_params = extra[0] if fixed is not None else None
+        frozen_params = extra[-1] if frozen is not None else None
+        # The untrained parameters are cast once per step too, outside the gradient.
+        compute, fixed_c = _compute_copies(graphdef, params, fixed_params)
         g, loss_sum, n, aux, bad = _accumulate(
-            grad_fn, compute, batch, frozen_params, objective.aux
+            grad_fn, compute, batch, (frozen_params, fixed_c), objective.aux
         )
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
@@ -225,24 +226,51 @@ def make_train_step(
 
     if mesh is None or shardings is None:
         return jax.jit(step, donate_argnums=0)
-    return _jit_sharded(step, objective, shardings, mesh, frozen)
+    extra_sh = (() if fixed is None else (fixed,)) + (() if frozen is None else (frozen[1],))
+    return _jit_sharded(step, objective, shardings, mesh, extra_sh)
+
+
+def _grad_fn(graphdef: nnx.GraphDef, objective: Objective, frozen_def: Any) -> Callable:
+    """`(params, micro, frozen_params, fixed_params) -> ((loss_sum, (denom, aux, bad)), grads)`:
+    the objective's value and its gradient with respect to `params` alone."""
+
+    def sums(params: nnx.State, micro: dict[str, jax.Array], frozen_params: Any, fixed_params):
+        model = nnx.merge(graphdef, params, *(() if fixed_params is None else (fixed_params,)))
+        ref = None
+        if frozen_params is not None:
+            ref = nnx.merge(frozen_def, jax.lax.stop_gradient(frozen_params))
+        loss_sum, denom, aux, bad = objective.fn(model, micro, ref)
+        return loss_sum, (denom, aux, bad)
+
+    return jax.value_and_grad(sums, has_aux=True)
+
+
+def _compute_copies(graphdef: nnx.GraphDef, params: Any, fixed: Any) -> tuple[Any, Any]:
+    """`params` and `fixed` (or None) as the forward pass reads them (`cast_for_compute`)."""
+    whole = (params,) if fixed is None else (params, fixed)
+    run = getattr(nnx.merge(graphdef, *whole), "run", None)  # trace time only
+    if run is None:
+        return params, fixed
+    cast = functools.partial(cast_for_compute, compute_dtype=run.compute_dtype)
+    return cast(params), None if fixed is None else cast(fixed)
 
 
 def _accumulate(
-    grad_fn: Callable, params: Any, batch: dict[str, jax.Array], frozen_params: Any, aux: tuple
+    grad_fn: Callable, params: Any, batch: dict[str, jax.Array], others: tuple, aux: tuple
 ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
     """Sum the loss, its denominator, the aux sums and the float32 gradient over the
-    micro-batches `[accum, ...]` of `batch` in a `lax.scan`; returns them with `bad`."""
+    micro-batches `[accum, ...]` of `batch` in a `lax.scan`; returns them with `bad`.
+    `others`: `grad_fn`'s arguments after the micro-batch (not differentiated)."""
 
     def micro_step(carry, micro):
         g_acc, l_acc, n_acc, aux_acc = carry
         # A micro-batch of padding rows only (a step of a batch stated in examples or tokens
         # that needs fewer rows than the run's fixed count) costs nothing: XLA runs one branch
         # of a cond, so the shapes stay fixed without computing the filler.
-        shapes = jax.eval_shape(grad_fn, params, micro, frozen_params)
+        shapes = jax.eval_shape(grad_fn, params, micro, *others)
         (loss_sum, (denom, aux, bad)), g = jax.lax.cond(
             jnp.any(micro["segment_ids"] > 0),
-            lambda: grad_fn(params, micro, frozen_params),
+            lambda: grad_fn(params, micro, *others),
             lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
         )
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
@@ -256,18 +284,18 @@ def _accumulate(
 
 
 def _jit_sharded(
-    step: Callable, objective: Objective, shardings: Any, mesh: Mesh, frozen: Any
+    step: Callable, objective: Objective, shardings: Any, mesh: Mesh, extra_sh: tuple
 ) -> Any:
     """`step` jitted with the state's shardings declared (and donated), the batch split over
-    the data-parallel axes and the metrics replicated."""
+    the data-parallel axes, the extra arguments' shardings (`extra_sh`: untrained parameters,
+    a frozen reference) declared and the metrics replicated."""
     rep = NamedSharding(mesh, P())
     batch_sh = {k: accum_batch_sharding(mesh) for k in objective.batch_keys}
     metric_keys = ("loss", objective.denom_name, "grad_norm", *objective.aux, "_nonfinite", "_bad")
     metric_sh = {k: rep for k in metric_keys}
-    in_sh = (shardings, batch_sh) if frozen is None else (shardings, batch_sh, frozen[1])
     return jax.jit(
-        step if frozen is not None else (lambda state, batch: step(state, batch)),
-        in_shardings=in_sh,
+        step,
+        in_shardings=(shardings, batch_sh, *extra_sh),
         out_shardings=(shardings, metric_sh),
         donate_argnums=0,
     )
@@ -596,8 +624,11 @@ _NOT_IDENTITY = (
 
 
 def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    lo = cfg.model.lora  # as run.json reads back (a list, not a tuple)
+    lora = {} if lo is None else {"lora": {**to_dict(lo), "targets": list(lo.targets)}}
     return {
         "model": model_fingerprint(cfg.model.source),
+        **lora,
         "dtype": [cfg.model.dtype, cfg.model.compute_dtype or cfg.model.dtype],
         **data_identity,
         "batching": batching_identity(cfg),
@@ -739,6 +770,29 @@ def _begin_run(cfg: Config, job: Job, say: Callable[..., None]) -> tuple[Path, i
     return out, total
 
 
+def _trainable(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State, nnx.State | None]:
+    """(graph definition, trained parameters, untrained parameters or None) of the model a run
+    starts from: every weight, or with `model.lora` fresh adapters (seeded by `cfg.seed`) on
+    the frozen base (Hu et al. 2021, arXiv 2106.09685: only A and B are trained)."""
+    m = cfg.model
+    if m.lora is not None and resolve_source(m.source)[0] == "lora":
+        raise UserError(
+            f"model.source: {m.source} is a LoRA adapter directory; model.lora trains new "
+            "adapters on a base model (merge these first: davir export --merged)"
+        )
+    model = load_model(m.source, m.dtype, mesh, **m.run_options())
+    if m.lora is None:
+        if has_lora(model):
+            raise UserError(
+                f"model.source: {m.source} holds LoRA adapters; set model.lora to train "
+                "adapters on a base, or merge them first (davir export --merged)"
+            )
+        graphdef, params = nnx.split(model)
+        return graphdef, params, None
+    apply_lora(model, m.lora, jax.random.key(cfg.seed))
+    return nnx.split(model, nnx.LoRAParam, ...)
+
+
 class _Loop:
     """One run of `fit`: the state it carries from step to step (parameters and optimizer state,
     the step, the examples seen, the validation history) and what it does after each step
@@ -747,9 +801,7 @@ class _Loop:
     def __init__(self, cfg: Config, job: Job, mesh: Mesh, out: Path, total: int, say: Any):
         self.cfg, self.job, self.out, self.total, self.say = cfg, job, out, total, say
         self.primary = jax.process_index() == 0
-        m = cfg.model
-        model = load_model(m.source, m.dtype, mesh, **m.run_options())
-        self.graphdef, params = nnx.split(model)
+        self.graphdef, params, self.fixed = _trainable(cfg, mesh)
         self.tx = make_optimizer(cfg.optimizer, total)
         self.schedule = lr_schedule(cfg.optimizer, total)  # the learning rate each record shows
         param_sh = state_shardings(params, mesh)
@@ -795,7 +847,16 @@ class _Loop:
             self.val_info = {k: old[k] for k in ("n_val", "n_val_tokens") if k in old}
 
     def model(self) -> Any:
-        return nnx.merge(self.graphdef, self.state[0])
+        fixed = () if self.fixed is None else (self.fixed,)
+        return nnx.merge(self.graphdef, self.state[0], *fixed)
+
+    def save(self, directory: Path) -> None:
+        """The model now, as a model source: LoRA adapters (naming their base) or all weights."""
+        m = self.cfg.model
+        if m.lora is None:
+            save_model(self.model(), directory, self.job.tokenizer)
+        else:
+            save_lora(self.model(), directory, m.source, m.lora, self.job.tokenizer)
 
     def validate(self) -> float:
         res = self.job.validate(self.model())
@@ -820,7 +881,7 @@ class _Loop:
         if tc.keep_best and all(val < v for v in losses[:-1]):
             # The best so far (the first of equals). Saved before this step's checkpoint: a
             # crash in between redoes the epoch, which reproduces the same parameters.
-            save_model(self.model(), self.out / BEST_DIR, self.job.tokenizer)
+            self.save(self.out / BEST_DIR)
         self.stopped = self.step < self.total and _patience_spent(losses, tc.patience)
         if self.primary:
             write_json(self.out / VAL_FILE, _val_summary(self.hist, self.stopped, self.val_info))
@@ -849,6 +910,11 @@ class _Loop:
             "steps_per_epoch": self.job.steps.steps_per_epoch,
             "val": self.hist,
         }
+        if self.cfg.model.lora is not None:  # the checkpoint holds the adapters only
+            meta["lora_base"] = {
+                "source": self.cfg.model.source,
+                "fingerprint": model_fingerprint(self.cfg.model.source),
+            }
         save_checkpoint(self.mngr, self.step, self.state, meta)
         self.saved = self.step
 
@@ -879,7 +945,7 @@ class _Loop:
                     )
             _barrier("davir best model")
         else:
-            save_model(final, out / "model", job.tokenizer)
+            self.save(out / "model")
 
     def _write_val_summary(self) -> None:
         hist, tc = self.hist, self.cfg.train
@@ -908,10 +974,12 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     frozen_sh = None
     if job.frozen is not None:
         frozen_sh = (job.frozen[0], state_shardings(job.frozen[1], mesh))
+    fixed_sh = None if run.fixed is None else state_shardings(run.fixed, mesh)
     train_step = make_train_step(
-        run.graphdef, run.tx, job.objective, run.shardings, mesh, frozen_sh
+        run.graphdef, run.tx, job.objective, run.shardings, mesh, frozen_sh, fixed_sh
     )
-    extra = () if job.frozen is None else (job.frozen[1],)
+    extra = () if run.fixed is None else (run.fixed,)
+    extra += () if job.frozen is None else (job.frozen[1],)
     metrics = Metrics(out, run.step, primary)
     bar = progress_bar(total, job.name, "step", progress and primary, run.step)
     t0, tokens_run = time.time(), 0

@@ -49,8 +49,11 @@ def compile_step(cfg: Any, job: str = "sft", mesh: Mesh | None = None) -> dict[s
     analysis and the `plan` estimate for the same mesh."""
     if job not in ("sft", "dpo", "score"):
         raise ValueError(f"job {job!r} is not sft, dpo or score")
-    mesh = mesh if mesh is not None else mesh_from_config(cfg.mesh)
     m = cfg.model
+    if m.lora is not None and job != "score":
+        # The compiled step would be the full-weight one; `plan` alone models LoRA's memory.
+        raise ValueError("model.lora: davir plan --compile does not compile the LoRA step yet")
+    mesh = mesh if mesh is not None else mesh_from_config(cfg.mesh)
     arch, seq, rows, segments = step_shape(cfg, job)
     run = run_config(m.dtype, mesh=mesh, **m.run_options())
     graphdef, abs_state = abstract_model(arch, run)

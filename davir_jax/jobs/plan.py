@@ -14,6 +14,8 @@ attention (`model.attention`, resolved for the chip's platform) hold the scores 
 (`T` -> the block), forward and backward. The LM head adds
 its `[rows, chunk, vocab]` float32 logits (three copies in training: logits, softmax, gradient).
 A plan fits when the total stays under 90% of the chip's memory (headroom for XLA's buffers).
+With `model.lora`, the parameters are the frozen base plus the adapters (`adapters`), and the
+optimizer state and gradients are the adapters' only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import functools
 import math
 from typing import Any
+
+from flax import nnx
 
 from davir_jax.core.losses import VOCAB_BLOCK
 from davir_jax.core.sharding import (
@@ -33,6 +37,7 @@ from davir_jax.core.sharding import (
 from davir_jax.models import attention as attn_impl
 from davir_jax.models.decoder import RunConfig
 from davir_jax.models.loading import load_arch
+from davir_jax.models.lora import abstract_lora_model
 from davir_jax.models.weights import abstract_model, iter_params
 
 # Memory (GiB) and dense bf16 peak (FLOP/s) per device, from the vendors' spec sheets.
@@ -82,10 +87,24 @@ def _param_table(arch: Any, dtype: str) -> tuple[tuple[tuple[int, ...], Any], ..
     )
 
 
-def per_device_params(arch: Any, dtype: str, mesh: _Mesh) -> tuple[int, int]:
-    """(parameter count, bytes of one device's shards) from the abstract model."""
+@functools.lru_cache(maxsize=16)
+def _adapter_table(arch: Any, dtype: str, lora: Any) -> tuple[tuple[tuple[int, ...], Any], ...]:
+    """(shape, logical axes) of every LoRA adapter matrix `lora` puts on `arch` (abstract)."""
+
+    _, abs_state = abstract_lora_model(arch, RunConfig(param_dtype=dtype), lora)
+    state = abs_state.filter(nnx.LoRAParam)
+    return tuple(
+        (tuple(v.get_value().shape), v.get_metadata().get("logical_axes"))
+        for _, v in iter_params(state)
+    )
+
+
+def per_device_params(arch: Any, dtype: str, mesh: _Mesh, lora: Any = None) -> tuple[int, int]:
+    """(parameter count, bytes of one device's shards) from the abstract model; with `lora`
+    (a `LoraConfig`), of its adapters instead."""
     count, local = 0, 0
-    for shape, axes in _param_table(arch, dtype):
+    table = _param_table(arch, dtype) if lora is None else _adapter_table(arch, dtype, lora)
+    for shape, axes in table:
         spec = logical_to_spec(axes, shape, mesh)
         shard = list(shape)
         for i, part in enumerate(spec):
@@ -121,6 +140,10 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     m, d = cfg.model, cfg.data
     pdt, cdt = m.dtype, m.compute_dtype or m.dtype
     n_params, param_bytes = per_device_params(arch, pdt, mesh)
+    # LoRA: the base stays as loaded (frozen); the adapters are what trains.
+    n_adapter, adapter_bytes = 0, 0
+    if m.lora is not None:
+        n_adapter, adapter_bytes = per_device_params(arch, pdt, mesh, m.lora)
     rows_dev = max(d.batch_rows // data_parallel_size(mesh), 1)
     out: dict[str, Any] = {
         "job": job,
@@ -133,7 +156,10 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
         "rows_per_device": rows_dev,
         "seq": seq,
     }
-    mem, flops = _costs(cfg, job, arch, mesh, seq, rows_dev, param_bytes, chip)
+    if m.lora is not None:
+        out["adapter_params"] = n_adapter
+    sizes = (param_bytes, adapter_bytes)
+    mem, flops = _costs(cfg, job, arch, mesh, seq, rows_dev, sizes, chip)
     total = sum(mem.values())
     out["memory_bytes"] = {k: int(v) for k, v in mem.items()}
     out["memory_total_bytes"] = int(total)
@@ -156,11 +182,13 @@ def _costs(
     mesh: Any,
     seq: int,
     rows_dev: int,
-    param_bytes: int,
+    sizes: tuple[int, int],
     chip: str | None,
 ) -> tuple[dict[str, float], float]:
-    """(memory per device by part, FLOPs of one step) of `job` with rows of `seq` tokens."""
+    """(memory per device by part, FLOPs of one step) of `job` with rows of `seq` tokens;
+    `sizes`: per-device bytes of the model's parameters and of its LoRA adapters (0: none)."""
     m, d = cfg.model, cfg.data
+    param_bytes, adapter_bytes = sizes
     c, tp = _BYTES[m.compute_dtype or m.dtype], mesh.shape[TENSOR]
     tok_dev = rows_dev * seq
     L, D, F = arch.num_layers, arch.hidden_size, arch.intermediate_size
@@ -181,12 +209,7 @@ def _costs(
         mem["logits"] = logits
         return mem, 2 * forward_flops(arch, seq) * d.batch_rows * seq  # base and reference
     in_step_ref = job == "dpo" and cfg.dpo.reference_in_step
-    pdt = m.dtype
-    mem["optimizer"] = 2 * param_bytes  # AdamW moments in the parameter dtype
-    # A micro-batch's gradients (the layers' in the compute dtype) + the float32 accumulator.
-    mem["gradients"] = param_bytes * c // _BYTES[pdt] + param_bytes * 4 // _BYTES[pdt]
-    if c != _BYTES[pdt]:  # the layers' compute-dtype copy, cast once per step (cast_for_compute)
-        mem["compute_copy"] = param_bytes * c // _BYTES[pdt]
+    mem.update(_state_memory(m, param_bytes, adapter_bytes))
     if in_step_ref:
         mem["reference"] = param_bytes
     if m.remat != "none":
@@ -201,10 +224,27 @@ def _costs(
         mem["activations"] = tok_dev * L * (per_tok_layer + scores)
     mem["logits"] = 3 * logits
     tokens = _step_tokens(cfg, seq)
-    flops = 3 * forward_flops(arch, seq) * tokens
+    # Forward + backward: the activations' gradients (1x) and the weights' (1x); LoRA computes
+    # no weight gradient for the base (its adapters' are negligible), so 2x.
+    flops = (3 if m.lora is None else 2) * forward_flops(arch, seq) * tokens
     if in_step_ref:
         flops += forward_flops(arch, seq) * tokens
     return mem, flops
+
+
+def _state_memory(m: Any, param_bytes: int, adapter_bytes: int) -> dict[str, float]:
+    """Per-device bytes of a training step's state besides the parameters: what trains (every
+    parameter, or with LoRA the adapters alone: the base is an input) has AdamW moments and
+    gradients; the compute-dtype copy covers everything the forward pass reads."""
+    c, p = _BYTES[m.compute_dtype or m.dtype], _BYTES[m.dtype]
+    trained = param_bytes if m.lora is None else adapter_bytes
+    mem = {} if m.lora is None else {"adapters": adapter_bytes}
+    mem["optimizer"] = 2 * trained  # AdamW moments in the parameter dtype
+    # A micro-batch's gradients (the layers' in the compute dtype) + the float32 accumulator.
+    mem["gradients"] = trained * c // p + trained * 4 // p
+    if c != p:  # the layers' compute-dtype copy, cast once per step (cast_for_compute)
+        mem["compute_copy"] = (param_bytes + adapter_bytes) * c // p
+    return mem
 
 
 def _score_keys(m: Any, arch: Any, seq: int, chip: str | None) -> int:

@@ -3,11 +3,64 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from davir_jax.core.schema import shorthand
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.attention import attention_name, remat_name
+
+# The projections LoRA can adapt (`models.lora.PROJECTIONS`), by their Hugging Face names.
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021, arXiv 2106.09685): `W x` becomes
+    `W x + (alpha / rank) B A x` on the targeted projections, and only `A`, `B` are trained.
+
+    `targets`: regular expressions, each matched in full against a projection's name (`q_proj`,
+    `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`) or its path
+    (`layers.3.attn.q_proj`, `layers.3.mlp.down_proj`); PEFT's default for Llama-likes,
+    q_proj and v_proj. A pattern that matches no projection of the model is an error.
+    `dropout`: PEFT's `lora_dropout`; only 0 is supported (the decoder has no training-time
+    randomness to draw it from).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank, as PEFT's lora_alpha
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank: must be a positive integer, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha: must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.dropout != 0.0:
+            raise ValueError(
+                f"dropout: only 0.0 is supported (got {self.dropout}): the decoder has no "
+                "training-time randomness to draw a dropout mask from"
+            )
+        if not self.targets:
+            raise ValueError("targets: name at least one projection (e.g. [q_proj, v_proj])")
+        for pat in self.targets:
+            try:
+                rx = re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"targets: {pat!r} is not a regular expression ({e})") from e
+            # A pattern without a dot can only match a projection's own name.
+            if "." not in pat and not any(rx.fullmatch(n) for n in LORA_PROJECTIONS):
+                raise ValueError(
+                    f"targets: {pat!r} matches no projection (one of {', '.join(LORA_PROJECTIONS)}"
+                    ", or a path such as layers.0.attn.q_proj)"
+                )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +87,9 @@ class ModelConfig:
     # Run the layers as one lax.scan (compile time independent of depth); the same parameters,
     # checkpoints and results as the unrolled loop.
     scan_layers: bool = True
+    # Train low-rank adapters on a frozen base instead of every weight (None: off); see
+    # `LoraConfig` and README "LoRA".
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "remat", remat_name(self.remat))

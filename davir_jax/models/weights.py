@@ -291,7 +291,10 @@ def export_hf(model: Decoder, tokenizer: Any | None, out_dir: str | os.PathLike)
     `transformers.AutoModelForCausalLM` / `AutoTokenizer` load offline with the same logits.
 
     The directory appears atomically: everything is written to a sibling temp dir and renamed.
+    A model with LoRA adapters is exported merged (`lora.merge_lora`) or as PEFT adapters.
     """
+    if nnx.state(model, nnx.LoRAParam):
+        raise ValueError("export_hf: the model has LoRA adapters; merge them first (merge_lora)")
     out = Path(out_dir)
     # Every process makes its own temp folder (unique name); only process 0 fills and publishes.
     tmp = temp_dir(out)
