@@ -189,8 +189,21 @@ def example_nll(
 ) -> tuple[jax.Array, jax.Array]:
     """Summed response NLL and response-token count of every example in a (packed or padded)
     batch, `([B, S], [B, S])`: the one function scoring and training share."""
-    targets, mask = shift_targets(input_ids, loss_mask, segment_ids)
     hidden = model.hidden_states(input_ids, segment_ids, positions)
+    return _nll_of_hidden(model, hidden, input_ids, segment_ids, loss_mask, num_segments, chunk)
+
+
+def _nll_of_hidden(
+    model: Any,
+    hidden: jax.Array,
+    input_ids: jax.Array,
+    segment_ids: jax.Array,
+    loss_mask: jax.Array,
+    num_segments: int,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`example_nll` from the final hidden states `[B, T, D]`."""
+    targets, mask = shift_targets(input_ids, loss_mask, segment_ids)
     lp = token_logprobs(model.logits, hidden, targets, chunk, mask, model.vocab_block(VOCAB_BLOCK))
     return segment_nll(lp, mask, segment_ids, num_segments)
 
@@ -223,10 +236,8 @@ def example_nll_and_embedding(
     """`example_nll` plus each example's final hidden states mean-pooled over its response
     tokens (the positions the loss mask marks), `[B, S, D]`: the embedding a diversity step
     (DEITA's, arXiv 2312.15685) compares, from the same forward pass."""
-    targets, mask = shift_targets(input_ids, loss_mask, segment_ids)
     hidden = model.hidden_states(input_ids, segment_ids, positions)
-    lp = token_logprobs(model.logits, hidden, targets, chunk, mask, model.vocab_block(VOCAB_BLOCK))
-    nll, cnt = segment_nll(lp, mask, segment_ids, num_segments)
+    nll, cnt = _nll_of_hidden(model, hidden, input_ids, segment_ids, loss_mask, num_segments, chunk)
     return nll, cnt, segment_mean(hidden, loss_mask, segment_ids, num_segments)
 
 
