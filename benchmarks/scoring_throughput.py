@@ -65,7 +65,13 @@ from davir_jax.core.sharding import make_mesh, use_cpu_devices  # noqa: E402
 from davir_jax.data import batching  # noqa: E402
 from davir_jax.data.config import DataConfig  # noqa: E402
 from davir_jax.data.dataset import TokenizedData, prepare  # noqa: E402
-from davir_jax.engine.nll import batch_nll, device_batch, nll_step, stream_nll  # noqa: E402
+from davir_jax.engine.nll import (  # noqa: E402
+    _nll_step,
+    batch_nll,
+    device_batch,
+    nll_step,
+    stream_nll,
+)
 from davir_jax.models import ArchConfig, export_hf, load_model, load_tokenizer, random_model  # noqa: E402
 from davir_jax.models.decoder import Decoder  # noqa: E402
 
@@ -229,12 +235,12 @@ def attention_removed() -> Any:
 
     saved = decoder.blocked_attention, decoder.dense_attention
     decoder.blocked_attention = decoder.dense_attention = lambda q, *a, **kw: q
-    nll_step.cache_clear()  # traced anew with the no-op, and again after
+    _nll_step.cache_clear()  # traced anew with the no-op, and again after
     try:
         yield
     finally:
         decoder.blocked_attention, decoder.dense_attention = saved
-        nll_step.cache_clear()
+        _nll_step.cache_clear()
 
 
 def score_without_attention(model: Decoder, data: TokenizedData, chunk: int) -> Result:

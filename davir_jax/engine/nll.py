@@ -50,7 +50,6 @@ def nonfinite_examples(batch: Batch, nll: np.ndarray, example_ids: Any) -> list[
     return [str(example_ids[i]) for i in batch.example_index[bad]]
 
 
-@functools.lru_cache(maxsize=32)
 def nll_step(
     arch: ArchConfig,
     run: RunConfig,
@@ -58,6 +57,20 @@ def nll_step(
     chunk: int,
     lora: Any = None,
     embed: bool = False,
+) -> Any:
+    """The jitted NLL step of a model configuration (`_nll_step`), the same object however
+    the optional arguments are passed (one cache key per configuration, so no recompile)."""
+    return _nll_step(arch, run, num_segments, chunk, lora, bool(embed))
+
+
+@functools.lru_cache(maxsize=32)
+def _nll_step(
+    arch: ArchConfig,
+    run: RunConfig,
+    num_segments: int,
+    chunk: int,
+    lora: Any,
+    embed: bool,
 ) -> Any:
     """Jitted `(state, ids, segment_ids, positions, loss_mask) -> (nll [B, S], count [B, S])`,
     with `embed` also each example's mean-pooled response hidden states `[B, S, D]`.
