@@ -193,8 +193,9 @@ class ResponseAlone(_Batched):
     arXiv 2308.12032). Sequence: `[start] + response`, mask `[0] + response mask`, so T and the
     scored ids equal the prompted example's exactly and IFD is a ratio over the same tokens.
 
-    `start` is the tokenizer's BOS, else its EOS (BOS-less tokenizers such as Qwen2's and
-    SmolLM2's separate documents with it): one token of context, as Cherry's code gives the
+    `start` (`start_token`) is the BOS when the tokenizer adds one to every text, else its EOS
+    (tokenizers that add no BOS, such as Qwen2's and SmolLM2's, whose BOS-named token is a chat
+    marker, separate documents with it): one token of context, as Cherry's code gives the
     response when its tokenizer adds a BOS, and never a scored position.
     """
 
@@ -222,9 +223,13 @@ class ResponseAlone(_Batched):
 
 
 def start_token(tokenizer: Any) -> int:
-    """`ResponseAlone`'s start token: the tokenizer's BOS, else its EOS."""
+    """`ResponseAlone`'s start token: the BOS if the tokenizer puts one before every text (what
+    a document starts with for this model), else its EOS. A BOS the tokenizer defines but does
+    not add (SmolLM2's `<|im_start|>`) would be a chat marker out of place."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    return int(bos if bos is not None else tokenizer.eos_token_id)
+    ids = tokenizer("a")["input_ids"]
+    adds_bos = bos is not None and bool(ids) and ids[0] == bos
+    return int(bos if adds_bos else tokenizer.eos_token_id)
 
 
 def prepare(

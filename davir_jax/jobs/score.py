@@ -157,8 +157,11 @@ def ifd_models(cfg: Config) -> tuple[str, ...]:
     return tuple(m for m in MODELS if m in sc.ifd or (m == "proxy" and sc.proxy is not None))
 
 
-def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str]) -> dict[str, Any]:
-    """What must be equal for two runs' shards to be mixed."""
+def run_identity(
+    cfg: Config, data: TokenizedData, fingerprints: dict[str, str], start: int | None = None
+) -> dict[str, Any]:
+    """What must be equal for two runs' shards to be mixed (`start`: the response-alone
+    view's start token, with IFD)."""
     ifd = ifd_models(cfg)
     return {
         "data": data.fields,
@@ -167,7 +170,8 @@ def run_identity(cfg: Config, data: TokenizedData, fingerprints: dict[str, str])
         "batching": {**batching_identity(cfg), "shard_batches": cfg.scoring.shard_batches},
         "resident": cfg.scoring.resident,
         "process_count": jax.process_count(),
-        **({"ifd": list(ifd)} if ifd else {}),
+        # The response-alone view's start token is part of what its shards hold.
+        **({"ifd": list(ifd), "ifd_start": start} if ifd else {}),
         **({"embed": cfg.scoring.embed} if cfg.scoring.embed else {}),
     }
 
@@ -249,7 +253,7 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     pairs = resolve_format(cfg.data.path, cfg.data.format) in PAIR_FORMATS
     data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0, pairs=pairs)
     out = Path(sc.out)
-    identity = run_identity(cfg, data, fingerprints)
+    identity = run_identity(cfg, data, fingerprints, start_token(tok))
     claim_run_dir(out, identity, sc.overwrite, "scoring run")
     views = _views(cfg, data, tok)
     layout: dict[str, int] = {}  # shard name -> number of shards
