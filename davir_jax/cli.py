@@ -259,7 +259,11 @@ def cmd_select(args: argparse.Namespace, overrides: list[str]) -> int:
         for d in pool.get("diversity", []):
             print(f"  diversity {d['method']}: removed {d['n_removed']:,}")
         if pool.get("n_short"):
-            print(f"  {pool['n_short']:,} short of the budget: only {pool['n_passed']:,} passed")
+            why = "; the diversity steps removed the rest" if pool.get("diversity") else ""
+            print(
+                f"  {pool['n_short']:,} short of the budget "
+                f"({pool['n_passed']:,} passed the filters{why})"
+            )
     print(f"wrote {args.out}/manifest.json ({manifest['n_selected']:,} examples, {args.method})")
     return 0
 

@@ -70,7 +70,7 @@ class ScoringConfig:
             raise ValueError(f"resident: {self.resident!r} is not both or sequential")
         for m in self.ifd:
             if m not in ("base", "reference", "proxy"):
-                raise ValueError(f"ifd: {m!r} is not base or reference (the proxy always is)")
+                raise ValueError(f"ifd: {m!r} is not base, reference or proxy")
         if self.embed not in (None, "base", "reference", "proxy"):
             raise ValueError(f"embed: {self.embed!r} is not base, reference or proxy")
         for k in ("shard_batches", "chunk"):

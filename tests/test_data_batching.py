@@ -254,3 +254,40 @@ def test_prepared_data_set_has_a_manifest_with_skips(tmp_path):
     assert m["n_examples"] == 2 and m["skipped"] == {"missing_field": 1, "empty_response": 1}
     assert m["where"]["missing_field"][0].startswith(f"{path}:3")
     assert m["fields"]["template"] == "plain" and m["n_tokens"] == int(d.lengths.sum())
+
+
+@pytest.mark.parametrize(
+    ("adds_bos", "eos_in_loss", "overlong"),
+    [(True, True, "drop"), (False, False, "drop"), (False, True, "truncate_left")],
+)
+def test_response_alone_is_the_same_response_after_one_start_token(
+    tmp_path, adds_bos, eos_in_loss, overlong
+):
+    """IFD's second view: `[start] + response ids (+ EOS)`, the response's mask unchanged (T
+    equal), start = BOS only where the tokenizer adds it (else EOS), whatever the prompt was."""
+    from davir_jax.data.dataset import ResponseAlone, start_token
+
+    tok = word_tokenizer(adds_bos)
+    rows = [
+        {"prompt": "the cat sat on the mat " * 4, "response": "a dog ran"},
+        {"prompt": "hello", "response": "the mat is red and the cat"},
+    ]
+    path = tmp_path / "d.jsonl"
+    _write(path, rows)
+    cfg = DataConfig(
+        path=str(path), cache_dir=str(tmp_path / "c"), eos_in_loss=eos_in_loss, max_len=20,
+        overlong=overlong,
+    )  # fmt: skip
+    data = prepare(cfg, tok, progress=False)
+    start = start_token(tok)
+    assert start == (tok.bos_token_id if adds_bos else tok.eos_token_id)
+    alone = ResponseAlone(data, start)
+    got = alone.get(list(range(len(data))))
+    for i, eid in enumerate(data.example_ids):
+        row = rows[int(data.rows[i])]
+        resp = tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids, mask = got[i]
+        assert ids.tolist() == [start] + resp, eid
+        assert mask.tolist() == [0] + [1] * (len(resp) - 1) + [int(eos_in_loss)]
+        assert int(mask.sum()) == int(data.get([i])[0][1].sum())  # the same T
+        assert alone.lengths[i] == len(ids)

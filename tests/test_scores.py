@@ -231,3 +231,14 @@ def test_read_scores_file_or_dir_and_bad_tables(tmp_path):
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match=r"junk\.parquet is not a readable parquet"):
         read_scores(tmp_path / "junk.parquet")
+
+
+def test_dpo_refuses_a_scores_table_without_reference_nlls(tmp_path):
+    from davir_jax.engine.preflight import UserError, scores_table
+
+    n = 2
+    tab = _table([1.0, 2.0], [1.0, 1.0], [1, 1]).set_column(6, "nll_ref", pa.nulls(n, pa.float64()))
+    pq.write_table(tab, tmp_path / "scores.parquet")
+    scores_table(str(tmp_path), "x", ("example_id", "nll_base"))
+    with pytest.raises(UserError, match=r"nll_ref is empty \(that scoring run had no such model\)"):
+        scores_table(str(tmp_path), "dpo.reference_scores", ("example_id", "nll_ref"))

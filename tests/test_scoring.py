@@ -466,3 +466,26 @@ def test_score_then_select_a_mixture_through_the_cli(tmp_path, models, capsys):
     recs = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["examples_seen"] == 12
     assert main(["score", "--data", str(alpaca), "--out", str(tmp_path / "x"), "-q"]) == 2
+
+
+def test_a_shard_without_real_rows_still_has_the_embedding_column(tmp_path):
+    """A process whose slice of a shard is all filler writes the embedding column too, so the
+    merge can concatenate every process's shards (and the embeddings keep their rows)."""
+    import pyarrow as pa
+
+    from davir_jax.jobs.score import _Shard, _write_embeddings
+
+    class View:
+        example_ids, rows = ["a:0", "a:1"], np.array([0, 1])
+
+    class FakeBatch:
+        example_index = np.array([[0], [1]])
+
+    full = _Shard(embed_dim=3)
+    full.add(View, FakeBatch, np.ones((2, 1)), np.ones((2, 1)), np.arange(6.0).reshape(2, 1, 3))
+    empty = _Shard(embed_dim=3)
+    full.write(tmp_path / "p0.parquet")
+    empty.write(tmp_path / "p1.parquet")
+    t = pa.concat_tables([pq.read_table(tmp_path / f"p{i}.parquet") for i in (0, 1)])
+    _write_embeddings(tmp_path, t.slice(1))  # an offset into the column
+    np.testing.assert_array_equal(np.load(tmp_path / "embeddings.npy"), [[3.0, 4.0, 5.0]])

@@ -364,3 +364,41 @@ def test_selection_method_specs_and_the_pipeline_config():
     assert cfg.pipeline.methods == ("davir", "cherry=ifd;filter=ifd<1")
     with pytest.raises(ValueError, match="labels must differ"):
         load_config(None, ["--pipeline.methods=[davir,davir=rho]"])
+
+
+def test_minhash_reads_nested_chat_text_and_refuses_textless_records(tmp_path):
+    from davir_jax.jobs.select import record_text
+
+    chat = [
+        json.dumps({"messages": [{"role": "user", "content": f"question {i} " + "w" * i},
+                                 {"role": "assistant", "content": f"answer {i}"}]})
+        for i in range(20)
+    ]  # fmt: skip
+    chat[5] = chat[4]  # one exact duplicate
+    assert record_text(chat[0]) == "user\nquestion 0 \nassistant\nanswer 0"
+    write_scores_dir(tmp_path / "c", "chat", 20, seed=7, records=chat)
+    m = run_select(
+        [f"c={tmp_path / 'c'}:all"], "rho", str(tmp_path / "o"), 0, diversity=["minhash"]
+    )
+    assert m["pools"][0]["diversity"][0]["n_removed"] == 1 and m["n_selected"] == 19
+    empty = [json.dumps({"n": i}) for i in range(5)]
+    write_scores_dir(tmp_path / "e", "e", 5, seed=7, records=empty)
+    with pytest.raises(ValueError, match="no text for --diversity minhash"):
+        run_select(
+            [f"e={tmp_path / 'e'}:all"], "rho", str(tmp_path / "o2"), 0, diversity=["minhash"]
+        )
+
+
+def test_pipeline_methods_are_checked_against_what_scoring_writes():
+    from davir_jax.config import load_config
+    from davir_jax.core.schema import ConfigError
+    from davir_jax.engine.preflight import UserError, _method_inputs
+
+    ok = ["--pipeline.methods=[davir,c=ifd;filter=ifd<1,d=davir;diversity=facility]"]
+    _method_inputs(load_config(None, ok + ["--scoring.ifd=[base]", "--scoring.embed=base"]))
+    with pytest.raises(UserError, match=r"'c=ifd;filter=ifd<1' reads nll_base_alone"):
+        _method_inputs(load_config(None, ok + ["--scoring.embed=base"]))
+    with pytest.raises(UserError, match="needs embeddings: set scoring.embed=base"):
+        _method_inputs(load_config(None, ok + ["--scoring.ifd=[base]"]))
+    with pytest.raises((ValueError, ConfigError), match="filter score 'idf' is not a score"):
+        load_config(None, ["--pipeline.methods=[c=ifd;filter=idf<1]"])

@@ -229,7 +229,17 @@ class SelectionMethod:
                 raise ValueError(f"method {spec!r}: {opt!r} is not filter=EXPR or diversity=STEP")
             found[key.strip()].append(value.strip())
         for f in found["filter"]:
-            ScoreFilter.parse(f)
+            if (name := ScoreFilter.parse(f).name) not in SCORES:
+                raise ValueError(f"method {spec!r}: filter score {name!r} is not a score")
         for d in found["diversity"]:
             DiversityStep.parse(d)
         return cls(label, score, tuple(found["filter"]), tuple(found["diversity"]))
+
+    def needs(self) -> tuple[set[str], bool]:
+        """(the NLL columns its score and filters read, whether it needs embeddings)."""
+        from davir_jax.core.diversity import DiversityStep
+        from davir_jax.core.scores import DEFAULT_NEEDS, SCORE_NEEDS
+
+        names = [self.score, *(ScoreFilter.parse(f).name for f in self.filters)]
+        cols = {c for n in names for c in SCORE_NEEDS.get(n, DEFAULT_NEEDS)}
+        return cols, any(DiversityStep.parse(d).kind == "pick" for d in self.diversity)

@@ -180,6 +180,11 @@ def scores_table(path: str, key: str, columns: tuple[str, ...]) -> None:
     missing = [c for c in columns if c not in names]
     if missing:
         raise UserError(f"{key}: {table}: no column {', '.join(missing)}")
+    nll = [c for c in columns if c.startswith("nll_")]
+    for c in nll:  # a scoring run without that model writes the column all null
+        col = pq.read_table(table, columns=[c]).column(0)
+        if len(col) and col.null_count == len(col):
+            raise UserError(f"{key}: {table}: {c} is empty (that scoring run had no such model)")
 
 
 def _pool(cfg: Any, pairs: bool = False) -> None:
@@ -257,6 +262,25 @@ def check_eval(cfg: Any) -> list[Path]:
     return [] if cfg.eval.out is None else [writable_dir(cfg.eval.out, "eval.out")]
 
 
+def _method_inputs(cfg: Any) -> None:
+    """Every pipeline method's score and filters read columns the scoring stage will write,
+    and an embedding diversity step has `scoring.embed`: found now, not after the reference."""
+    from davir_jax.core.selection import SelectionMethod
+
+    sc = cfg.scoring
+    have = {"nll_base", "nll_ref"} | ({"nll_proxy", "nll_proxy_alone"} if sc.proxy else set())
+    have |= {f"{'nll_ref' if m == 'reference' else 'nll_' + m}_alone" for m in sc.ifd}
+    for spec in cfg.pipeline.methods:
+        cols, embeds = SelectionMethod.parse(spec).needs()
+        if missing := sorted(cols - have):
+            raise UserError(
+                f"pipeline.methods: {spec!r} reads {', '.join(missing)}, which the scoring "
+                "stage will not write (set scoring.ifd, or scoring.proxy)"
+            )
+        if embeds and sc.embed is None:
+            raise UserError(f"pipeline.methods: {spec!r} needs embeddings: set scoring.embed=base")
+
+
 def check_pipeline(cfg: Any) -> list[Path]:
     pc, d = cfg.pipeline, cfg.data
     require(cfg, "pipeline", ["pipeline.out", "data.path", "model.source"])
@@ -269,6 +293,7 @@ def check_pipeline(cfg: Any) -> list[Path]:
     if "proxy" in (*sc.ifd, sc.embed) and sc.proxy is None:
         raise UserError("scoring.ifd or scoring.embed names the proxy but scoring.proxy is not set")
     tokenizer_fits(cfg.model.source, "model.source", (pc.reference, sc.proxy))
+    _method_inputs(cfg)
     _pool(cfg)
     for key in ("test", "val"):
         if getattr(pc, key) is not None:

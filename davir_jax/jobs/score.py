@@ -89,6 +89,7 @@ class _Shard:
     n_tokens: list[int] = dataclasses.field(default_factory=list)
     nll: list[float] = dataclasses.field(default_factory=list)
     embedding: list[np.ndarray] = dataclasses.field(default_factory=list)
+    embed_dim: int | None = None  # the model's hidden size when this shard holds embeddings
 
     def add(
         self, data: Any, batch: Batch, nll: np.ndarray, cnt: np.ndarray, *emb: np.ndarray
@@ -109,9 +110,12 @@ class _Shard:
             "n_tokens": pa.array(self.n_tokens, pa.int64()),
             "nll": pa.array(self.nll, pa.float64()),
         }
-        if self.embedding:
-            flat = pa.array(np.concatenate(self.embedding), pa.float32())
-            cols["embedding"] = pa.FixedSizeListArray.from_arrays(flat, len(self.embedding[0]))
+        if self.embed_dim is not None:  # also when this process had only filler rows here:
+            # every shard of the model has the column, so the merge can concatenate them
+            flat = np.concatenate(self.embedding) if self.embedding else np.zeros(0, np.float32)
+            cols["embedding"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(flat, pa.float32()), self.embed_dim
+            )
         table = pa.table(cols)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
@@ -323,15 +327,17 @@ def _score_pass(
         return
     models = resident.get(list(dict.fromkeys(names.values())))
     loaded = {name: models[m] for name, m in names.items()}
+    embed = [sc.embed] if sc.embed in names else []  # the prompted view's model only
     t0 = time.time()
     n_ex = n_tok = 0
     what = "score" + (" (responses alone)" if isinstance(data, ResponseAlone) else "")
     bar = progress_bar(len(plans), what, "batch", progress and pi == 0, first * k)
     for s in range(first, n_shards):
-        shards = {m: _Shard() for m in names}
+        shards = {
+            m: _Shard(embed_dim=loaded[m].arch.hidden_size if m in embed else None) for m in names
+        }
         batches = (b for _, b in data.batches(plans[: (s + 1) * k], pi, pc, start=s * k))
         bad: list[str] = []
-        embed = [sc.embed] if sc.embed in names else []  # the prompted view's model only
         for batch, nlls in stream_nll(loaded, batches, data.num_segments, sc.chunk, embed):
             for m in names:
                 # Checked before the shard is written: a NaN score must never be stored.
@@ -415,7 +421,8 @@ def _write_embeddings(out: Path, shards: pa.Table) -> None:
     if "embedding" not in shards.column_names:
         raise RuntimeError(f"{out}: the shards hold no embeddings (rescore with --overwrite)")
     col = shards.column("embedding").combine_chunks()
-    emb = col.values.to_numpy().reshape(len(col), col.type.list_size).astype(np.float32)
+    # flatten() honours the array's offset (values would not)
+    emb = col.flatten().to_numpy().reshape(len(col), col.type.list_size).astype(np.float32)
     buf = io.BytesIO()
     np.save(buf, emb, allow_pickle=False)
     write_atomic(out / EMBEDDINGS_FILE, buf.getvalue())

@@ -215,10 +215,23 @@ def _rank_pool(
 
 
 def record_text(record: str) -> str:
-    """The text a MinHash compares: a record's string values (not its keys, which every row
-    shares), in field order, one per line."""
-    obj = json.loads(record)
-    return "\n".join(v for v in obj.values() if isinstance(v, str))
+    """The text a MinHash compares: every string value of a record, nested ones included (a
+    chat record's `messages[i].content`), in order, one per line; not its keys, which every row
+    shares."""
+    parts: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(json.loads(record))
+    return "\n".join(parts)
 
 
 def pool_embeddings(f: Path, n: int) -> np.ndarray:
@@ -248,6 +261,9 @@ def _diversify(
             recs = table.column("record").take(ranked).to_pylist()
             o = step.options
             texts = [record_text(r) for r in recs]
+            if texts and not any(t.strip() for t in texts):
+                # All-empty texts would all be duplicates of the first: refuse, not keep one.
+                raise ValueError(f"{f}: the records hold no text for --diversity minhash")
             res = minhash_dedupe(
                 texts,
                 np.arange(len(ranked)),

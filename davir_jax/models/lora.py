@@ -110,9 +110,9 @@ def _born(fn: Any, shape: tuple[int, ...], axes: tuple[Any, ...], sharder: Any) 
 
 
 def apply_lora(model: Any, cfg: LoraConfig, key: jax.Array | int = 0) -> list[str]:
-    """Attach fresh adapters (A kaiming-uniform, B zero; float32 master values) to the
-    projections `cfg.targets` selects, in place; returns their paths. The model's output is
-    unchanged until B is trained (or restored)."""
+    """Attach fresh adapters (A kaiming-uniform, B zero; in the parameter dtype, `model.dtype`)
+    to the projections `cfg.targets` selects, in place; returns their paths. The model's output
+    is unchanged until B is trained (or restored)."""
     key = jax.random.key(key) if isinstance(key, int) else key
     paths = targeted(model, cfg)
     chosen = set(paths)
