@@ -199,7 +199,7 @@ def _check_out_dir(out: Path, scores_paths: list[Path]) -> None:
 
 
 def _rank_pool(
-    table: Any, ids: np.ndarray, method: str, seed: int, filters: Sequence[ScoreFilter], k: int
+    table: Any, ids: np.ndarray, method: str, seed: int, filters: Sequence[ScoreFilter]
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """(the pool's ranking: indices of the rows that pass every filter, best first by
     `method`; the `method` scores of all rows; what each filter removed)."""
@@ -298,7 +298,7 @@ def _select_pool(
     pool, f, table, manifest, name = loaded
     ids = table.column("example_id").to_numpy(zero_copy_only=False).astype(np.str_)
     k = pool.budget.resolve(len(ids))
-    ranked, score, filtered = _rank_pool(table, ids, method, seed, filters, k)
+    ranked, score, filtered = _rank_pool(table, ids, method, seed, filters)
     idx, div = _diversify(steps, ranked, k, f, table, score)
     selected = [
         {"example_id": str(ids[i]), "pool": name, "score": float(score[i]), "rank": r + 1}
