@@ -450,7 +450,7 @@ def _tool_commands(sub: Any) -> None:
         metavar="STEP",
         help="after ranking (repeatable, in order): minhash[:threshold=0.8] drops near-duplicate "
         "texts; threshold[:min_distance=0.1] (DEITA) or facility[:pool=N] (Superfiltering.D) "
-        "picks the budget on the scoring run's embeddings (score with --scoring.embed=base)",
+        "picks the budget on the embeddings the scoring run stored (its embed option)",
     )
     sel.set_defaults(fn=cmd_select)
     dg = sub.add_parser("diagnostics", help="length correlations, plots, top/bottom examples")
