@@ -374,7 +374,8 @@ def compute_scores(
         lacking = [c for c in SCORE_NEEDS.get(name, DEFAULT_NEEDS) if c not in cols.nll]
         if lacking:
             raise MissingScoreInput(
-                f"score {name} needs {', '.join(lacking)}: " + "; ".join(_HOW[c] for c in lacking)
+                f"score {name} needs {', '.join(lacking)}: "
+                + "; ".join(dict.fromkeys(_HOW[c] for c in lacking))
             )
     out = {}
     for name in names:
