@@ -159,10 +159,9 @@ def load_pool(
     table = read_scores(f)
     if table.column("nll_base").null_count:
         return None
+    have = available_scores(table)  # validates the whole table: once, not per score
     names = ["rho", "davir"] + [
-        s
-        for s in extra_scores
-        if s in available_scores(table) and s not in ("rho", "davir", "random")
+        s for s in extra_scores if s in have and s not in ("rho", "davir", "random")
     ]
     scores = compute_scores(table, names)
     records = [json.loads(r) for r in table.column("record").to_pylist()]
