@@ -30,11 +30,20 @@ setup(
         "matplotlib>=3.8",
         "scipy>=1.10",
         "tensorboardX>=2.6,<3",
+        # gs:// paths (core/storage.py); 2026.10 is the first gcsfs that fits fsspec 2026.9.
+        "fsspec>=2026.9",
+        "gcsfs>=2026.10,<2027",
     ],
     extras_require={
         # torch 2.13.0 is the CPU build from the machine's wheel store: a newer range resolves to a
         # multi-GB CUDA build. accelerate is what transformers' GGUF loader (our oracle) needs.
-        "test": ["pytest>=8", "torch==2.13.0", "accelerate>=1.0", "ruff>=0.6"],
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "accelerate>=1.0",
+            "ruff>=0.6",
+            "gcp-storage-emulator>=2026.7",  # a GCS API on loopback for the gs:// tests
+        ],
     },
     entry_points={"console_scripts": ["davir=davir_jax.cli:main"]},
 )

@@ -101,7 +101,9 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
         config = None
     user = _overrides(args, overrides)
     cfg = _started(load_config(config, user))
-    out = Path(cfg.pipeline.out or "runs/demo")
+    from davir_jax.core import storage
+
+    out = storage.upath(cfg.pipeline.out or "runs/demo")  # a local path or a URL (gs://)
     splits = None
     if cfg.data.path is None:
         try:

@@ -62,6 +62,10 @@ What it does, and why:
   falling back to copy + delete.  Note that ``mv`` on real GCS is not atomic
   across several objects either.
 
+* Sends ``x-goog-generation`` with media downloads, as GCS does (the emulator
+  omits it and tensorstore's conditional rewrite of an OCDBT manifest then fails
+  with "Malformed StorageGeneration").
+
 * Clears gcsfs's instance cache on entry and exit, so no filesystem object (and
   its directory-listing cache) leaks between emulators.
 
@@ -148,6 +152,37 @@ def _install_move_to_route() -> None:
     server.HANDLERS = ((regex, {server.POST: move_to}), *server.HANDLERS)
 
 
+def _install_generation_headers() -> None:
+    """Send ``x-goog-generation`` and ``x-goog-metageneration`` with every media download, as
+    GCS does. The emulator omits them; tensorstore (orbax's OCDBT checkpoints) reads an existing
+    ``manifest.ocdbt`` before rewriting it conditionally and then fails with "Malformed
+    StorageGeneration" (seen whenever one checkpoint's writes land in two commits)."""
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects.download, "_davir_generation", False):  # already added
+        return
+    original = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:
+            obj = None
+        if obj is not None:
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj["metageneration"])
+        return original(request, response, storage, *args, **kwargs)
+
+    download._davir_generation = True
+    objects.download = download  # `objects.get` (alt=media) calls it by this name
+    server.HANDLERS = tuple(
+        (regex, {m: (download if fn is original else fn) for m, fn in methods.items()})
+        for regex, methods in server.HANDLERS
+    )
+
+
 class _HTTPServer(http.server.HTTPServer):
     # gcsfs issues many requests concurrently (e.g. cat/find over many files);
     # the stdlib default backlog of 5 makes extra connects wait for SYN retries.
@@ -221,6 +256,7 @@ def gcs_emulator(project: str = "davir-test") -> Iterator[GCSEmulator]:
     from gcp_storage_emulator.storage import Storage
 
     _install_move_to_route()
+    _install_generation_headers()
     storage = Storage(use_memory_fs=True)
     httpd = _HTTPServer(("127.0.0.1", 0), functools.partial(RequestHandler, storage))
     url = f"http://127.0.0.1:{httpd.server_address[1]}"

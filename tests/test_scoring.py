@@ -283,23 +283,27 @@ def test_cpu_mesh_preset_through_the_cli_equals_one_device(tmp_path, models):
             np.testing.assert_allclose(two[k][col], one[k][col], rtol=1e-5)
 
 
-def test_killed_and_resumed_equals_uninterrupted(tmp_path, models):
-    root, _, _ = models
-    data = _write(tmp_path / "pool.jsonl", _rows(400, seed=4))
-    common = [
-        "--data",
-        str(data),
+def kill_resume_args(root: Path, cache: Path) -> list[str]:
+    """`davir score` options of the kill-and-resume tests: one batch of two rows per shard, so
+    a run writes many shards and can be killed between them."""
+    return [
         "--base",
         str(root / "base"),
         "--reference",
         str(root / "reference"),
-        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--data.cache_dir={cache}",
         "--data.batch_rows=2",
         "--data.max_len=64",
         "--data.pack=false",
         "--scoring.shard_batches=1",
         "-q",
     ]
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, models):
+    root, _, _ = models
+    data = _write(tmp_path / "pool.jsonl", _rows(400, seed=4))
+    common = ["--data", str(data), *kill_resume_args(root, tmp_path / "cache")]
     full = _cli(common + ["--out", str(tmp_path / "full")])
     assert full.wait(timeout=600) == 0, full.stdout.read().decode()
     out = tmp_path / "killed"

@@ -11,6 +11,11 @@ the old version or the whole new one, never a half-written file or folder:
 
 Everything published gets the modes a plain `open`/`mkdir` would give (`umask_mode`), not the
 private 0600/0700 of `tempfile`.
+
+A target may be a URL (`gs://...`, `core.storage`): an object store has no atomic rename, so a
+file is built in a local temp file and uploaded as one object (visible only once whole), and a
+folder is built locally, uploaded file by file, and committed by a marker written last
+(`storage.PUBLISHED`, which readers require: `storage.is_published`).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
+from davir_jax.core import storage
+
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Content hash of a file, streamed (data files, score tables)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.upath(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -64,8 +71,17 @@ def atomic_file(path: str | os.PathLike[str], fsync: bool = False) -> Iterator[I
 
     Written to a temp file in the same folder (same file system, so the final `os.replace` is
     atomic) and removed if the block raises. `fsync`: flush the data to disk before the rename,
-    for large files (weights) whose loss after a power cut would cost a long rebuild.
+    for large files (weights) whose loss after a power cut would cost a long rebuild. A URL
+    target: the temp file is local and uploaded as one object when the block ends.
     """
+    if storage.is_url(path):
+        with tempfile.TemporaryDirectory(prefix=".davir-upload-") as d:
+            local = Path(d) / "object"
+            with open(local, "wb") as f:
+                yield f
+            storage.upload(local, path)
+        return
+    storage.check_local(path)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
@@ -129,7 +145,11 @@ def _old_prefix(out: Path) -> str:
 
 def temp_dir(out: str | os.PathLike[str]) -> Path:
     """A new, empty folder next to `out` (creating `out`'s parent), to fill and then hand to
-    `publish_dir`; unique, so several processes may each build one for the same `out`."""
+    `publish_dir`; unique, so several processes may each build one for the same `out`. For a
+    URL `out`, a local temp folder."""
+    if storage.is_url(out):
+        return Path(tempfile.mkdtemp(prefix=".davir-publish-"))
+    storage.check_local(out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out), dir=out.parent))
@@ -144,13 +164,52 @@ def publish_dir(tmp: str | os.PathLike[str], out: str | os.PathLike[str]) -> Non
     a unique name, so concurrent publishers never collide) and deleted after the swap: a crash
     leaves the old or the new copy in place (the old one perhaps next to it as ``.old-<name>-*``,
     see `remove_leftovers`), never neither.
+
+    A URL `out` (object store): its marker is deleted first (readers stop trusting it), the old
+    objects next, then `tmp`'s files are uploaded and the marker written last; `tmp` is removed.
+    A crash leaves a folder without its marker, which readers refuse and a rerun replaces.
     """
+    if storage.is_url(out):
+        _publish_url(tmp, str(out))
+        return
     tmp, out = Path(tmp), Path(out)
     old = out.with_name(f"{_old_prefix(out)}{uuid.uuid4().hex}")
     with contextlib.suppress(FileNotFoundError):
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_url(tmp: Any, out: str) -> None:
+    """`publish_dir` to a URL, from a local folder or from another published URL folder (a
+    run's best epoch promoted to its model: copied object by object). The marker goes first
+    (readers stop trusting the folder), the new files overwrite the old ones (each object is
+    replaced whole), the old files the new set lacks are deleted, and the marker is written
+    last, with a new id. A source URL folder loses its marker before its other files."""
+    target = storage.upath(out)
+    fs = storage.filesystem(out)
+    src = storage.upath(tmp) if storage.is_url(tmp) else None
+    files = None if src is None else storage.published_files(src)
+    if src is not None and files is None:  # checked before `out` is touched
+        raise FileNotFoundError(f"{src}: not a published folder ({storage.PUBLISHED} missing)")
+    (target / storage.PUBLISHED).unlink(missing_ok=True)
+    if src is not None:
+        for rel in files:
+            with storage.named_errors(src / rel, "copying"):
+                fs.copy(str(src / rel), str(target / rel))
+    else:
+        tmp = Path(tmp)
+        files = sorted(f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file())
+        storage.upload_dir(tmp, out)
+    keep = set(files)
+    for rel in storage.list_files(target):
+        if rel not in keep:
+            (target / rel).unlink(missing_ok=True)
+    # A new id per publication: copies of the folder (`storage.local_copy`) are keyed by it.
+    write_json(target / storage.PUBLISHED, {"files": files, "id": uuid.uuid4().hex})
+    if storage.is_url(tmp):
+        (storage.upath(tmp) / storage.PUBLISHED).unlink(missing_ok=True)
+    storage.rmtree(tmp)
 
 
 @contextlib.contextmanager
@@ -171,7 +230,10 @@ def remove_leftovers(out: str | os.PathLike[str]) -> None:
 
     Only for a caller that is the one writer of `out` at this time: another process's build in
     progress would be deleted too.
+    On an object store (a URL), builds are local temp folders and there is nothing to clear.
     """
+    if storage.is_url(out):
+        return
     out = Path(out)
     for prefix in (_tmp_prefix(out), _old_prefix(out)):
         for stale in out.parent.glob(f"{prefix}*"):

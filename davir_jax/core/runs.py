@@ -23,6 +23,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from davir_jax.core import storage
 from davir_jax.core.errors import UserError
 from davir_jax.core.io import dumps_json, write_json
 from davir_jax.core.sharding import data_parallel_size
@@ -47,12 +48,18 @@ _HELD: dict[str, list[int]] = {}
 def lock_run_dir(out: str | os.PathLike[str], what: str = "davir job") -> None:
     """Take the advisory lock of run directory `out` (created if needed) or raise
     `RunLockedError` at once naming the holder (pid, host, start time, command). Re-entrant
-    within a process; `unlock_run_dir` releases one level."""
-    out = Path(out)
-    key = os.path.realpath(out)
+    within a process; `unlock_run_dir` releases one level.
+
+    A URL (an object store) has no advisory lock: only this process's nesting is tracked, and
+    one job per run directory in a bucket is the user's to ensure (the README says so)."""
+    key = _lock_key(out)
     if key in _HELD:
         _HELD[key][1] += 1
         return
+    if storage.is_url(out):
+        _HELD[key] = [-1, 1]
+        return
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -90,19 +97,25 @@ def lock_run_dir(out: str | os.PathLike[str], what: str = "davir job") -> None:
 def unlock_run_dir(out: str | os.PathLike[str]) -> None:
     """Release one level of this process's lock on `out` (the file stays: removing it would let
     a waiting process lock a file that a third one no longer sees)."""
-    key = os.path.realpath(out)
+    key = _lock_key(out)
     held = _HELD.get(key)
     if held is None:
         return
     held[1] -= 1
     if held[1] == 0:
         del _HELD[key]
+        if held[0] < 0:  # a URL: nothing was locked
+            return
         fcntl.flock(held[0], fcntl.LOCK_UN)
         os.close(held[0])
 
 
+def _lock_key(out: str | os.PathLike[str]) -> str:
+    return str(out).rstrip("/") if storage.is_url(out) else os.path.realpath(out)
+
+
 def holds_lock(out: str | os.PathLike[str]) -> bool:
-    return os.path.realpath(out) in _HELD
+    return _lock_key(out) in _HELD
 
 
 @contextlib.contextmanager
@@ -115,18 +128,20 @@ def locked_run_dir(out: str | os.PathLike[str], what: str = "davir job") -> Iter
         unlock_run_dir(out)
 
 
-def _clear_dir(out: Path) -> None:
+def _clear_dir(out: Any) -> None:
     """Remove everything in `out` except its lock file (held by this process)."""
     for p in out.iterdir():
         if p.name == LOCK_FILE:
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+        if isinstance(p, Path) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)  # local: a folder that cannot be removed is an error, as before
+        elif not isinstance(p, Path) and p.is_dir():
+            storage.rmtree(p)
         else:
             p.unlink()
 
 
-def _contents(out: Path) -> list[Path]:
+def _contents(out: Any) -> list[Any]:
     return [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
 
 
@@ -147,11 +162,12 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def claim_run_dir(out: Path, identity: dict[str, Any], overwrite: bool, what: str) -> None:
-    """Make `out` this run's directory: keep it if it holds the same run (resume), refuse it if
-    it holds another run or anything else, unless `overwrite` (then start afresh). Process 0
-    decides, holding the directory's lock (taken here unless the job already holds it); every
-    process returns only once it has."""
+def claim_run_dir(out: Any, identity: dict[str, Any], overwrite: bool, what: str) -> None:
+    """Make `out` (a local path or URL) this run's directory: keep it if it holds the same run
+    (resume), refuse it if it holds another run or anything else, unless `overwrite` (then start
+    afresh). Process 0 decides, holding the directory's lock (taken here unless the job already
+    holds it); every process returns only once it has."""
+    out = storage.upath(out)
     run_file = out / RUN_FILE
     if jax.process_index() == 0:
         if not holds_lock(out):

@@ -48,9 +48,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from davir_jax.core import registry
+from davir_jax.core import registry, storage
 
 SCORES_FILE = "scores.parquet"
 MANIFEST_FILE = "manifest.json"  # beside the table: what the scoring run was
@@ -386,9 +385,9 @@ def compute_scores(
     return out
 
 
-def scores_file(path: str | Path) -> Path:
-    """`path` itself if it is a file, else `path/scores.parquet`."""
-    p = Path(path)
+def scores_file(path: str | Path) -> Any:
+    """`path` itself if it is a file, else `path/scores.parquet` (a local path or URL)."""
+    p = storage.upath(path)
     return p / SCORES_FILE if p.is_dir() else p
 
 
@@ -402,10 +401,10 @@ def read_scores(path: str | Path, columns: Iterable[str] | None = None) -> pa.Ta
     if not f.is_file():
         raise FileNotFoundError(f"no scores file at {f}")
     try:
-        schema = pq.read_schema(f)
+        schema = storage.read_parquet_schema(f)
     except Exception as e:  # pyarrow raises several types for a non-parquet file
         raise ValueError(f"{f} is not a readable parquet file: {e}") from e
     missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
     if missing:
         raise ValueError(f"{f} lacks required column(s) {missing}; has {schema.names}")
-    return pq.read_table(f, columns=list(columns) if columns is not None else None)
+    return storage.read_parquet(f, columns=list(columns) if columns is not None else None)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from davir_jax.core import storage
 from davir_jax.core.fingerprints import tokenizer_fingerprint
 from davir_jax.core.io import dumps_json, file_sha256, progress_bar, write_atomic
 from davir_jax.data import batching
@@ -38,6 +40,7 @@ from davir_jax.data.storage import (
     TokenizedStore,
     build_part,
     part_complete,
+    part_name,
     store_dir,
     wait_for_parts,
 )
@@ -248,11 +251,15 @@ def prepare(
     Raises `DataError` in strict mode if any row was skipped, naming the first location.
     """
     fields = store_fields(cfg, tokenizer, pairs)
-    directory = store_dir(cfg.cache_dir, fields["source"], fields)
-    if not part_complete(directory, process_index, process_count):
-        _tokenize_part(
-            cfg, tokenizer, fields, directory, process_index, process_count, progress, pairs
-        )
+    remote = storage.is_url(cfg.cache_dir)
+    root = storage.mirror_dir(cfg.cache_dir, "tokens") if remote else cfg.cache_dir
+    directory = store_dir(root, fields["source"], fields)
+    url = f"{str(cfg.cache_dir).rstrip('/')}/{directory.name}" if remote else None
+    pi, pc = process_index, process_count
+    if not part_complete(directory, pi, pc) and not _fetch_part(url, directory, pi, pc, 0):
+        _tokenize_part(cfg, tokenizer, fields, directory, pi, pc, progress, pairs)
+    if url is not None:
+        _share_parts(url, directory, pi, pc, wait_timeout_s)
     wait_for_parts(directory, process_count, timeout_s=wait_timeout_s)
     store = TokenizedStore(directory, num_parts=process_count)
     log = SkipLog()
@@ -274,6 +281,38 @@ def prepare(
         # examples, scoring would merge no shards): one error naming the file and why.
         raise no_examples_error(cfg.path, log)
     return TokenizedData(cfg, store, fields, log, directory)
+
+
+def _fetch_part(url: str | None, directory: Path, part: int, num_parts: int, wait_s: float) -> bool:
+    """Copy part `part` of a token cache in a bucket (`data.cache_dir` a URL) into its local
+    mirror `directory`, waiting up to `wait_s` seconds for a host to publish it; whether it was
+    there. array_record files are read from local disk only, so each host keeps a copy."""
+    if url is None:
+        return False
+    remote = f"{url}/{part_name(part, num_parts)}"
+    deadline = time.monotonic() + wait_s
+    while not storage.is_published(remote):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+    storage.download_published(remote, directory / part_name(part, num_parts))
+    return True
+
+
+def _share_parts(url: str, directory: Path, pi: int, pc: int, wait_s: float) -> None:
+    """A token cache in a bucket: publish this process's part unless the bucket has it (also
+    when the local copy was complete before: a host killed before its upload finishes it on the
+    rerun), then fetch every part the local mirror lacks, waiting for the hosts to publish
+    them."""
+    own = f"{url}/{part_name(pi, pc)}"
+    if not storage.is_published(own):
+        storage.publish_copy(directory / part_name(pi, pc), own)
+    for p in range(pc):
+        if not part_complete(directory, p, pc) and not _fetch_part(url, directory, p, pc, wait_s):
+            raise TimeoutError(
+                f"{url}/{part_name(p, pc)}: not published after {wait_s:g}s (process {p} of "
+                f"{pc} tokenizes and publishes it)"
+            )
 
 
 def _tokenize_part(
@@ -358,7 +397,7 @@ def _write_manifest(
     """The data set's own manifest: what it holds and what could not be used, and where."""
     manifest = {
         "fields": fields,
-        "path": str(Path(cfg.path).resolve()),
+        "path": storage.resolved(cfg.path),
         "n_examples": len(store),
         **({"n_pairs": len(store) // 2} if pairs else {}),  # a pair is stored as two examples
         "n_tokens": int(store.lengths.sum()),

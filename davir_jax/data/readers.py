@@ -24,6 +24,7 @@ File types: `.jsonl` (also `.jsonl.gz`), `.json` (a list of objects, or JSON lin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -33,8 +34,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from davir_jax.core import storage
 from davir_jax.data.skips import DataError, SkipLog
 
 SFT_FORMATS = ("prompt_response", "alpaca", "gsm8k", "chat")
@@ -120,8 +120,8 @@ class RawRow:
     value: dict[str, Any]
 
 
-def _is_json_list(path: Path) -> bool:
-    with open(path, "rb") as f:
+def _is_json_list(path: Any) -> bool:
+    with path.open("rb") as f:
         head = f.read(4096).lstrip()
     return head.startswith(b"[")
 
@@ -129,9 +129,10 @@ def _is_json_list(path: Path) -> bool:
 def iter_rows(
     path: str | Path, log: SkipLog, part: int = 0, num_parts: int = 1
 ) -> Iterator[RawRow]:
-    """Stream rows of a local file; rows with `row % num_parts != part` are not parsed (another
-    process owns them), so each bad row is counted exactly once across processes."""
-    path = Path(path)
+    """Stream rows of a local file or URL (`gs://`, `core.storage`: read in ranges as the rows
+    are parsed, never downloaded whole); rows with `row % num_parts != part` are not parsed
+    (another process owns them), so each bad row is counted exactly once across processes."""
+    path = storage.upath(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     name = path.name
@@ -147,10 +148,9 @@ def iter_rows(
         )
 
 
-def _iter_jsonl(path: Path, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
+def _iter_jsonl(path: Any, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
     gz = path.name.endswith(".gz")
-    opener = gzip.open if gz else open
-    with opener(path, "rb") as f:
+    with path.open("rb") as raw_file, gzip.open(raw_file) if gz else raw_file as f:
         row = -1
         offset = 0  # of the line's first byte in the (decompressed) file
         for lineno, raw in enumerate(f, start=1):
@@ -197,8 +197,9 @@ def _json_error(line: str, e: json.JSONDecodeError) -> str:
     return detail
 
 
-def _iter_json_list(path: Path, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
-    blob = path.read_bytes()
+def _iter_json_list(path: Any, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
+    with path.open("rb") as f:
+        blob = f.read()
     try:
         data = json.loads(blob.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -222,19 +223,19 @@ def _iter_json_list(path: Path, log: SkipLog, part: int, num_parts: int) -> Iter
         yield RawRow(row, loc, json.dumps(value, ensure_ascii=False), value)
 
 
-def _iter_parquet(path: Path, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
-
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a bad file
-        raise DataError(f"{path}: cannot read parquet ({e})") from e
-    row = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for value in batch.to_pylist():
-            if row % num_parts == part:
-                text = json.dumps(value, ensure_ascii=False, default=str)
-                yield RawRow(row, f"{path}:row {row}", text, value)
-            row += 1
+def _iter_parquet(path: Any, log: SkipLog, part: int, num_parts: int) -> Iterator[RawRow]:
+    with contextlib.ExitStack() as stack:
+        try:
+            pf = stack.enter_context(storage.parquet_file(path))
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: cannot read parquet ({e})") from e
+        row = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for value in batch.to_pylist():
+                if row % num_parts == part:
+                    text = json.dumps(value, ensure_ascii=False, default=str)
+                    yield RawRow(row, f"{path}:row {row}", text, value)
+                row += 1
 
 
 # -- formats -----------------------------------------------------------------------------------
@@ -490,7 +491,7 @@ def _resolve(
         probe_log = SkipLog()
         probe = next(iter_rows(path, probe_log), None)
         if probe is None:
-            raise DataError(_no_row_reason(Path(path), probe_log))
+            raise DataError(_no_row_reason(storage.upath(path), probe_log))
         try:
             fmt = detect_format(probe.value)
         except DataError as e:
@@ -507,10 +508,10 @@ def _resolve(
     return fmt, f, rows
 
 
-def _no_row_reason(path: Path, probe: SkipLog) -> str:
+def _no_row_reason(path: Any, probe: SkipLog) -> str:
     """Why a file has no row to detect the format from: empty, not UTF-8, or every row bad."""
     if not probe.total:
-        what = "an empty file" if path.stat().st_size == 0 else "no rows (only blank lines)"
+        what = "an empty file" if storage.size(path) == 0 else "no rows (only blank lines)"
         if path.name.endswith(".gz"):
             what = "no rows (its decompressed data is empty or blank)"
         elif path.name.endswith(".parquet"):
@@ -521,7 +522,7 @@ def _no_row_reason(path: Path, probe: SkipLog) -> str:
     counts = ", ".join(f"{n} {r}" for r, n in sorted(probe.skipped.items()))
     if "invalid_utf8" in probe.skipped:
         # (A UTF-16 file splits into "lines" at its 0x0a bytes; some may decode as junk JSON.)
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             bom = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
         first = probe.where["invalid_utf8"][0].removeprefix(f"{path}:")
         return f"{path}: not UTF-8 text ({counts}); first bad byte on line {first}" + (

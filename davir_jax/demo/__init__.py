@@ -23,6 +23,7 @@ import json
 import random
 from pathlib import Path
 
+from davir_jax.core import storage
 from davir_jax.core.io import dumps_json, write_atomic
 
 DATA_FILE = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
@@ -82,7 +83,7 @@ def write_splits(
     for name in parts:
         if name != "pool":
             parts[name] = [{**r, "quality": "original"} for r in parts[name]]
-    out = Path(out_dir)
+    out = storage.upath(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, part in parts.items():

@@ -24,15 +24,16 @@ import functools
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import pyarrow.parquet as pq
 from jax._src import distributed
 from jax.experimental import multihost_utils
 
+from davir_jax.core import storage
 from davir_jax.core.errors import UserError
 from davir_jax.core.runs import RunLockedError, check_batch_rows, lock_run_dir, unlock_run_dir
 from davir_jax.core.sharding import mesh_from_config, use_cpu_devices
@@ -58,7 +59,10 @@ def require(cfg: Any, job: str, keys: list[str]) -> None:
 
 
 def writable_dir(path: str | os.PathLike[str], key: str) -> Path:
-    """Create directory `path` if needed and prove it writable with a temporary file."""
+    """Create directory `path` if needed and prove it writable with a temporary file (a URL:
+    with a small probe object, written and deleted)."""
+    if storage.is_url(path):
+        return _writable_url(path, key)
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -80,9 +84,31 @@ def writable_dir(path: str | os.PathLike[str], key: str) -> Path:
     return p
 
 
-def input_path(path: str | os.PathLike[str], key: str, want: str = "file") -> Path:
+def token_cache_dir(path: str) -> Any:
+    """`data.cache_dir`: a writable folder. A URL: the bucket is writable and so is the local
+    mirror the array_record files are built in and read from (`storage.mirror_dir`: their
+    reader opens local files only)."""
+    if storage.is_url(path):
+        writable_dir(storage.mirror_dir(path, "tokens"), "data.cache_dir (its local mirror)")
+    return writable_dir(path, "data.cache_dir")
+
+
+def _writable_url(path: Any, key: str) -> Any:
+    p = storage.upath(path)
+    probe = p / f".davir-probe-{uuid.uuid4().hex}"
+    try:
+        probe.write_text("")
+        probe.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"{key}: cannot write to {p}: {e}") from None
+    return p
+
+
+def input_path(path: str | os.PathLike[str], key: str, want: str = "file") -> Any:
     """`path` exists (a file, or a directory with `want="dir"`, or either with `want="any"`)
     and is readable."""
+    if storage.is_url(path):
+        return _input_url(path, key, want)
     p = Path(path)
     if not p.exists():
         raise UserError(f"{key}: {p}: no such file or directory")
@@ -92,6 +118,21 @@ def input_path(path: str | os.PathLike[str], key: str, want: str = "file") -> Pa
         raise UserError(f"{key}: {p} is not a directory")
     if not os.access(p, os.R_OK):
         raise UserError(f"{key}: {p} is not readable")
+    return p
+
+
+def _input_url(path: Any, key: str, want: str) -> Any:
+    p = storage.upath(path)
+    try:
+        is_dir = p.is_dir()
+        if not is_dir and not p.exists():
+            raise FileNotFoundError(f"{p}: {storage._missing(str(p))}")
+    except OSError as e:
+        raise UserError(f"{key}: {e}") from None
+    if want == "file" and is_dir:
+        raise UserError(f"{key}: {p} is a directory, not a file")
+    if want == "dir" and not is_dir:
+        raise UserError(f"{key}: {p} is not a directory")
     return p
 
 
@@ -116,7 +157,7 @@ def data_file(
         msg = str(e)
         raise DataError(msg if msg.startswith(f"{key}:") else f"{key}: {msg}") from None
     except OSError as e:
-        raise UserError(f"{key}: cannot read {path} ({e.strerror})") from None
+        raise UserError(f"{key}: cannot read {path} ({e.strerror or e})") from None
     raise no_examples_error(path, log)
 
 
@@ -142,7 +183,7 @@ def tokenizer_fits(source: str, key: str, models: tuple[str | None, ...] = ()) -
 
 def selection(sel: str, cfg: Any, key: str = "train.selection") -> None:
     """A `davir select` output: its manifest parses and names pools whose files are usable."""
-    p = Path(sel)
+    p = storage.upath(sel)
     manifest_path = p / "manifest.json" if p.is_dir() else p
     if not manifest_path.is_file():
         raise UserError(f"{key}: {sel}: no selection manifest.json (write one with davir select)")
@@ -174,7 +215,7 @@ def scores_table(path: str, key: str, columns: tuple[str, ...]) -> None:
     if not table.is_file():
         raise UserError(f"{key}: {p}: no scores.parquet (a davir score output directory)")
     try:
-        names = set(pq.read_schema(table).names)
+        names = set(storage.read_parquet_schema(table).names)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise UserError(f"{key}: {table}: not a readable parquet table ({e})") from None
     missing = [c for c in columns if c not in names]
@@ -182,7 +223,7 @@ def scores_table(path: str, key: str, columns: tuple[str, ...]) -> None:
         raise UserError(f"{key}: {table}: no column {', '.join(missing)}")
     nll = [c for c in columns if c.startswith("nll_")]
     for c in nll:  # a scoring run without that model writes the column all null
-        col = pq.read_table(table, columns=[c]).column(0)
+        col = storage.read_parquet(table, columns=[c]).column(0)
         if len(col) and col.null_count == len(col):
             raise UserError(f"{key}: {table}: {c} is empty (that scoring run had no such model)")
 
@@ -198,7 +239,7 @@ def _pool(cfg: Any, pairs: bool = False) -> None:
 def _outputs(out: str, key: str, cfg: Any) -> list[Path]:
     """The job's output directory and the data cache, both writable; the output to lock."""
     locked = writable_dir(out, key)
-    writable_dir(cfg.data.cache_dir, "data.cache_dir")
+    token_cache_dir(cfg.data.cache_dir)
     return [locked]
 
 
@@ -221,7 +262,7 @@ def check_score(cfg: Any) -> list[Path]:
     )
     _pool(cfg)
     out = writable_dir(sc.out, "scoring.out")
-    writable_dir(cfg.data.cache_dir, "data.cache_dir")
+    token_cache_dir(cfg.data.cache_dir)
     return [out]
 
 
@@ -258,7 +299,7 @@ def check_eval(cfg: Any) -> list[Path]:
     model_source(cfg.model.source, "model.source")
     tokenizer_fits(cfg.model.source, "model.source")
     _pool(cfg)
-    writable_dir(cfg.data.cache_dir, "data.cache_dir")
+    token_cache_dir(cfg.data.cache_dir)
     return [] if cfg.eval.out is None else [writable_dir(cfg.eval.out, "eval.out")]
 
 
@@ -305,7 +346,7 @@ def check_pipeline(cfg: Any) -> list[Path]:
             raise UserError(f"pipeline.extra_pools[{i}]: {spec!r} is not NAME=FILE")
         data_file(file, f"pipeline.extra_pools[{i}] ({name})")
     out = writable_dir(pc.out, "pipeline.out")
-    writable_dir(d.cache_dir, "data.cache_dir")
+    token_cache_dir(d.cache_dir)
     return [out]
 
 

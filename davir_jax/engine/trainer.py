@@ -29,7 +29,9 @@ import functools
 import io
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 
+from davir_jax.core import storage
 from davir_jax.core.errors import UserError
 from davir_jax.core.io import (
     dumps_json,
@@ -70,7 +73,7 @@ from davir_jax.models.loading import (
     save_lora,
     save_model,
 )
-from davir_jax.models.lora import apply_lora, has_lora
+from davir_jax.models.lora import apply_lora, has_lora, seed_dropout
 
 if TYPE_CHECKING:  # the whole config is joined above this floor; the trainer reads its sections
     from davir_jax.config import Config
@@ -171,6 +174,11 @@ def sft_objective(chunk: int = LM_HEAD_CHUNK) -> Objective:
     return Objective("sft", fn, _BATCH_KEYS)
 
 
+# Folded into `key(dropout_seed)` first, so dropout masks do not reuse the stream that
+# initialised the adapters (`apply_lora(model, cfg, key(seed))` folds in small indices).
+DROPOUT_STREAM = 0x64726F70  # "drop"
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -179,9 +187,10 @@ def make_train_step(
     mesh: Mesh | None = None,
     frozen: tuple[nnx.GraphDef, Any] | None = None,
     fixed: Any | None = None,
+    dropout_seed: int | None = None,
 ) -> Any:
-    """Jitted `((params, opt_state), batch[, fixed_params][, frozen_params]) -> ((params,
-    opt_state), metrics)`.
+    """Jitted `((params, opt_state), batch[, fixed_params][, frozen_params][, step]) ->
+    ((params, opt_state), metrics)`.
 
     `batch` holds `[accum, rows, ...]` arrays; the micro-batches run in a `lax.scan` and the
     gradients of the summed loss are divided once by the global `denom` (tokens for SFT, pairs
@@ -193,8 +202,10 @@ def make_train_step(
     donated) and the batch is split over the data-parallel axes. `fixed` (the shardings of the
     model's untrained parameters, or True without a mesh) adds them as an argument after the
     batch: only `params` get gradients and optimizer state (LoRA: the adapters train, the base
-    stays). `frozen = (graphdef, shardings)` adds a frozen model's parameters as the last
-    argument (an in-step reference).
+    stays). `frozen = (graphdef, shardings)` adds a frozen model's parameters (an in-step
+    reference). `dropout_seed` (LoRA dropout) adds the step's index `s` (int32) as the last
+    argument: micro-batch `i` draws its masks from `fold_in(fold_in(fold_in(key(dropout_seed),
+    DROPOUT_STREAM), s), i)`, so a resumed run draws what an uninterrupted one does.
     """
     if isinstance(objective, int):
         objective = sft_objective(objective)
@@ -202,12 +213,11 @@ def make_train_step(
 
     def step(state: tuple[nnx.State, Any], batch: dict[str, jax.Array], *extra: Any):
         params, opt_state = state
-        fixed_params = extra[0] if fixed is not None else None
-        frozen_params = extra[-1] if frozen is not None else None
+        fixed_params, frozen_params, key = _step_extras(extra, fixed, frozen, dropout_seed)
         # The untrained parameters are cast once per step too, outside the gradient.
         compute, fixed_c = _compute_copies(graphdef, params, fixed_params)
         g, loss_sum, n, aux, bad = _accumulate(
-            grad_fn, compute, batch, (frozen_params, fixed_c), objective.aux
+            grad_fn, compute, batch, (frozen_params, fixed_c), objective.aux, key
         )
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
@@ -227,14 +237,39 @@ def make_train_step(
     if mesh is None or shardings is None:
         return jax.jit(step, donate_argnums=0)
     extra_sh = (() if fixed is None else (fixed,)) + (() if frozen is None else (frozen[1],))
+    extra_sh += () if dropout_seed is None else (NamedSharding(mesh, P()),)
     return _jit_sharded(step, objective, shardings, mesh, extra_sh)
 
 
-def _grad_fn(graphdef: nnx.GraphDef, objective: Objective, frozen_def: Any) -> Callable:
-    """`(params, micro, frozen_params, fixed_params) -> ((loss_sum, (denom, aux, bad)), grads)`:
-    the objective's value and its gradient with respect to `params` alone."""
+def _step_extras(
+    extra: tuple, fixed: Any, frozen: Any, dropout_seed: int | None
+) -> tuple[Any, Any, jax.Array | None]:
+    """(untrained parameters, frozen reference parameters, dropout key), each None when the
+    step does not take it, from the step's arguments after the batch (`make_train_step`)."""
+    extra = list(extra)
+    key = None
+    if dropout_seed is not None:
+        key = jax.random.fold_in(jax.random.key(dropout_seed), DROPOUT_STREAM)
+        key = jax.random.fold_in(key, extra.pop())
+    fixed_params = extra[0] if fixed is not None else None
+    frozen_params = extra[-1] if frozen is not None else None
+    return fixed_params, frozen_params, key
 
-    def sums(params: nnx.State, micro: dict[str, jax.Array], frozen_params: Any, fixed_params):
+
+def _grad_fn(graphdef: nnx.GraphDef, objective: Objective, frozen_def: Any) -> Callable:
+    """`(params, micro, frozen_params, fixed_params[, key]) -> ((loss_sum, (denom, aux, bad)),
+    grads)`: the objective's value and its gradient with respect to `params` alone (`key`: the
+    micro-batch's dropout key)."""
+
+    def sums(
+        params: nnx.State,
+        micro: dict[str, jax.Array],
+        frozen_params: Any,
+        fixed_params: Any,
+        key: jax.Array | None = None,
+    ):
+        if key is not None:  # this micro-batch's dropout masks (LoRA)
+            fixed_params = seed_dropout(fixed_params, key)
         model = nnx.merge(graphdef, params, *(() if fixed_params is None else (fixed_params,)))
         ref = None
         if frozen_params is not None:
@@ -256,21 +291,32 @@ def _compute_copies(graphdef: nnx.GraphDef, params: Any, fixed: Any) -> tuple[An
 
 
 def _accumulate(
-    grad_fn: Callable, params: Any, batch: dict[str, jax.Array], others: tuple, aux: tuple
+    grad_fn: Callable,
+    params: Any,
+    batch: dict[str, jax.Array],
+    others: tuple,
+    aux: tuple,
+    key: jax.Array | None = None,
 ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array], jax.Array]:
     """Sum the loss, its denominator, the aux sums and the float32 gradient over the
     micro-batches `[accum, ...]` of `batch` in a `lax.scan`; returns them with `bad`.
-    `others`: `grad_fn`'s arguments after the micro-batch (not differentiated)."""
+    `others`: `grad_fn`'s arguments after the micro-batch (not differentiated); `key`: the
+    step's dropout key, folded with each micro-batch's index."""
 
-    def micro_step(carry, micro):
+    def micro_step(carry, xs):
+        micro, i = xs
+        if key is not None:
+            others_i = (*others, jax.random.fold_in(key, i))
+        else:
+            others_i = others
         g_acc, l_acc, n_acc, aux_acc = carry
         # A micro-batch of padding rows only (a step of a batch stated in examples or tokens
         # that needs fewer rows than the run's fixed count) costs nothing: XLA runs one branch
         # of a cond, so the shapes stay fixed without computing the filler.
-        shapes = jax.eval_shape(grad_fn, params, micro, *others)
+        shapes = jax.eval_shape(grad_fn, params, micro, *others_i)
         (loss_sum, (denom, aux, bad)), g = jax.lax.cond(
             jnp.any(micro["segment_ids"] > 0),
-            lambda: grad_fn(params, micro, *others),
+            lambda: grad_fn(params, micro, *others_i),
             lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
         )
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
@@ -279,7 +325,9 @@ def _accumulate(
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     aux0 = {k: jnp.zeros((), jnp.float32) for k in aux}
-    (g, loss_sum, n, aux_sums), bad = jax.lax.scan(micro_step, (zeros, 0.0, 0.0, aux0), batch)
+    index = jnp.arange(jax.tree.leaves(batch)[0].shape[0], dtype=jnp.int32)
+    carry0 = (zeros, 0.0, 0.0, aux0)
+    (g, loss_sum, n, aux_sums), bad = jax.lax.scan(micro_step, carry0, (batch, index))
     return g, loss_sum, n, aux_sums, bad
 
 
@@ -491,10 +539,12 @@ def step_batch(
     return {k: jax.make_array_from_process_local_data(sh, v) for k, v in host.items()}
 
 
-def _manager(directory: Path, keep: int) -> Any:
-
+def _manager(directory: Any, keep: int) -> Any:
+    """Orbax's manager of `directory` (a local path, or a URL that orbax writes itself: gs://
+    through tensorstore, with its own commit protocol)."""
+    where = str(directory) if storage.is_url(directory) else Path(directory).absolute()
     return ocp.CheckpointManager(
-        directory.absolute(),
+        where,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True
         ),
@@ -551,10 +601,15 @@ def abstract_arrays(tree: Any, shardings: Any) -> Any:
 
 class Metrics:
     """metrics.jsonl (truncated to the resumed step, so it holds one consistent history) and
-    TensorBoard scalars (tensorboardX: event files without TensorFlow). Process 0 only."""
+    TensorBoard scalars (tensorboardX: event files without TensorFlow). Process 0 only.
 
-    def __init__(self, out: Path, resume_step: int, enabled: bool) -> None:
-        self.enabled = enabled
+    An object store cannot append: with a URL `out`, both are written to a local folder and
+    uploaded (metrics.jsonl as one object, the event files each as one) by `sync`, which the
+    loop calls with every checkpoint and at the end, so the bucket's history matches its
+    checkpoints."""
+
+    def __init__(self, out: Any, resume_step: int, enabled: bool) -> None:
+        self.enabled, self.out = enabled, out
         self.path = out / METRICS_FILE
         self.tb = None
         if not enabled:
@@ -564,10 +619,23 @@ class Metrics:
             for line in self.path.read_text().splitlines():
                 if line.strip() and json.loads(line)["step"] <= resume_step:
                     kept.append(line)
-        write_atomic(self.path, "".join(k + "\n" for k in kept))
-        self.file = open(self.path, "a")
+        self.spool = None
+        local = self.path
+        if storage.is_url(out):
+            self.spool = Path(tempfile.mkdtemp(prefix=".davir-metrics-"))
+            local = self.spool / METRICS_FILE
+        write_atomic(local, "".join(k + "\n" for k in kept))
+        self.file = open(local, "a")
+        tb = out / "tb" if self.spool is None else self.spool / "tb"
+        self.tb = SummaryWriter(str(tb), purge_step=resume_step + 1)
 
-        self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step + 1)
+    def sync(self) -> None:
+        """Upload the local copies (a URL `out` only)."""
+        if not self.enabled or self.spool is None:
+            return
+        self.file.flush()
+        self.tb.flush()
+        storage.upload_dir(self.spool, self.out)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -580,8 +648,11 @@ class Metrics:
 
     def close(self) -> None:
         if self.enabled:
+            self.sync()
             self.file.close()
             self.tb.close()
+            if self.spool is not None:
+                shutil.rmtree(self.spool, ignore_errors=True)
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
@@ -626,6 +697,8 @@ _NOT_IDENTITY = (
 def run_identity(cfg: Config, data_identity: dict[str, Any], total_steps: int) -> dict[str, Any]:
     lo = cfg.model.lora  # as run.json reads back (a list, not a tuple)
     lora = {} if lo is None else {"lora": {**to_dict(lo), "targets": list(lo.targets)}}
+    if lora and lo.quantize_base is None:  # added later: runs from before it still resume
+        del lora["lora"]["quantize_base"]
     return {
         "model": model_fingerprint(cfg.model.source),
         **lora,
@@ -739,7 +812,7 @@ def _patience_spent(losses: list[float], patience: int | None) -> bool:
 def _begin_run(cfg: Config, job: Job, say: Callable[..., None]) -> tuple[Path, int]:
     """Count the run's steps, refuse or warn about too few, claim the run directory and write
     `steps.json`: everything decided before a model is loaded. Returns (out, total steps)."""
-    tc, plan, out = cfg.train, job.steps, Path(cfg.train.out)
+    tc, plan, out = cfg.train, job.steps, storage.upath(cfg.train.out)
     if plan.n_steps == 0:
         raise ValueError("no training batches: the data set is empty after skipping bad rows")
     total = plan.n_steps if tc.max_steps is None else min(plan.n_steps, tc.max_steps)
@@ -937,9 +1010,11 @@ class _Loop:
         if validated and tc.keep_best:
             best = out / BEST_DIR
             if self.primary:
-                if best.is_dir():
+                # On a bucket a folder exists as soon as any object does: only a complete
+                # (published) copy counts.
+                if storage.is_published(best):
                     publish_dir(best, out / "model")
-                elif not (out / "model").is_dir():
+                elif not storage.is_published(out / "model"):
                     raise TrainRunError(
                         f"{best}: the best epoch's model is missing; use --overwrite to start again"
                     )
@@ -975,8 +1050,10 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     if job.frozen is not None:
         frozen_sh = (job.frozen[0], state_shardings(job.frozen[1], mesh))
     fixed_sh = None if run.fixed is None else state_shardings(run.fixed, mesh)
+    lora = cfg.model.lora
+    dropout_seed = cfg.seed if lora is not None and lora.dropout > 0 else None
     train_step = make_train_step(
-        run.graphdef, run.tx, job.objective, run.shardings, mesh, frozen_sh, fixed_sh
+        run.graphdef, run.tx, job.objective, run.shardings, mesh, frozen_sh, fixed_sh, dropout_seed
     )
     extra = () if run.fixed is None else (run.fixed,)
     extra += () if job.frozen is None else (job.frozen[1],)
@@ -986,7 +1063,8 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
     while run.step < total and not run.stopped:
         epoch, _ = job.steps.locate(run.step)
         plans = job.steps.step(run.step)
-        run.state, mt = train_step(run.state, job.batch(plans), *extra)
+        step_index = () if dropout_seed is None else (np.int32(run.step),)
+        run.state, mt = train_step(run.state, job.batch(plans), *extra, *step_index)
         run.step += 1
         run.check()
         run.pending = (run.step, plans, mt)
@@ -1006,6 +1084,7 @@ def fit(cfg: Config, job: Job, mesh: Mesh, progress: bool = True) -> Path:
         bar.update(1)
         if run.step % tc.checkpoint_every == 0 or last or epoch_end:
             run.checkpoint()
+            metrics.sync()
     run.check()
     bar.close()
     run.mngr.wait_until_finished()

@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from davir_jax.config import Config
+from davir_jax.core import storage
 from davir_jax.core.io import write_atomic
 from davir_jax.core.losses import LM_HEAD_CHUNK, PREFERENCE_OBJECTIVES, REFERENCE_FREE, example_nll
 from davir_jax.core.runs import check_batch_rows
@@ -228,7 +229,7 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
     dc = cfg.dpo
     ids = data.example_ids
     if dc.reference_scores is not None:
-        return _scored_reference_nll(Path(dc.reference_scores), ids)
+        return _scored_reference_nll(storage.upath(dc.reference_scores), ids)
     ref = dc.reference or cfg.model.source
     key = hashlib.sha256(
         json.dumps(
@@ -240,9 +241,9 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
-    cache = Path(cfg.data.cache_dir) / f"reference-nll-{key}.parquet"
+    cache = storage.upath(cfg.data.cache_dir) / f"reference-nll-{key}.parquet"
     if cache.is_file():
-        t = pq.read_table(cache)
+        t = storage.read_parquet(cache)
         if t.column("example_id").to_pylist() == list(ids):
             return t.column("nll").to_numpy()
     m = cfg.model
@@ -260,7 +261,7 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
         what=f"the reference {ref}",
     )
     if jax.process_index() == 0:
-        Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
+        storage.upath(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table({"example_id": ids, "nll": nll}), sink)
         write_atomic(cache, sink.getvalue().to_pybytes())
@@ -269,7 +270,7 @@ def reference_nll(cfg: Config, data: Any, mesh: Mesh, progress: bool = True) -> 
 
 def _scored_reference_nll(path: Path, ids: Sequence[str]) -> np.ndarray:
     """`nll_ref` of every response of `ids` from a `davir score` run (its dir or table)."""
-    table = pq.read_table(
+    table = storage.read_parquet(
         path / "scores.parquet" if path.is_dir() else path, columns=["example_id", "nll_ref"]
     )
     got = dict(zip(table.column("example_id").to_pylist(), table.column("nll_ref").to_pylist()))

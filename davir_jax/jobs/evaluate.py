@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from davir_jax.core import storage
 from davir_jax.core.io import dumps_json, progress_bar, write_atomic, write_json
 from davir_jax.core.runs import check_batch_rows
 from davir_jax.core.sharding import mesh_from_config
@@ -76,7 +77,7 @@ def run_eval(cfg: Any, progress: bool = True) -> dict[str, Any]:
             }
         )
     if ec.out:
-        _write_outputs(Path(ec.out), data, loss, rows, result)
+        _write_outputs(storage.upath(ec.out), data, loss, rows, result)
     return result
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from davir_jax.config import Config
+from davir_jax.core import storage
 from davir_jax.core.io import file_sha256, write_json
 from davir_jax.core.schema import to_dict
 from davir_jax.core.selection import SelectionMethod
@@ -124,9 +124,9 @@ def add_extra_pools(sel_dir: Path, extra: tuple[str, ...]) -> None:
     manifest = json.loads(path.read_text())
     for spec in extra:
         name, eq, file = spec.partition("=")
-        if not eq or not Path(file).is_file():
+        if not eq or not storage.upath(file).is_file():
             raise ValueError(f"pipeline.extra_pools: {spec!r} is not NAME=FILE with FILE present")
-        shutil.copyfile(file, sel_dir / f"{name}.jsonl")
+        storage.copy_file(file, sel_dir / f"{name}.jsonl")
         manifest["pools"].append(
             {
                 "name": name,
@@ -134,7 +134,7 @@ def add_extra_pools(sel_dir: Path, extra: tuple[str, ...]) -> None:
                 "format": resolve_format(file),
                 "template": manifest["pools"][0]["template"],
                 "budget": {"spec": "all"},
-                "data": {"path": str(Path(file).resolve()), "sha256": file_sha256(file)},
+                "data": {"path": storage.resolved(file), "sha256": file_sha256(file)},
             }
         )
     write_json(path, manifest)
@@ -147,7 +147,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> Path:
     pc = cfg.pipeline
     if pc.out is None or cfg.data.path is None or cfg.model.source is None:
         raise ValueError("davir pipeline needs pipeline.out, data.path (the pool) and model.source")
-    out = Path(pc.out)
+    out = storage.upath(pc.out)  # a local path or a URL (gs://)
     out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
 
@@ -272,7 +272,7 @@ def _subset_run(
     method, budget, seed = spec
     pc, scores_dir = cfg.pipeline, out / "scores"
     extra = [
-        (n, _file_fp(f) if Path(f).is_file() else f)
+        (n, _file_fp(f) if storage.upath(f).is_file() else f)
         for n, _, f in (x.partition("=") for x in pc.extra_pools)
     ]
     sel = out / "select" / name

@@ -24,6 +24,7 @@ import functools
 import math
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 
 from davir_jax.core.losses import VOCAB_BLOCK
@@ -35,9 +36,10 @@ from davir_jax.core.sharding import (
     resolve_axis_sizes,
 )
 from davir_jax.models import attention as attn_impl
+from davir_jax.models.config import LORA_PROJECTIONS
 from davir_jax.models.decoder import RunConfig
 from davir_jax.models.loading import load_arch
-from davir_jax.models.lora import abstract_lora_model
+from davir_jax.models.lora import DropoutSalt, abstract_lora_model
 from davir_jax.models.weights import abstract_model, iter_params
 
 # Memory (GiB) and dense bf16 peak (FLOP/s) per device, from the vendors' spec sheets.
@@ -99,20 +101,67 @@ def _adapter_table(arch: Any, dtype: str, lora: Any) -> tuple[tuple[tuple[int, .
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _quantized_base_table(arch: Any, dtype: str, lora: Any) -> tuple[tuple[Any, ...], ...]:
+    """(shape, logical axes, bytes per element) of every frozen array of a LoRA model whose base
+    is quantized (`lora.quantize_base`): NF4 codes and scales for the projections, the rest as
+    loaded."""
+    _, abs_state = abstract_lora_model(arch, RunConfig(param_dtype=dtype), lora)
+    out = []
+    for _, v in nnx.to_flat_state(abs_state):
+        if isinstance(v, (nnx.LoRAParam, DropoutSalt)):
+            continue
+        value = v.get_value()
+        axes = v.get_metadata().get("logical_axes")
+        out.append((tuple(value.shape), axes, jnp.dtype(value.dtype).itemsize))
+    return tuple(out)
+
+
+def _base_params(arch: Any) -> int:
+    """The parameter count of the base (what it was before quantization)."""
+    return sum(math.prod(shape) for shape, _ in _param_table(arch, "float32"))
+
+
+def per_device_layer_kernels(arch: Any, dtype: str, mesh: _Mesh) -> int:
+    """Bytes of one device's shards of one layer's projection kernels in `dtype`: what a 4-bit
+    base holds dequantized at a time (the layer being computed)."""
+    _, abs_state = abstract_model(arch, RunConfig(param_dtype=dtype))
+    table = tuple(
+        (tuple(v.get_value().shape), v.get_metadata().get("logical_axes"), _BYTES[dtype])
+        for path, v in nnx.to_flat_state(abs_state)
+        if path[:2] == ("layers", 0) and path[-1] in LORA_PROJECTIONS
+    )
+    return _sharded_size(table, mesh)[1]
+
+
 def per_device_params(arch: Any, dtype: str, mesh: _Mesh, lora: Any = None) -> tuple[int, int]:
     """(parameter count, bytes of one device's shards) from the abstract model; with `lora`
     (a `LoraConfig`), of its adapters instead."""
-    count, local = 0, 0
     table = _param_table(arch, dtype) if lora is None else _adapter_table(arch, dtype, lora)
-    for shape, axes in table:
+    return _sharded_size(tuple((s, a, _BYTES[dtype]) for s, a in table), mesh)
+
+
+def per_device_base(arch: Any, dtype: str, mesh: _Mesh, lora: Any) -> tuple[int, int]:
+    """(parameter count, bytes of one device's shards) of a LoRA run's frozen base: as loaded,
+    or with `lora.quantize_base` its NF4 codes and scales (4.5 bits per projection weight)."""
+    if lora is None or lora.quantize_base is None:
+        return per_device_params(arch, dtype, mesh)
+    _, local = _sharded_size(_quantized_base_table(arch, dtype, lora), mesh)
+    return _base_params(arch), local
+
+
+def _sharded_size(table: tuple[tuple[Any, ...], ...], mesh: _Mesh) -> tuple[int, int]:
+    """(element count, bytes of one device's shards) of (shape, logical axes, itemsize)s."""
+    count, local = 0, 0
+    for shape, axes, itemsize in table:
         spec = logical_to_spec(axes, shape, mesh)
         shard = list(shape)
         for i, part in enumerate(spec):
             names = (part,) if isinstance(part, str) else (part or ())
             shard[i] = shape[i] // math.prod(mesh.shape[n] for n in names)
         count += math.prod(shape)
-        local += math.prod(shard)
-    return count, local * _BYTES[dtype]
+        local += math.prod(shard) * itemsize
+    return count, local
 
 
 def step_shape(cfg: Any, job: str) -> tuple[Any, int, int, int]:
@@ -139,7 +188,7 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     arch, seq, _, _ = step_shape(cfg, job)
     m, d = cfg.model, cfg.data
     pdt, cdt = m.dtype, m.compute_dtype or m.dtype
-    n_params, param_bytes = per_device_params(arch, pdt, mesh)
+    n_params, param_bytes = per_device_base(arch, pdt, mesh, m.lora)
     # LoRA: the base stays as loaded (frozen); the adapters are what trains.
     n_adapter, adapter_bytes = 0, 0
     if m.lora is not None:
@@ -158,7 +207,9 @@ def plan(cfg: Any, job: str = "sft", chip: str | None = None, devices: int | Non
     }
     if m.lora is not None:
         out["adapter_params"] = n_adapter
-    sizes = (param_bytes, adapter_bytes)
+    # Models loaded as they are (a scoring job's, an in-step DPO reference): never quantized.
+    full_bytes = per_device_params(arch, pdt, mesh)[1]
+    sizes = (param_bytes, adapter_bytes, full_bytes)
     mem, flops = _costs(cfg, job, arch, mesh, seq, rows_dev, sizes, chip)
     total = sum(mem.values())
     out["memory_bytes"] = {k: int(v) for k, v in mem.items()}
@@ -182,13 +233,14 @@ def _costs(
     mesh: Any,
     seq: int,
     rows_dev: int,
-    sizes: tuple[int, int],
+    sizes: tuple[int, int, int],
     chip: str | None,
 ) -> tuple[dict[str, float], float]:
     """(memory per device by part, FLOPs of one step) of `job` with rows of `seq` tokens;
-    `sizes`: per-device bytes of the model's parameters and of its LoRA adapters (0: none)."""
+    `sizes`: per-device bytes of the model's parameters (a 4-bit base: as stored), of its LoRA
+    adapters (0: none) and of the parameters as loaded."""
     m, d = cfg.model, cfg.data
-    param_bytes, adapter_bytes = sizes
+    param_bytes, adapter_bytes, full_bytes = sizes
     c, tp = _BYTES[m.compute_dtype or m.dtype], mesh.shape[TENSOR]
     tok_dev = rows_dev * seq
     L, D, F = arch.num_layers, arch.hidden_size, arch.intermediate_size
@@ -204,14 +256,15 @@ def _costs(
     logits = rows_dev * min(chunk, seq) * (V if split else min(V, VOCAB_BLOCK)) * 4
     mem = {"params": param_bytes}
     if job == "score":
-        mem["params"] = param_bytes * (2 if cfg.scoring.resident == "both" else 1)
+        mem["params"] = full_bytes * (2 if cfg.scoring.resident == "both" else 1)
         mem["activations"] = tok_dev * (c * (4 * D + 2 * F / tp) + scores)
         mem["logits"] = logits
         return mem, 2 * forward_flops(arch, seq) * d.batch_rows * seq  # base and reference
     in_step_ref = job == "dpo" and cfg.dpo.reference_in_step
     mem.update(_state_memory(m, param_bytes, adapter_bytes))
+    mem.update(_dequantized_kernels(m, arch, mesh))
     if in_step_ref:
-        mem["reference"] = param_bytes
+        mem["reference"] = full_bytes
     if m.remat != "none":
         # Each layer keeps its input and what the remat policy saves (`remat_policy`).
         kept = {
@@ -232,6 +285,16 @@ def _costs(
     return mem, flops
 
 
+def _dequantized_kernels(m: Any, arch: Any, mesh: Any) -> dict[str, float]:
+    """A 4-bit base's dequantized kernels: each layer dequantizes its own where it reads them;
+    the backward pass keeps them for every layer unless remat recomputes them (then what a
+    layer saves is its input)."""
+    if m.lora is None or m.lora.quantize_base is None:
+        return {}
+    layer = per_device_layer_kernels(arch, m.compute_dtype or m.dtype, mesh)
+    return {"dequantized_kernels": layer * (arch.num_layers if m.remat == "none" else 1)}
+
+
 def _state_memory(m: Any, param_bytes: int, adapter_bytes: int) -> dict[str, float]:
     """Per-device bytes of a training step's state besides the parameters: what trains (every
     parameter, or with LoRA the adapters alone: the base is an input) has AdamW moments and
@@ -242,7 +305,11 @@ def _state_memory(m: Any, param_bytes: int, adapter_bytes: int) -> dict[str, flo
     mem["optimizer"] = 2 * trained  # AdamW moments in the parameter dtype
     # A micro-batch's gradients (the layers' in the compute dtype) + the float32 accumulator.
     mem["gradients"] = trained * c // p + trained * 4 // p
-    if c != p:  # the layers' compute-dtype copy, cast once per step (cast_for_compute)
+    if m.lora is not None and m.lora.quantize_base is not None:
+        # NF4 codes are not cast; one layer's kernels are dequantized at a time (`_costs`).
+        if c != p:
+            mem["compute_copy"] = adapter_bytes * c // p
+    elif c != p:  # the layers' compute-dtype copy, cast once per step (cast_for_compute)
         mem["compute_copy"] = (param_bytes + adapter_bytes) * c // p
     return mem
 
@@ -303,13 +370,14 @@ def render(p: dict[str, Any]) -> str:
         f"{p['rows_per_device']} rows x {p['seq']} tokens per device",
         "per-device memory:",
     ]
+    w = max(12, *map(len, p["memory_bytes"]))  # the name column fits the longest part
     for k, v in p["memory_bytes"].items():
-        lines.append(f"  {k:12s} {v / gib:9.2f} GiB")
-    lines.append(f"  {'total':12s} {p['memory_total_bytes'] / gib:9.2f} GiB")
+        lines.append(f"  {k:{w}s} {v / gib:9.2f} GiB")
+    lines.append(f"  {'total':{w}s} {p['memory_total_bytes'] / gib:9.2f} GiB")
     if p.get("chip_memory_bytes"):
         cap = p["chip_memory_bytes"] / gib
         verdict = "fits" if p["fits"] else "DOES NOT FIT"
-        lines.append(f"  chip memory  {cap:9.2f} GiB -> {verdict} (limit {HEADROOM:.0%})")
+        lines.append(f"  {'chip memory':{w}s} {cap:9.2f} GiB -> {verdict} (limit {HEADROOM:.0%})")
         lines.append(
             f"step: {p['step_flops'] / 1e12:,.1f} TFLOP for {p['tokens_per_step']:,} tokens; "
             f"ideal {p['ideal_step_s_at_50pct_mfu']:.3f} s at 50% MFU"

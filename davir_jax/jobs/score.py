@@ -50,6 +50,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from davir_jax.config import Config
+from davir_jax.core import storage
 from davir_jax.core.fingerprints import tokenizer_fingerprint
 from davir_jax.core.io import progress_bar, write_atomic, write_json
 from davir_jax.core.runs import batching_identity, check_batch_rows, claim_run_dir
@@ -256,7 +257,7 @@ def score(cfg: Config, progress: bool = True, mesh: Mesh | None = None) -> Path:
     # Preference files: both responses of every pair are scored (ids ".../chosen", ".../rejected").
     pairs = resolve_format(cfg.data.path, cfg.data.format) in PAIR_FORMATS
     data = prepare(cfg.data, tok, pi, pc, progress=progress and pi == 0, pairs=pairs)
-    out = Path(sc.out)
+    out = storage.upath(sc.out)  # a local path or a URL (gs://)
     identity = run_identity(cfg, data, fingerprints, start_token(tok))
     claim_run_dir(out, identity, sc.overwrite, "scoring run")
     views = _views(cfg, data, tok)
@@ -364,7 +365,9 @@ def _score_pass(
 
 def _read_model_shards(out: Path, model: str, n_shards: int, pc: int) -> pa.Table:
     tables = [
-        pq.read_table(_shard_path(out, model, p, s)) for p in range(pc) for s in range(n_shards)
+        storage.read_parquet(_shard_path(out, model, p, s))
+        for p in range(pc)
+        for s in range(n_shards)
     ]
     return pa.concat_tables(tables)
 
@@ -442,7 +445,7 @@ def _manifest(
         "n_examples": table.num_rows,
         "n_response_tokens": int(np.sum(table.column("n_tokens").to_numpy())),
         "data": {
-            "path": str(Path(data.cfg.path).resolve()),
+            "path": storage.resolved(data.cfg.path),
             "format": data.fields["format"],
             "name": data.source,
             "sha256": data.fields["data_sha256"],
@@ -534,4 +537,4 @@ def _scores_table(data: TokenizedData, cols: dict[str, pa.Table]) -> pa.Table:
 
 def iter_scores(out: str | Path) -> Iterator[dict[str, Any]]:
     """Rows of a finished scoring run's table, as dicts."""
-    yield from pq.read_table(Path(out) / SCORES_FILE).to_pylist()
+    yield from storage.read_parquet(storage.upath(out) / SCORES_FILE).to_pylist()

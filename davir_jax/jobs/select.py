@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from davir_jax.core import storage
 from davir_jax.core.diversity import (
     DiversityStep,
     facility_location_diversity,
@@ -87,7 +88,7 @@ class Pool:
         if name is not None:
             _check_name(name)
         object.__setattr__(self, "name", name)
-        object.__setattr__(self, "scores_dir", Path(scores_dir))
+        object.__setattr__(self, "scores_dir", storage.upath(scores_dir))
         object.__setattr__(self, "budget", Budget.coerce(budget))
 
 
@@ -242,7 +243,10 @@ def pool_embeddings(f: Path, n: int) -> np.ndarray:
             f"no {EMBEDDINGS_FILE} beside {f}: score with --scoring.embed=base for an "
             "embedding diversity step (or use --diversity minhash)"
         )
-    emb = np.load(e, allow_pickle=False, mmap_mode="r")
+    if storage.is_url(e):
+        emb = storage.load_npy(e)
+    else:
+        emb = np.load(e, allow_pickle=False, mmap_mode="r")
     if emb.ndim != 2 or emb.shape[0] != n:
         raise ValueError(f"{e}: shape {emb.shape} does not match the {n} rows of {f}")
     return emb
@@ -330,7 +334,7 @@ def select_mixture(
     if not pools:
         raise ValueError("no pools given")
     filters, steps = _options(filters, diversity)
-    out = Path(out_dir)
+    out = storage.upath(out_dir)
     loaded = _load_pools(pools)
     _check_out_dir(out, [x[1] for x in loaded])
     pool_entries, selected, inputs, files = [], [], {}, {}

@@ -30,6 +30,7 @@ import jax
 from jax.sharding import Mesh
 
 from davir_jax.config import Config
+from davir_jax.core import storage
 from davir_jax.core.io import (
     file_sha256,
 )
@@ -73,7 +74,8 @@ def training_data(
     if sel is None:
         data = prepare(cfg.data, tokenizer, process_index, process_count, progress)
         return data, {"data": data.fields}
-    manifest_path = Path(sel) / "manifest.json" if Path(sel).is_dir() else Path(sel)
+    sel_path = storage.upath(sel)
+    manifest_path = sel_path / "manifest.json" if sel_path.is_dir() else sel_path
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{sel}: no selection manifest.json (write one with davir select)")
     manifest = json.loads(manifest_path.read_text())

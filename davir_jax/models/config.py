@@ -10,6 +10,8 @@ from davir_jax.core.schema import shorthand
 from davir_jax.models.arch import ArchConfig
 from davir_jax.models.attention import attention_name, remat_name
 
+# The formats of a LoRA run's frozen base weights besides as loaded (`models.quant`).
+LORA_QUANT_FORMATS = ("nf4",)
 # The projections LoRA can adapt (`models.lora.PROJECTIONS`), by their Hugging Face names.
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -23,14 +25,17 @@ class LoraConfig:
     `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`) or its path
     (`layers.3.attn.q_proj`, `layers.3.mlp.down_proj`); PEFT's default for Llama-likes,
     q_proj and v_proj. A pattern that matches no projection of the model is an error.
-    `dropout`: PEFT's `lora_dropout`; only 0 is supported (the decoder has no training-time
-    randomness to draw it from).
+    `quantize_base`: "nf4" stores every projection of the frozen base in QLoRA's 4-bit
+    NormalFloat (Dettmers et al. 2023, arXiv 2305.14314), dequantized layer by layer where read.
+    `dropout`: PEFT's `lora_dropout`, the probability of dropping each entry of an adapter's
+    input in training steps (not in validation, scoring or export; `models.lora`).
     """
 
     rank: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / rank, as PEFT's lora_alpha
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    quantize_base: str | None = None  # "nf4": QLoRA's 4-bit base weights (models/quant.py)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -39,10 +44,10 @@ class LoraConfig:
             raise ValueError(f"alpha: must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
-        if self.dropout != 0.0:
+        if self.quantize_base is not None and self.quantize_base not in LORA_QUANT_FORMATS:
             raise ValueError(
-                f"dropout: only 0.0 is supported (got {self.dropout}): the decoder has no "
-                "training-time randomness to draw a dropout mask from"
+                f"quantize_base: {self.quantize_base!r} is not one of "
+                f"{', '.join(LORA_QUANT_FORMATS)} (or null: the base as loaded)"
             )
         if not self.targets:
             raise ValueError("targets: name at least one projection (e.g. [q_proj, v_proj])")

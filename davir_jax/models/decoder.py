@@ -24,6 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 from davir_jax.core.sharding import Sharder
 from davir_jax.models import attention as attn_impl
 from davir_jax.models.arch import ArchConfig, llama3_inv_freq_scale
+from davir_jax.models.quant import read_kernel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -117,7 +118,7 @@ def _param(
 # embedding and the LM head are read many times per step (a gather per token, the head once per
 # loss chunk), and their gradient contributions must be summed in float32, not in the compute
 # dtype (a frequent token's embedding gradient loses most of its precision in bfloat16).
-_KEEP_STORED = ("scale", "embed", "lm_head")
+_KEEP_STORED = ("scale", "embed", "lm_head", "absmax")  # absmax: NF4 block scales (quant.py)
 
 
 def cast_for_compute(params: nnx.State, compute_dtype: str) -> nnx.State:
@@ -612,8 +613,7 @@ class Attention(nnx.Module):
         arch, cd = self.arch, to_dtype(self.run.compute_dtype)
 
         def proj(name: str, bias_name: str) -> jax.Array:
-            w = getattr(self, name)
-            y = jnp.einsum("btd,dhk->bthk", x_btd, w.get_value().astype(cd))
+            y = jnp.einsum("btd,dhk->bthk", x_btd, read_kernel(self, name, cd))
             y = with_lora(self, name, x_btd, y)
             if hasattr(self, bias_name):
                 y = y + getattr(self, bias_name).get_value().astype(cd)
@@ -660,7 +660,7 @@ class Attention(nnx.Module):
 
     def _output(self, out_bthk: jax.Array, cd: Any) -> jax.Array:
         """The output projection of the heads' outputs: `o_proj`, its LoRA adapter, its bias."""
-        y = jnp.einsum("bthk,hkd->btd", out_bthk, self.o_proj.get_value().astype(cd))
+        y = jnp.einsum("bthk,hkd->btd", out_bthk, read_kernel(self, "o_proj", cd))
         y = with_lora(self, "o_proj", out_bthk, y)
         if self.arch.o_bias:
             y = y + self.o_bias.get_value().astype(cd)
@@ -691,15 +691,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cd = to_dtype(self.run.compute_dtype)
-        gate = with_lora(self, "gate_proj", x_btd, x_btd @ self.gate_proj.get_value().astype(cd))
-        up = with_lora(self, "up_proj", x_btd, x_btd @ self.up_proj.get_value().astype(cd))
+        gate = with_lora(self, "gate_proj", x_btd, x_btd @ read_kernel(self, "gate_proj", cd))
+        up = with_lora(self, "up_proj", x_btd, x_btd @ read_kernel(self, "up_proj", cd))
         if self.arch.mlp_bias:
             gate = gate + self.gate_bias.get_value().astype(cd)
             up = up + self.up_bias.get_value().astype(cd)
         hidden = self.run.sharder.constrain(
             _activation(self.arch.activation, gate) * up, ("batch", "seq", "mlp")
         )
-        y = with_lora(self, "down_proj", hidden, hidden @ self.down_proj.get_value().astype(cd))
+        y = with_lora(self, "down_proj", hidden, hidden @ read_kernel(self, "down_proj", cd))
         if self.arch.mlp_bias:
             y = y + self.down_bias.get_value().astype(cd)
         return y

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from davir_jax.core import storage
 from davir_jax.core.fingerprints import tokenizer_id_extent
 from davir_jax.core.io import dumps_json, file_sha256, publish_dir, write_atomic
 from davir_jax.core.sharding import Sharder, state_shardings
@@ -66,7 +67,9 @@ def run_config(
 
 def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     """(kind, path) with kind in {"gguf", "davir", "lora", "hf"}; a clear error for anything
-    else."""
+    else. A URL (`gs://...`) is resolved to its local copy (`storage.local_copy`)."""
+    if storage.is_url(source):
+        source = storage.local_copy(str(source))
     path = Path(source)
     if not path.exists():
         registered = resolve_registered(source)
@@ -401,13 +404,16 @@ def _save_dir(
     tokenizer: Any | None,
 ) -> Path:
     """`out_dir` with `state` as an orbax checkpoint in `name/`, `meta` as `meta_name` and the
-    tokenizer, published atomically (a temp sibling renamed into place)."""
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer, published atomically (a temp sibling renamed into place; on an object store,
+    copied into place and committed by its marker, `core.io.publish_dir`)."""
+    url = storage.is_url(out_dir)
+    out = storage.upath(out_dir) if url else Path(out_dir).absolute()
+    if not url:
+        out.parent.mkdir(parents=True, exist_ok=True)
     # The same temp path on every process (orbax writes each host's shards there).
     tmp = out.parent / f".{out.name}.tmp"
     if jax.process_index() == 0 and tmp.exists():
-        shutil.rmtree(tmp)
+        storage.rmtree(tmp)
     multihost_utils.sync_global_devices(f"davir save_model {out} start")
     try:
         with ocp.StandardCheckpointer() as ckpt:
@@ -415,13 +421,19 @@ def _save_dir(
             ckpt.wait_until_finished()
         if jax.process_index() == 0:
             (tmp / meta_name).write_text(dumps_json(meta, indent=2))
-            if tokenizer is not None:
+            if tokenizer is not None and url:  # transformers writes local folders only
+                with tempfile.TemporaryDirectory(prefix=".davir-tokenizer-") as d:
+                    tokenizer.save_pretrained(d)
+                    storage.upload_dir(Path(d), tmp / "tokenizer")
+            elif tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "tokenizer")
+            if url:  # complete: sealed, then copied into place with its own marker
+                storage.seal(tmp)
             publish_dir(tmp, out)
     finally:
         multihost_utils.sync_global_devices(f"davir save_model {out} end")
         if jax.process_index() == 0 and tmp.exists():
-            shutil.rmtree(tmp)
+            storage.rmtree(tmp)
     return out
 
 

@@ -12,6 +12,14 @@ so the rules table in `core.sharding` shards them with their projection. An adap
 attribute `<proj>_lora` of the projection's module (`layers.3.attn.q_proj_lora.a`), uniform
 over layers, so `scan_layers` stacks and scans them like any other layer parameter.
 
+With `dropout` > 0 (PEFT's `lora_dropout`), each adapter's input is dropped out (inverted
+dropout: kept entries scaled by `1 / (1 - p)`) before `A`, as PEFT's `lora_B(lora_A(dropout(x)))`,
+in training steps only. An adapter then holds a `DropoutSalt`: at rest, its index among the
+model's projections (an int32 scalar, so evaluation, scoring and export are deterministic and see
+no randomness); inside a training step, `seed_dropout` replaces it by the key of that step,
+micro-batch and adapter, so every adapter and layer (scanned or not) draws its own mask and a
+resumed run draws the same masks as an uninterrupted one.
+
 `merge_lora` folds adapters into the weights (`W + (alpha / r) A B`); `peft_tensors` names them
 as PEFT's `adapter_model.safetensors` does (`lora_A.weight` `[r, in]`, `lora_B.weight`
 `[out, r]`, torch's `[out, in]` layout).
@@ -32,10 +40,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from davir_jax.core import storage
 from davir_jax.core.io import atomic_dir, dumps_json
 from davir_jax.models.config import LORA_PROJECTIONS, LoraConfig
 from davir_jax.models.decoder import LORA_SUFFIX as SUFFIX
 from davir_jax.models.decoder import Decoder, RunConfig
+from davir_jax.models.quant import NF4Kernel, kernel_shape_axes, quantize_kernel
 from davir_jax.models.safetensors_io import save_file
 from davir_jax.models.weights import _to_host
 
@@ -53,15 +63,55 @@ PROJECTIONS: dict[str, tuple[str, int, str]] = {
 assert tuple(PROJECTIONS) == LORA_PROJECTIONS
 
 
-class LoRA(nnx.Module):
-    """The adapter of one projection: `delta(x) = scale * (x A) B` over `n_in` input axes."""
+class DropoutSalt(nnx.Variable):
+    """An adapter's dropout stream: its index (int32 scalar) at rest, the key data of its mask
+    (uint32 `[2]`) inside a training step (`seed_dropout`). Not a parameter: never trained,
+    checkpointed or exported."""
 
-    def __init__(self, a: nnx.LoRAParam, b: nnx.LoRAParam, scale: float, n_in: int) -> None:
+
+def seed_dropout(state: Any, key: jax.Array) -> Any:
+    """`state` (a model's untrained variables) with every `DropoutSalt` replaced by the key data
+    of `fold_in(key, salt)`: what turns an adapter's dropout on for one (micro-)batch."""
+
+    def seed(v: Any) -> Any:
+        if not isinstance(v, DropoutSalt):
+            return v
+        return v.replace(jax.random.key_data(jax.random.fold_in(key, v.get_value())))
+
+    return jax.tree.map(seed, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+class LoRA(nnx.Module):
+    """The adapter of one projection: `delta(x) = scale * (dropout(x) A) B` over `n_in` input
+    axes (dropout only when `dropout` > 0 and the training step has seeded `salt`)."""
+
+    def __init__(
+        self,
+        a: nnx.LoRAParam,
+        b: nnx.LoRAParam,
+        scale: float,
+        n_in: int,
+        dropout: float = 0.0,
+        salt: int = 0,
+    ) -> None:
         self.a, self.b = a, b
-        self.scale, self.n_in = float(scale), int(n_in)  # static: part of the graph definition
+        # Static: part of the graph definition.
+        self.scale, self.n_in, self.dropout = float(scale), int(n_in), float(dropout)
+        if self.dropout > 0:
+            self.salt = DropoutSalt(jnp.asarray(salt, jnp.int32))
+
+    def _dropped(self, x: jax.Array) -> jax.Array:
+        """`x` after dropout when the step seeded this adapter's key (at trace time, the key
+        data's shape tells: `[2]` seeded, a scalar at rest), else `x`."""
+        if self.dropout == 0 or self.salt.get_value().ndim == 0:
+            return x
+        key = jax.random.wrap_key_data(self.salt.get_value())
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - self.dropout), x.dtype), 0)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`[..., *in]` -> `[..., *out]`, in `x`'s dtype (the compute dtype)."""
+        x = self._dropped(x)
         h = jnp.tensordot(x, self.a.get_value().astype(x.dtype), axes=self.n_in)
         return jnp.tensordot(h, self.b.get_value().astype(x.dtype), axes=1) * jnp.asarray(
             self.scale, x.dtype
@@ -118,14 +168,15 @@ def apply_lora(model: Any, cfg: LoraConfig, key: jax.Array | int = 0) -> list[st
     chosen = set(paths)
     sharder = model.run.sharder
     dtype = jnp.dtype(model.run.param_dtype)
+    if cfg.quantize_base is not None:
+        quantize_base(model)
     for idx, (path, name, module) in enumerate(projections(model)):
         if path not in chosen:
             continue
         if hasattr(module, name + SUFFIX):
             raise ValueError(f"{path}: already has a LoRA adapter (model.lora applied twice)")
-        w = getattr(module, name)
         n_in = PROJECTIONS[name][1]
-        shape, axes = w.get_value().shape, w.get_metadata()["logical_axes"]
+        shape, axes = kernel_shape_axes(getattr(module, name))
         a_shape, a_axes = (*shape[:n_in], cfg.rank), (*axes[:n_in], "lora_rank")
         b_shape, b_axes = (cfg.rank, *shape[n_in:]), ("lora_rank", *axes[n_in:])
         # PEFT's init: kaiming_uniform_(a=sqrt(5)) on lora_A, i.e. U(-1/sqrt(fan_in), ...).
@@ -142,12 +193,35 @@ def apply_lora(model: Any, cfg: LoraConfig, key: jax.Array | int = 0) -> list[st
             nnx.LoRAParam(b, logical_axes=b_axes),
             cfg.scale,
             n_in,
+            cfg.dropout,
+            idx,
         )
         setattr(module, name + SUFFIX, adapter)
     # Static (part of the graph definition): jobs that compile from the architecture (the NLL
     # engine) rebuild the same adapted model abstractly (`abstract_lora_model`).
     model.lora_config = cfg
     return paths
+
+
+def quantize_base(model: Any) -> None:
+    """Every projection of every layer in NF4 (QLoRA quantizes all the base's linear layers;
+    embeddings, norms and the LM head stay as loaded), in place. Deterministic: a LoRA
+    directory's base is quantized again, to the same codes, when it is loaded."""
+    for _, name, module in projections(model):
+        w = getattr(module, name)
+        if not isinstance(w, NF4Kernel):
+            setattr(module, name, quantize_kernel(w, model.run.sharder))
+
+
+def dequantize_base(model: Any) -> None:
+    """Every NF4 projection back to a Param in the parameter dtype (its dequantized values, in
+    the kernel's sharding), in place: what merging or exporting a QLoRA model starts from."""
+    sharder, dtype = model.run.sharder, jnp.dtype(model.run.param_dtype)
+    for _, name, module in projections(model):
+        w = getattr(module, name)
+        if isinstance(w, NF4Kernel):
+            value = _born(lambda w=w: w.kernel(dtype), w.shape, w.axes, sharder)
+            setattr(module, name, nnx.Param(value, logical_axes=w.axes))
 
 
 def abstract_lora_model(arch: Any, run: RunConfig, cfg: LoraConfig) -> tuple[Any, nnx.State]:
@@ -177,7 +251,9 @@ def has_lora(model: Any) -> bool:
 def merge_lora(model: Any) -> Any:
     """Fold every adapter into its projection (`W + (alpha / r) A B`, summed in float32 and
     stored in W's dtype and sharding) and remove the adapters, in place; returns `model`, now a
-    plain decoder (`save_model`, `export_hf`)."""
+    plain decoder (`save_model`, `export_hf`). A 4-bit base (`quantize_base`) is dequantized
+    first: the merged model is its NF4 values plus the adapters, in the parameter dtype."""
+    dequantize_base(model)
     for _, name, module, adapter in list(adapters(model)):
         w = getattr(module, name)
         old = w.get_value()
@@ -246,7 +322,7 @@ def export_peft(model: Any, base: str, lora: LoraConfig, out_dir: str | os.PathL
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    out = Path(out_dir)
+    out = storage.upath(out_dir)
     if jax.process_index() == 0:
         with atomic_dir(out) as tmp:
             (tmp / "adapter_config.json").write_text(dumps_json(config, indent=2))

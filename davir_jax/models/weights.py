@@ -22,6 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from davir_jax.core import storage
 from davir_jax.core.io import dumps_json, publish_dir, temp_dir
 from davir_jax.core.sharding import state_shardings
 from davir_jax.models.arch import ArchConfig
@@ -295,7 +296,7 @@ def export_hf(model: Decoder, tokenizer: Any | None, out_dir: str | os.PathLike)
     """
     if nnx.state(model, nnx.LoRAParam):
         raise ValueError("export_hf: the model has LoRA adapters; merge them first (merge_lora)")
-    out = Path(out_dir)
+    out = storage.upath(out_dir)  # a local path or a URL (gs://: published with its marker)
     # Every process makes its own temp folder (unique name); only process 0 fills and publishes.
     tmp = temp_dir(out)
     try:

@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
+from davir_jax.core import storage
 from davir_jax.core.io import dumps_json, file_sha256, write_atomic
 from davir_jax.core.scores import (
     MANIFEST_FILE,
@@ -240,7 +241,7 @@ def write_diagnostics(
     names = available_scores(table) if names is None else list(names)
     if not names:
         raise ValueError("no scores to report")
-    out = Path(out_dir)
+    out = storage.upath(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     scores = compute_scores(table, names, seed)

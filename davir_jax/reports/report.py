@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from davir_jax.core import storage
 from davir_jax.core.io import write_atomic
 from davir_jax.core.scores import available_scores, compute_scores, read_scores
 from davir_jax.core.selection import SelectionMethod
@@ -880,8 +881,8 @@ def section_stages(out: Path) -> list[str]:
 
 
 def write_report(out: Path, cfg: Any) -> Path:
-    """Write `out/report.md` (and its PNGs) from a pipeline run folder."""
-    out = Path(out)
+    """Write `out/report.md` (and its PNGs) from a pipeline run folder (a local path or URL)."""
+    out = storage.upath(out)
     labels = tuple(_pipeline_opt(cfg, "labels", ()) or ())
     scores = tuple(SelectionMethod.parse(m).score for m in cfg.pipeline.methods)
     pool = load_pool(out, labels, scores)
