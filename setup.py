@@ -39,6 +39,7 @@ setup(
         # multi-GB CUDA build. accelerate is what transformers' GGUF loader (our oracle) needs.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "torch==2.13.0",
             "accelerate>=1.0",
             "ruff>=0.6",
