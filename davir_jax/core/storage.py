@@ -56,10 +56,13 @@ _COLLAPSED_URL = re.compile(r"^[a-z][a-z0-9+.-]*:/[^/]")
 def check_local(path: PathLike) -> None:
     """Refuse a local path that is a URL collapsed by `pathlib` (`gs:/b/x`), so that a code path
     that lost a URL fails naming it instead of writing a local folder called `gs:`."""
-    if _COLLAPSED_URL.match(os.fspath(path)):
+    s = os.fspath(path)
+    if _COLLAPSED_URL.match(s):
+        scheme, rest = s.split(":/", 1)
         raise ValueError(
-            f"{path}: a URL turned into a local path (pathlib drops one '/' of '://'); "
-            "pass URLs through davir_jax.core.storage.upath"
+            f"{path}: a URL turned into a local path (one '/' of '://' is missing: "
+            f"write {scheme}://{rest}; in code, pathlib drops it: pass URLs through "
+            "davir_jax.core.storage.upath)"
         )
 
 
