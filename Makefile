@@ -26,10 +26,10 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.lock
 demo: $(VENV)/.runtime
 	$(BIN)/davir demo
 
-# One worker per core, at most 4 (each holds a JAX process of about 3 GB); a test file runs
+# One worker per core, at most 3 (a worker's JAX process peaks near 7 GB); a test file runs
 # whole on one worker, so its module fixtures and jitted programs are built once.
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -n auto --maxprocesses=4 --dist loadfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 -n auto --maxprocesses=3 --dist loadfile
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check davir_jax tests benchmarks
