@@ -405,6 +405,20 @@ def test_a_url_that_lost_a_slash_is_refused(tmp_path):
     assert not Path("gs:").exists()
 
 
+def test_a_job_given_a_url_that_lost_a_slash_says_so(tmp_path, monkeypatch):
+    """The command-line checks say what is wrong with `--data gs:/b/x` (not "no such file")
+    and create no local folder `gs:` for `--out gs:/b/x`."""
+    from davir_jax.core.errors import UserError
+    from davir_jax.engine.preflight import input_path, writable_dir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="data.path: gs:/b/x.jsonl: a URL turned .* gs://b/x.jsonl"):
+        input_path("gs:/b/x.jsonl", "data.path")
+    with pytest.raises(UserError, match="scoring.out: gs:/b/run: a URL turned .* gs://b/run"):
+        writable_dir("gs:/b/run", "scoring.out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_exports_and_selections_go_to_the_bucket(gcs, tmp_path, base, models):
     """`davir export` (merged HF and PEFT) and `davir select` write into the bucket; the HF
     export loads back through its URL as a model source with the same logits."""

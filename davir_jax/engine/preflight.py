@@ -63,7 +63,7 @@ def writable_dir(path: str | os.PathLike[str], key: str) -> Path:
     with a small probe object, written and deleted)."""
     if storage.is_url(path):
         return _writable_url(path, key)
-    p = Path(path)
+    p = _local(path, key)
     try:
         p.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -93,6 +93,16 @@ def token_cache_dir(path: str) -> Any:
     return writable_dir(path, "data.cache_dir")
 
 
+def _local(path: str | os.PathLike[str], key: str) -> Path:
+    """A local path, refused when it is a URL that lost a '/' (`gs:/b/x`): otherwise an input
+    would be "no such file" and an output a local folder called `gs:`."""
+    try:
+        storage.check_local(path)
+    except ValueError as e:
+        raise UserError(f"{key}: {e}") from None
+    return Path(path)
+
+
 def _writable_url(path: Any, key: str) -> Any:
     p = storage.upath(path)
     probe = p / f".davir-probe-{uuid.uuid4().hex}"
@@ -109,7 +119,7 @@ def input_path(path: str | os.PathLike[str], key: str, want: str = "file") -> An
     and is readable."""
     if storage.is_url(path):
         return _input_url(path, key, want)
-    p = Path(path)
+    p = _local(path, key)
     if not p.exists():
         raise UserError(f"{key}: {p}: no such file or directory")
     if want == "file" and p.is_dir():
