@@ -218,8 +218,13 @@ def copy_file(src: PathLike, dst: PathLike) -> None:
     from davir_jax.core.io import atomic_file  # io imports this module
 
     with upath(src).open("rb") as r, atomic_file(dst) as w:
-        while block := r.read(1 << 24):
-            w.write(block)
+        _stream(r, w)
+
+
+def _stream(r: IO[bytes], w: IO[bytes]) -> None:
+    """Copy `r` to `w` in 16 MiB blocks (a model file never whole in memory twice)."""
+    while block := r.read(1 << 24):
+        w.write(block)
 
 
 def is_published(path: PathLike) -> bool:
@@ -388,8 +393,7 @@ def download_published(url: PathLike, dest: Path) -> None:
                 for rel in marker["files"]:
                     (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                     with (src / rel).open("rb") as r, open(tmp / rel, "wb") as f:
-                        while block := r.read(1 << 24):
-                            f.write(block)
+                        _stream(r, f)
                 if _marker(src) != marker:  # republished meanwhile: the copy may mix two
                     raise _Republished
             return
